@@ -1,0 +1,284 @@
+"""Configuration: one YAML file plus environment overrides, validated at start-up.
+
+Precedence (highest first): environment variables, the YAML file, defaults.
+
+* ``DRIFTSCHED_CONFIG`` names the YAML file (the CLI's ``--config`` wins over it).
+* ``DRIFTSCHED_<SECTION>__<KEY>[__<KEY>...]`` overrides one value; the value is parsed as a
+  YAML scalar, so ``DRIFTSCHED_SERVER__PORT=9000`` is an int and
+  ``DRIFTSCHED_STORE__TYPE=redis`` a string. ``DRIFTSCHED_ADMIN_KEY`` is a shortcut for
+  ``DRIFTSCHED_ADMIN__API_KEY``.
+
+Unknown keys are errors that name the key (``tenants[1].rpmm: extra inputs are not
+permitted``), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from proxy.errors import ConfigError
+
+ENV_PREFIX = "DRIFTSCHED_"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: one JSON log line per request (at INFO)
+    access_log: bool = True
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    #: seconds a key -> tenant lookup is cached in-process (revocations take this long)
+    auth_cache_ttl_s: float = Field(5.0, ge=0)
+
+
+class AdminConfig(_Strict):
+    #: bearer token for /admin; admin API disabled (403) when unset
+    api_key: str | None = None
+
+
+class StoreConfig(_Strict):
+    type: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "driftsched"
+    #: a concurrency slot not renewed for this long is reclaimed (crashed replica)
+    lease_ttl_s: float = Field(30.0, gt=0)
+    #: when the store is unreachable: admit without limits (true) or fail with 503 (false)
+    fail_open: bool = False
+
+
+class ClassConfig(_Strict):
+    """A QoS class: its scheduling level (lower = more important) and default SLOs."""
+
+    level: int = 1
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+
+
+def default_classes() -> dict[str, ClassConfig]:
+    return {
+        "premium": ClassConfig(level=0, ttft_slo_ms=1000, tpot_slo_ms=100),
+        "standard": ClassConfig(level=1, ttft_slo_ms=3000, tpot_slo_ms=200),
+        "batch": ClassConfig(level=2, ttft_slo_ms=None, tpot_slo_ms=None),
+    }
+
+
+class TenantConfig(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    qos_class: str = "standard"
+    weight: float = Field(1.0, gt=0)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    daily_token_quota: int | None = Field(None, ge=1)
+    ttft_slo_ms: float | None = Field(None, gt=0)
+    tpot_slo_ms: float | None = Field(None, gt=0)
+    queue_timeout_s: float = Field(30.0, ge=0)
+    #: empty = every model served by the backends
+    allowed_models: list[str] = Field(default_factory=list)
+    #: plaintext keys to seed (hashed on load; never stored in clear). Prefer the admin API.
+    api_keys: list[str] = Field(default_factory=list)
+
+
+class UpstreamConfig(_Strict):
+    """A static OpenAI-compatible backend the gateway does not launch."""
+
+    name: str
+    url: str
+    models: list[str] = Field(min_length=1)
+    api_key: str | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    #: max seconds between bytes from the upstream (also caps a non-streamed response)
+    read_timeout_s: float = Field(600.0, gt=0)
+    max_connections: int = Field(512, ge=1)
+    #: token budget for admission by footprint (None: unknown, count requests only)
+    kv_capacity_tokens: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    health_path: str = "/health"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class RestartConfig(_Strict):
+    max_restarts: int = Field(5, ge=0)
+    #: crashes counted within this window; a longer healthy run resets the count
+    window_s: float = Field(300.0, gt=0)
+    backoff_initial_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+
+
+class SimEngineConfig(_Strict):
+    """Arguments for ``engine: sim`` (see docs/engines.md)."""
+
+    profile: str = "llama3-8b-a100"
+    workload: str | None = None
+    time_scale: float = Field(1.0, gt=0)
+    kv_capacity_tokens: int | None = Field(None, ge=16)
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    tokens_per_event: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class PoolConfig(_Strict):
+    engine: Literal["sim", "vllm", "external"] = "sim"
+    model: str = "sim-llama3-8b"
+    #: name the model is served under (``--served-model-name``); defaults to ``model``
+    served_model_name: str | None = None
+    instances: int = Field(1, ge=0)
+    gpus_per_instance: int = Field(0, ge=0)
+    host: str = "127.0.0.1"
+    #: first port; instance i listens on base_port + i (0 = pick free ports)
+    base_port: int = Field(0, ge=0, le=65535)
+    #: extra command-line arguments for every engine
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    log_dir: str = "logs/engines"
+    startup_timeout_s: float = Field(600.0, gt=0)
+    health_interval_s: float = Field(1.0, gt=0)
+    scrape_interval_s: float = Field(1.0, gt=0)
+    stop_grace_s: float = Field(10.0, gt=0)
+    restart: RestartConfig = Field(default_factory=RestartConfig)
+    sim: SimEngineConfig = Field(default_factory=SimEngineConfig)
+    #: python interpreter for vllm engines (a separate venv); default: this interpreter
+    python: str | None = None
+    kv_capacity_tokens: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    #: engines the gateway does not launch (``engine: external`` or in addition)
+    external: list[UpstreamConfig] = Field(default_factory=list)
+
+
+class PolicyConfig(_Strict):
+    type: str = "fcfs"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class SchedulerConfig(_Strict):
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+
+class Settings(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    classes: dict[str, ClassConfig] = Field(default_factory=default_classes)
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    pool: PoolConfig | None = None
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        names = [t.name for t in self.tenants]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"tenants: duplicate name(s) {sorted(dup)}")
+        for i, t in enumerate(self.tenants):
+            if t.qos_class not in self.classes:
+                raise ValueError(
+                    f"tenants[{i}].qos_class: unknown class {t.qos_class!r}; "
+                    f"known: {sorted(self.classes)}"
+                )
+        up = [u.name for u in self.upstreams]
+        if len(set(up)) != len(up):
+            raise ValueError("upstreams: duplicate names")
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ""
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        lines.append(f"{loc or '<root>'}: {e['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    sections = set(Settings.model_fields)
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        if name == ENV_PREFIX + "ADMIN_KEY":
+            out.setdefault("admin", {})["api_key"] = raw
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if len(path) < 2 or path[0] not in sections:
+            raise ConfigError(
+                f"environment variable {name}: unknown setting; expected "
+                f"{ENV_PREFIX}<SECTION>__<KEY> with SECTION in {sorted(sections)}"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name}: conflicts with another override")
+        node[path[-1]] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(merged.get(k), Mapping):
+            merged[k] = _deep_merge(dict(merged[k]), v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read YAML (``path`` or ``$DRIFTSCHED_CONFIG``), apply env and explicit overrides."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(ENV_PREFIX + "CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        data = loaded or {}
+    data = _deep_merge(data, _env_overrides(environ))
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return settings_from_dict(data)
+
+
+def settings_from_dict(data: Mapping[str, Any]) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
