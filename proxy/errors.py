@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-from typing import ClassVar
 
 
 class ConfigError(Exception):
@@ -33,9 +32,9 @@ class ConfigError(Exception):
 
 
 class GatewayError(Exception):
-    status: ClassVar[int] = 500
-    error_type: ClassVar[str] = "server_error"
-    default_code: ClassVar[str | None] = None
+    status: int = 500
+    error_type: str = "server_error"
+    default_code: str | None = None
 
     def __init__(
         self,

@@ -20,6 +20,14 @@ from typing import Any, Literal, Protocol
 Reason = Literal["concurrency", "rpm", "tpm", "quota", "too_large"]
 
 
+class StoreUnavailable(Exception):
+    """The backend did not answer (connection refused, lost or timed out).
+
+    Any :class:`Store` method but :meth:`Store.ping` and :meth:`Store.aclose` may raise it;
+    the gateway decides between failing open and a 503 (``store.fail_open``).
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     """A tenant: QoS class, quotas and SLOs. ``None`` for a limit means unlimited."""
@@ -149,6 +157,8 @@ class Usage:
     errors: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    #: tokens charged today (UTC) by try_acquire and corrected by reconcile, the same counter
+    #: the daily quota checks (kept with or without a quota)
     tokens_today: int = 0
     in_flight: int = 0
 
@@ -176,8 +186,14 @@ class Store(Protocol):
     async def list_tenants(self) -> list[Tenant]:
         """Every tenant, sorted by name."""
 
-    async def delete_tenant(self, name: str) -> bool:
-        """Delete the tenant and revoke all its keys; ``False`` when it did not exist."""
+    async def delete_tenant(self, name: str, now: float | None = None) -> bool:
+        """Delete the tenant, zero its cumulative usage counters and revoke all its keys.
+
+        Keys get ``revoked_at = now`` (``time.time()`` when ``None``) unless already revoked
+        earlier; their records stay listable. Limit state (buckets, leases, today's quota use)
+        is kept and expires by itself. ``False`` when the tenant did not exist (its keys are
+        revoked anyway).
+        """
 
     # -- keys --------------------------------------------------------------------------
     async def put_key(self, record: KeyRecord) -> None:

@@ -1,0 +1,82 @@
+"""Which backend should take this request? The one with the most free predicted capacity.
+
+Two views of an engine's load are combined:
+
+* the gateway's own accounting — ``Backend.in_flight`` and ``Backend.held_tokens`` (prompt +
+  predicted output of every request it has sent there) — which is exact and has no lag, but
+  sees only this gateway's traffic;
+* the engine's ``/metrics`` — requests running + waiting and KV-cache usage — which also
+  sees traffic from other gateway replicas or clients, but lags by up to a scrape.
+
+Each quantity takes the *larger* of the two views (a fresh scrape only; older metrics are
+ignored): ``seqs = max(in_flight, running + waiting)`` and
+``used = max(held_tokens, kv_cache_usage_perc * kv_capacity_tokens)``. A request the gateway
+sent a moment ago therefore counts at once, and load the gateway did not send counts as soon
+as it is scraped; neither is counted twice, since one view bounds the other from below.
+
+Ranking, best first:
+
+1. the request *fits*: ``free tokens >= footprint`` and at least one free sequence slot
+   (unknown capacities count as infinite);
+2. more free tokens left after placing it (``capacity - used - footprint``);
+3. fewer requests (``seqs`` above);
+4. configuration order (the order of ``candidates``).
+
+When nothing fits the best-ranked backend is still returned: admission (whether to send at
+all) is the gateway's decision, not the router's. Non-routable candidates are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from adapters.base import Backend
+
+TYPE = "least-loaded"
+
+
+class LeastLoadedRouter:
+    """Most free predicted capacity; stateless apart from its clock. Safe to share."""
+
+    def __init__(
+        self, *, metrics_max_age_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        #: scraped metrics older than this (``time.monotonic`` seconds) are ignored
+        self.metrics_max_age_s = metrics_max_age_s
+        self._clock = clock
+
+    def load(self, b: Backend) -> tuple[float, float]:
+        """``(used tokens, busy sequences)`` of ``b``, combining both views (module doc)."""
+        used = float(b.held_tokens)
+        seqs = float(b.in_flight)
+        m = b.metrics
+        if m.scraped_at > 0 and self._clock() - m.scraped_at <= self.metrics_max_age_s:
+            seqs = max(seqs, m.num_requests_running + m.num_requests_waiting)
+            if b.kv_capacity_tokens is not None:
+                used = max(used, m.kv_cache_usage_perc * b.kv_capacity_tokens)
+        return used, seqs
+
+    def _key(self, b: Backend, footprint: int) -> tuple[bool, float, float]:
+        used, seqs = self.load(b)
+        cap = math.inf if b.kv_capacity_tokens is None else float(b.kv_capacity_tokens)
+        max_seqs = math.inf if b.max_num_seqs is None else float(b.max_num_seqs)
+        headroom = cap - used - footprint
+        fits = headroom >= 0 and max_seqs - seqs >= 1
+        return fits, headroom, -seqs
+
+    def pick(self, candidates: list[Backend], footprint_tokens: int) -> Backend | None:
+        """The best routable backend of ``candidates``; ``None`` when there is none.
+
+        Ties break on the order of ``candidates`` (the first wins).
+        """
+        best: Backend | None = None
+        best_key: tuple[bool, float, float] | None = None
+        for b in candidates:
+            if not b.routable:
+                continue
+            key = self._key(b, footprint_tokens)
+            if best_key is None or key > best_key:
+                best, best_key = b, key
+        return best

@@ -1,0 +1,160 @@
+"""Read an engine's Prometheus ``/metrics`` into :class:`EngineMetrics`.
+
+Names are vLLM's (0.8 and later, still current in 0.32)::
+
+    vllm:num_requests_running    gauge    summed over label sets (models, engine indexes)
+    vllm:num_requests_waiting    gauge    summed
+    vllm:kv_cache_usage_perc     gauge    averaged (a fraction 0..1 per engine core)
+    vllm:num_preemptions_total   counter  summed
+    vllm:cache_config_info       info     num_gpu_blocks * block_size = KV capacity in tokens
+
+Missing names read as 0 (a fresh engine exports nothing until its first request on some
+versions); the old ``vllm:gpu_cache_usage_perc`` is used only when ``kv_cache_usage_perc``
+is absent. Malformed lines are skipped, never fatal: a scrape is advisory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from adapters.base import EngineMetrics
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
+PREEMPTIONS = "vllm:num_preemptions_total"
+PREEMPTIONS_OLD = "vllm:num_preemptions"
+CACHE_INFO = "vllm:cache_config_info"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    metrics: EngineMetrics
+    #: ``num_gpu_blocks * block_size`` from ``vllm:cache_config_info``; None if not exported
+    kv_capacity_tokens: int | None
+
+
+def _parse_labels(text: str, i: int) -> tuple[dict[str, str], int]:
+    """Parse ``{k="v",...}`` starting at ``text[i] == '{'``; return labels and the index after '}'."""
+    labels: dict[str, str] = {}
+    i += 1
+    n = len(text)
+    while i < n:
+        while i < n and text[i] in " ,":
+            i += 1
+        if i < n and text[i] == "}":
+            return labels, i + 1
+        eq = text.index("=", i)
+        key = text[i:eq].strip()
+        i = eq + 1
+        if text[i] != '"':
+            raise ValueError("label value not quoted")
+        i += 1
+        out: list[str] = []
+        while text[i] != '"':
+            if text[i] == "\\":
+                i += 1
+                out.append({"n": "\n"}.get(text[i], text[i]))
+            else:
+                out.append(text[i])
+            i += 1
+        labels[key] = "".join(out)
+        i += 1
+    raise ValueError("unterminated label set")
+
+
+def parse_samples(text: str) -> list[Sample]:
+    """Every sample in a Prometheus text exposition; comments and bad lines are skipped."""
+    samples: list[Sample] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            brace = line.find("{")
+            space = line.find(" ")
+            if brace != -1 and (space == -1 or brace < space):
+                name = line[:brace]
+                labels, end = _parse_labels(line, brace)
+                rest = line[end:].split()
+            else:
+                name, *rest = line.split()
+                labels = {}
+            value = float(rest[0])
+        except (ValueError, IndexError):
+            continue
+        samples.append(Sample(name, labels, value))
+    return samples
+
+
+def parse_metrics(text: str, now: float | None = None) -> Scrape:
+    """Fold the vLLM samples of one exposition into an :class:`EngineMetrics`.
+
+    ``now`` becomes ``scraped_at`` (``time.monotonic()`` when omitted).
+    """
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    kv_tokens: int | None = None
+    for s in parse_samples(text):
+        if s.name == CACHE_INFO:
+            try:
+                blocks = int(float(s.labels["num_gpu_blocks"]))
+                block = int(float(s.labels.get("block_size", "16")))
+            except (KeyError, ValueError):
+                continue
+            kv_tokens = (kv_tokens or 0) + blocks * block
+            continue
+        if math.isnan(s.value):
+            continue
+        sums[s.name] = sums.get(s.name, 0.0) + s.value
+        counts[s.name] = counts.get(s.name, 0) + 1
+
+    def mean(name: str) -> float:
+        return sums[name] / counts[name]
+
+    usage_name = KV_USAGE if KV_USAGE in sums else KV_USAGE_OLD
+    usage = mean(usage_name) if usage_name in sums else 0.0
+    preempt = sums.get(PREEMPTIONS, sums.get(PREEMPTIONS_OLD, 0.0))
+    metrics = EngineMetrics(
+        num_requests_running=sums.get(RUNNING, 0.0),
+        num_requests_waiting=sums.get(WAITING, 0.0),
+        kv_cache_usage_perc=usage,
+        num_preemptions_total=preempt,
+        scraped_at=time.monotonic() if now is None else now,
+    )
+    return Scrape(metrics, kv_tokens or None)
+
+
+class MetricsNotExported(Exception):
+    """The endpoint answered ``/metrics`` with 404: it is not a vLLM-like engine."""
+
+
+async def scrape(
+    client: httpx.AsyncClient,
+    base_url: str,
+    *,
+    timeout_s: float = 2.0,
+    headers: dict[str, str] | None = None,
+) -> Scrape:
+    """GET ``{base_url}/metrics`` and parse it.
+
+    Raises :class:`MetricsNotExported` on 404 and ``httpx.HTTPError`` on anything else
+    that is not a 2xx answer; the caller keeps the previous metrics in that case.
+    """
+    resp = await client.get(f"{base_url}/metrics", timeout=timeout_s, headers=headers)
+    if resp.status_code == 404:
+        raise MetricsNotExported(base_url)
+    resp.raise_for_status()
+    return parse_metrics(resp.text)

@@ -1,0 +1,147 @@
+"""OpenAI-compatible HTTP upstream: pooled clients and failure mapping.
+
+One pooled ``httpx.AsyncClient`` per backend, created lazily on the event loop and closed
+with the app. :func:`open_request` sends a request and returns the response with its body
+not yet read; failures become the gateway's own exceptions:
+
+    connect refused / DNS / connect timeout -> UpstreamConnectFailed (nothing was sent:
+                                               the caller may retry another backend)
+    pool exhausted                          -> UpstreamUnavailable (503)
+    read timeout                            -> UpstreamTimeout (504)
+    connection dropped, protocol error      -> UpstreamError (502)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from adapters.base import Backend
+from proxy.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+
+class UpstreamConnectFailed(UpstreamUnavailable):
+    """The request never reached the backend; safe to retry elsewhere."""
+
+    status = 502
+    default_code = "upstream_connect_error"
+
+
+class UpstreamClients:
+    """Pooled HTTP clients keyed by backend name. Not thread-safe; one event loop."""
+
+    def __init__(self, transport_factory: Any | None = None) -> None:
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._transport_factory = transport_factory
+
+    def client(self, backend: Backend) -> httpx.AsyncClient:
+        c = self._clients.get(backend.name)
+        if c is None or c.is_closed:
+            limits = httpx.Limits(
+                max_connections=backend.max_connections,
+                max_keepalive_connections=backend.max_connections,
+                keepalive_expiry=30.0,
+            )
+            timeout = httpx.Timeout(
+                connect=backend.connect_timeout_s,
+                read=backend.read_timeout_s,
+                write=backend.read_timeout_s,
+                pool=backend.connect_timeout_s,
+            )
+            kwargs: dict[str, Any] = {"timeout": timeout, "limits": limits}
+            if self._transport_factory is not None:
+                kwargs["transport"] = self._transport_factory(backend)
+            c = httpx.AsyncClient(base_url=backend.url, **kwargs)
+            self._clients[backend.name] = c
+        return c
+
+    async def drop(self, name: str) -> None:
+        c = self._clients.pop(name, None)
+        if c is not None:
+            await c.aclose()
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            await c.aclose()
+
+
+def map_exception(exc: httpx.HTTPError, backend: Backend) -> GatewayError:
+    where = f"backend {backend.name!r}"
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return UpstreamConnectFailed(f"could not connect to {where}: {exc!s}")
+    if isinstance(exc, httpx.PoolTimeout):
+        return UpstreamUnavailable(f"{where} has no free connection")
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"{where} did not answer in time")
+    return UpstreamError(f"{where} failed: {type(exc).__name__}: {exc!s}")
+
+
+async def open_request(
+    clients: UpstreamClients,
+    backend: Backend,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+) -> httpx.Response:
+    """POST ``body`` to ``backend`` and return the response, body not yet read."""
+    client = clients.client(backend)
+    if backend.api_key:
+        headers = {**headers, "authorization": f"Bearer {backend.api_key}"}
+    req = client.build_request("POST", path, content=body, headers=headers)
+    try:
+        return await client.send(req, stream=True)
+    except httpx.HTTPError as e:
+        raise map_exception(e, backend) from e
+
+
+def upstream_status_error(status: int, body: bytes, backend: Backend) -> GatewayError:
+    """An error response from the engine, as the gateway's own error.
+
+    4xx responses are the client's fault and keep their status and OpenAI-shaped message
+    (vLLM's 400 for an over-long prompt, say); 5xx become 502 ``upstream_error``.
+    """
+    message, err_type, code, param = _parse_error(body)
+    if 400 <= status < 500:
+        err = _PassThrough(message or f"backend returned HTTP {status}", code=code, param=param)
+        err.status = status
+        err.error_type = err_type or "invalid_request_error"
+        return err
+    return UpstreamError(
+        f"backend {backend.name!r} returned HTTP {status}" + (f": {message}" if message else ""),
+    )
+
+
+class _PassThrough(GatewayError):
+    """An engine's 4xx relayed with its own status and fields."""
+
+    def __init__(self, message: str, *, code: str | None, param: str | None) -> None:
+        super().__init__(message, code=code, param=param)
+        self.status = 400
+        self.error_type = "invalid_request_error"
+
+    @property
+    def type(self) -> str:
+        return self.error_type
+
+
+def _parse_error(body: bytes) -> tuple[str | None, str | None, str | None, str | None]:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        text = body.decode("utf-8", "replace").strip()
+        return (text[:500] or None), None, None, None
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict):
+            msg = err.get("message") or obj.get("message") or obj.get("detail")
+            code = err.get("code")
+            return (
+                str(msg) if msg is not None else None,
+                str(err["type"]) if isinstance(err.get("type"), str) else None,
+                str(code) if code is not None else None,
+                str(err["param"]) if isinstance(err.get("param"), str) else None,
+            )
+    return None, None, None, None

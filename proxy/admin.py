@@ -1,0 +1,381 @@
+"""Admin REST API under ``/admin``: tenants, keys, usage, backends.
+
+Protected by the admin key (``Authorization: Bearer <admin key>``), distinct from tenant
+keys. Errors use the same OpenAI error shape as ``/v1``. A key is returned in clear exactly
+once, by the call that creates (or rotates) it; afterwards only its prefix is shown.
+OpenAPI docs: ``/admin/docs``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from proxy.config import UpstreamConfig
+from proxy.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+)
+from proxy.keys import new_key
+from proxy.store.base import KeyRecord, Tenant
+
+if TYPE_CHECKING:
+    from proxy.app import DriftSchedApp
+    from proxy.gateway import Gateway
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantIn(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    qos_class: str = "standard"
+    weight: float = Field(1.0, gt=0)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    daily_token_quota: int | None = Field(None, ge=1)
+    ttft_slo_ms: float | None = Field(None, gt=0)
+    tpot_slo_ms: float | None = Field(None, gt=0)
+    queue_timeout_s: float = Field(30.0, ge=0)
+    allowed_models: list[str] = Field(default_factory=list)
+
+
+class TenantPatch(_Body):
+    qos_class: str | None = None
+    weight: float | None = Field(None, gt=0)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    daily_token_quota: int | None = Field(None, ge=1)
+    ttft_slo_ms: float | None = Field(None, gt=0)
+    tpot_slo_ms: float | None = Field(None, gt=0)
+    queue_timeout_s: float | None = Field(None, ge=0)
+    allowed_models: list[str] | None = None
+
+
+class KeyIn(_Body):
+    name: str = Field("", max_length=100)
+
+
+class RotateIn(_Body):
+    #: seconds the old key keeps working after rotation (0 = revoked now)
+    grace_s: float = Field(0.0, ge=0, le=30 * 86400)
+
+
+class TenantOut(BaseModel):
+    name: str
+    qos_class: str
+    weight: float
+    rpm: int | None
+    tpm: int | None
+    max_concurrency: int | None
+    daily_token_quota: int | None
+    ttft_slo_ms: float | None
+    tpot_slo_ms: float | None
+    queue_timeout_s: float
+    allowed_models: list[str]
+    created_at: float
+
+
+class KeyOut(BaseModel):
+    key_id: str
+    tenant: str
+    prefix: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+    expires_at: float | None
+    active: bool
+
+
+class NewKeyOut(KeyOut):
+    #: the key itself: shown once, store it now
+    key: str
+
+
+class UsageOut(BaseModel):
+    tenant: str
+    requests: int
+    errors: int
+    tokens_in: int
+    tokens_out: int
+    tokens_today: int
+    in_flight: int
+
+
+def _tenant_out(t: Tenant) -> TenantOut:
+    return TenantOut(**{**{f: getattr(t, f) for f in TenantOut.model_fields if f != "allowed_models"},
+                        "allowed_models": list(t.allowed_models)})
+
+
+def _key_out(r: KeyRecord, now: float) -> KeyOut:
+    return KeyOut(key_id=r.key_id, tenant=r.tenant, prefix=r.prefix, name=r.name,
+                  created_at=r.created_at, revoked_at=r.revoked_at, expires_at=r.expires_at,
+                  active=r.active(now))
+
+
+def _error_response(err: GatewayError) -> JSONResponse:
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=err.headers)
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    async def gateway_error(_req: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, GatewayError)
+        return _error_response(exc)
+
+    async def validation_error(_req: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        return _error_response(InvalidRequest(f"{param or 'request'}: {first.get('msg')}", param=param))
+
+    async def http_error(_req: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            err: GatewayError = NotFound(str(exc.detail), code="unknown_url")
+        else:
+            err = InvalidRequest(str(exc.detail), code=None)
+            err.status = exc.status_code
+        return _error_response(err)
+
+    api.add_exception_handler(GatewayError, gateway_error)
+    api.add_exception_handler(RequestValidationError, validation_error)
+    api.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def build_admin_router(app: DriftSchedApp) -> APIRouter:
+    install_error_handlers(app.api)
+
+    def gateway() -> Gateway:
+        gw = app.gateway
+        if gw is None:
+            raise GatewayError("gateway is not running")
+        return gw
+
+    async def require_admin(request: Request) -> None:
+        configured = app.settings.admin.api_key
+        if not configured:
+            raise PermissionDenied(
+                "The admin API is disabled: set admin.api_key (or DRIFTSCHED_ADMIN_KEY).",
+                code="admin_disabled",
+            )
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), configured):
+            raise AuthenticationFailed("Invalid admin key.", code="invalid_admin_key")
+
+    GW = Annotated["Gateway", Depends(gateway)]
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
+
+    async def _tenant_or_404(gw: Gateway, name: str) -> Tenant:
+        t = await gw.store.get_tenant(name)
+        if t is None:
+            raise NotFound(f"tenant {name!r} not found", code="tenant_not_found")
+        return t
+
+    def _check_class(gw: Gateway, qos_class: str) -> None:
+        if qos_class not in gw.settings.classes:
+            raise InvalidRequest(
+                f"unknown qos_class {qos_class!r}; known: {sorted(gw.settings.classes)}",
+                param="qos_class",
+            )
+
+    # -- tenants -------------------------------------------------------------------------
+    @router.get("/tenants", response_model=list[TenantOut])
+    async def list_tenants(gw: GW) -> list[TenantOut]:
+        return [_tenant_out(t) for t in await gw.store.list_tenants()]
+
+    @router.post("/tenants", response_model=TenantOut, status_code=201)
+    async def create_tenant(body: TenantIn, gw: GW) -> TenantOut:
+        _check_class(gw, body.qos_class)
+        if await gw.store.get_tenant(body.name) is not None:
+            err = InvalidRequest(f"tenant {body.name!r} already exists", code="tenant_exists",
+                                 param="name")
+            err.status = 409
+            raise err
+        cls = gw.settings.classes[body.qos_class]
+        data = body.model_dump()
+        data["ttft_slo_ms"] = data["ttft_slo_ms"] if data["ttft_slo_ms"] is not None else cls.ttft_slo_ms
+        data["tpot_slo_ms"] = data["tpot_slo_ms"] if data["tpot_slo_ms"] is not None else cls.tpot_slo_ms
+        tenant = Tenant.from_dict({**data, "created_at": gw.clock.time()})
+        await gw.store.put_tenant(tenant)
+        return _tenant_out(tenant)
+
+    @router.get("/tenants/{name}", response_model=TenantOut)
+    async def get_tenant(name: str, gw: GW) -> TenantOut:
+        return _tenant_out(await _tenant_or_404(gw, name))
+
+    @router.patch("/tenants/{name}", response_model=TenantOut)
+    async def update_tenant(name: str, body: TenantPatch, gw: GW) -> TenantOut:
+        t = await _tenant_or_404(gw, name)
+        changes = body.model_dump(exclude_unset=True)
+        if "qos_class" in changes:
+            if changes["qos_class"] is None:
+                raise InvalidRequest("qos_class cannot be null", param="qos_class")
+            _check_class(gw, changes["qos_class"])
+        for required in ("weight", "queue_timeout_s"):
+            if required in changes and changes[required] is None:
+                raise InvalidRequest(f"{required} cannot be null", param=required)
+        if "allowed_models" in changes and changes["allowed_models"] is None:
+            changes["allowed_models"] = []
+        t = t.with_changes(**changes)
+        await gw.store.put_tenant(t)
+        gw.auth.invalidate()
+        return _tenant_out(t)
+
+    @router.delete("/tenants/{name}", status_code=204)
+    async def delete_tenant(name: str, gw: GW) -> None:
+        if not await gw.store.delete_tenant(name):
+            raise NotFound(f"tenant {name!r} not found", code="tenant_not_found")
+        gw.auth.invalidate()
+
+    @router.get("/tenants/{name}/usage", response_model=UsageOut)
+    async def tenant_usage(name: str, gw: GW) -> UsageOut:
+        await _tenant_or_404(gw, name)
+        u = await gw.store.get_usage(name, gw.clock.time())
+        return UsageOut(tenant=name, requests=u.requests, errors=u.errors, tokens_in=u.tokens_in,
+                        tokens_out=u.tokens_out, tokens_today=u.tokens_today, in_flight=u.in_flight)
+
+    @router.get("/usage", response_model=list[UsageOut])
+    async def all_usage(gw: GW) -> list[UsageOut]:
+        out = []
+        now = gw.clock.time()
+        for t in await gw.store.list_tenants():
+            u = await gw.store.get_usage(t.name, now)
+            out.append(UsageOut(tenant=t.name, requests=u.requests, errors=u.errors,
+                                tokens_in=u.tokens_in, tokens_out=u.tokens_out,
+                                tokens_today=u.tokens_today, in_flight=u.in_flight))
+        return out
+
+    # -- keys ----------------------------------------------------------------------------
+    @router.post("/tenants/{name}/keys", response_model=NewKeyOut, status_code=201)
+    async def create_key(name: str, gw: GW, body: KeyIn | None = None) -> NewKeyOut:
+        await _tenant_or_404(gw, name)
+        now = gw.clock.time()
+        key, rec = new_key(name, now, (body or KeyIn()).name)
+        await gw.store.put_key(rec)
+        return NewKeyOut(key=key, **_key_out(rec, now).model_dump())
+
+    @router.get("/keys", response_model=list[KeyOut])
+    async def list_keys(
+        gw: GW,
+        tenant: Annotated[str | None, Query()] = None,
+        prefix: Annotated[str | None, Query()] = None,
+    ) -> list[KeyOut]:
+        now = gw.clock.time()
+        return [_key_out(r, now) for r in await gw.store.list_keys(tenant=tenant, prefix=prefix)]
+
+    async def _key_or_404(gw: Gateway, key_id: str) -> KeyRecord:
+        r = await gw.store.get_key(key_id)
+        if r is None:
+            raise NotFound(f"key {key_id!r} not found", code="key_not_found")
+        return r
+
+    @router.get("/keys/{key_id}", response_model=KeyOut)
+    async def get_key(key_id: str, gw: GW) -> KeyOut:
+        return _key_out(await _key_or_404(gw, key_id), gw.clock.time())
+
+    @router.delete("/keys/{key_id}", response_model=KeyOut)
+    async def revoke_key(key_id: str, gw: GW) -> KeyOut:
+        r = await _key_or_404(gw, key_id)
+        now = gw.clock.time()
+        if r.revoked_at is None:
+            r = KeyRecord(**{**_as_dict(r), "revoked_at": now})
+            await gw.store.put_key(r)
+        gw.auth.invalidate()
+        return _key_out(r, now)
+
+    @router.post("/keys/{key_id}/rotate", response_model=NewKeyOut, status_code=201)
+    async def rotate_key(key_id: str, gw: GW, body: RotateIn | None = None) -> NewKeyOut:
+        old = await _key_or_404(gw, key_id)
+        now = gw.clock.time()
+        if not old.active(now):
+            raise InvalidRequest(f"key {key_id!r} is revoked or expired", code="key_inactive")
+        await _tenant_or_404(gw, old.tenant)
+        grace = (body or RotateIn()).grace_s
+        retired = KeyRecord(**{**_as_dict(old),
+                               **({"revoked_at": now} if grace == 0 else {"expires_at": now + grace})})
+        key, rec = new_key(old.tenant, now, old.name)
+        await gw.store.put_key(rec)
+        await gw.store.put_key(retired)
+        gw.auth.invalidate()
+        return NewKeyOut(key=key, **_key_out(rec, now).model_dump())
+
+    # -- backends ------------------------------------------------------------------------
+    @router.get("/backends")
+    async def backends(gw: GW) -> list[dict[str, Any]]:
+        snap = getattr(gw.pool, "snapshot", None)
+        if callable(snap):
+            return list(snap())
+        return [{"name": b.name, "url": b.url, "state": b.state, "models": list(b.models),
+                 "in_flight": b.in_flight, "held_tokens": b.held_tokens} for b in gw.pool.backends()]
+
+    @router.post("/backends", status_code=201)
+    async def add_backend(body: UpstreamConfig, gw: GW) -> dict[str, Any]:
+        add = getattr(gw.pool, "add_external", None)
+        if add is None:
+            raise InvalidRequest("this pool does not accept external backends", code="unsupported")
+        if any(b.name == body.name for b in gw.pool.backends()):
+            err = InvalidRequest(f"backend {body.name!r} already exists", code="backend_exists")
+            err.status = 409
+            raise err
+        await add(body)
+        return {"name": body.name, "url": body.url, "models": body.models}
+
+    async def _pool_op(gw: Gateway, op: str, name: str) -> None:
+        if not any(b.name == name for b in gw.pool.backends()):
+            raise NotFound(f"backend {name!r} not found", code="backend_not_found")
+        fn = getattr(gw.pool, op, None)
+        if fn is None:
+            raise InvalidRequest(f"this pool does not support {op}", code="unsupported")
+        await fn(name)
+
+    @router.delete("/backends/{name}", status_code=204)
+    async def remove_backend(name: str, gw: GW) -> None:
+        await _pool_op(gw, "remove", name)
+        await gw.clients.drop(name)
+
+    @router.post("/backends/{name}/drain")
+    async def drain_backend(name: str, gw: GW, wait: bool = False) -> dict[str, Any]:
+        """Stop routing new requests to the backend; ``wait=true`` returns when it is idle."""
+        if wait:
+            await _pool_op(gw, "drain", name)
+        else:
+            if not any(b.name == name for b in gw.pool.backends()):
+                raise NotFound(f"backend {name!r} not found", code="backend_not_found")
+            import asyncio
+
+            fn = getattr(gw.pool, "drain", None)
+            if fn is None:
+                raise InvalidRequest("this pool does not support drain", code="unsupported")
+            task = asyncio.create_task(fn(name))
+            app.background.add(task)
+            task.add_done_callback(app.background.discard)
+            await asyncio.sleep(0)
+        b = next(b for b in gw.pool.backends() if b.name == name)
+        return {"name": name, "state": b.state, "in_flight": b.in_flight}
+
+    @router.post("/backends/{name}/undrain")
+    async def undrain_backend(name: str, gw: GW) -> dict[str, Any]:
+        await _pool_op(gw, "undrain", name)
+        b = next(b for b in gw.pool.backends() if b.name == name)
+        return {"name": name, "state": b.state}
+
+    return router
+
+
+def _as_dict(r: KeyRecord) -> dict[str, Any]:
+    return {f: getattr(r, f) for f in KeyRecord.__dataclass_fields__}

@@ -1,0 +1,172 @@
+"""``create_app(settings)``: the ASGI application.
+
+``/v1/*`` goes straight to the raw-ASGI hot path (:mod:`proxy.openai_api`); everything else
+(``/admin``, ``/healthz``, ``/readyz``, ``/metrics``, OpenAPI docs) is a FastAPI app. The
+FastAPI lifespan builds and tears down every part: store, engine pool, HTTP clients, lease
+renewal. Nothing lives at module level, so tests can build as many apps as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from adapters.base import BackendPool
+from adapters.upstream import UpstreamClients
+from proxy.auth import Authenticator
+from proxy.clock import Clock, SystemClock
+from proxy.config import Settings
+from proxy.errors import UpstreamUnavailable
+from proxy.gateway import Gateway, seed_tenants
+from proxy.metrics import GatewayMetrics
+from proxy.openai_api import OpenAIHandler
+from proxy.shaping import Shaper
+from proxy.store import build_store
+
+log = logging.getLogger("driftsched.app")
+
+PoolFactory = Callable[[Settings], BackendPool]
+
+
+def _default_pool(settings: Settings) -> BackendPool:
+    from adapters.pool import build_pool
+
+    return build_pool(settings)
+
+
+class DriftSchedApp:
+    """The ASGI entry point; ``gateway`` is set while the lifespan runs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        pool_factory: PoolFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.pool_factory = pool_factory or _default_pool
+        self.gateway: Gateway | None = None
+        self._handler: OpenAIHandler | None = None
+        #: fire-and-forget tasks started by admin calls (kept referenced until done)
+        self.background: set[asyncio.Task[Any]] = set()
+        self.api = FastAPI(
+            title="DriftSched gateway",
+            version="0.1.0",
+            lifespan=self._lifespan,
+            docs_url="/admin/docs",
+            openapi_url="/admin/openapi.json",
+            redoc_url=None,
+        )
+        self.api.state.app = self
+        _install_routes(self)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            handler = self._handler
+            if handler is None:
+                err = UpstreamUnavailable("gateway is starting or stopping")
+                body = err.body()
+                await send({"type": "http.response.start", "status": err.status,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await handler(scope, receive, send)
+            return
+        await self.api(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        settings, clock = self.settings, self.clock
+        store = build_store(settings.store)
+        await store.start()
+        metrics = GatewayMetrics()
+        pool = self.pool_factory(settings)
+        clients = UpstreamClients()
+        shaper = Shaper(store, clock, settings.store.lease_ttl_s)
+        try:
+            await seed_tenants(settings, store, clock.time())
+            from adapters.router import LeastLoadedRouter
+
+            gw = Gateway(
+                settings=settings,
+                clock=clock,
+                store=store,
+                auth=Authenticator(store, clock, settings.server.auth_cache_ttl_s),
+                shaper=shaper,
+                pool=pool,
+                router=LeastLoadedRouter(),
+                clients=clients,
+                metrics=metrics,
+                started_at=clock.time(),
+            )
+            metrics.add_backends(pool.backends)
+            await pool.start()
+            shaper.start()
+            self.gateway = gw
+            self._handler = OpenAIHandler(gw)
+            log.info("gateway started", extra={
+                "store": settings.store.type,
+                "backends": [b.name for b in pool.backends()],
+            })
+            yield
+        finally:
+            self._handler = None
+            self.gateway = None
+            await shaper.stop()
+            await pool.stop()
+            await clients.aclose()
+            await store.aclose()
+            log.info("gateway stopped")
+
+
+def _install_routes(app: DriftSchedApp) -> None:
+    api = app.api
+
+    @api.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process serves HTTP."""
+        return {"status": "ok"}
+
+    @api.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        """Readiness: the store answers and at least one backend takes traffic."""
+        gw = app.gateway
+        if gw is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        store_ok = await gw.store.ping()
+        backends = {b.name: b.state for b in gw.pool.backends()}
+        ready = store_ok and any(s == "healthy" for s in backends.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "store": store_ok, "backends": backends},
+            status_code=200 if ready else 503,
+        )
+
+    @api.get("/metrics", tags=["health"])
+    async def metrics() -> Response:
+        """Prometheus metrics of this replica."""
+        gw = app.gateway
+        if gw is None:
+            return Response(b"", media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    from proxy.admin import build_admin_router
+
+    api.include_router(build_admin_router(app))
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    pool_factory: PoolFactory | None = None,
+) -> DriftSchedApp:
+    return DriftSchedApp(settings, clock=clock, pool_factory=pool_factory)

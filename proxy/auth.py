@@ -1,0 +1,75 @@
+"""Authentication: ``Authorization: Bearer <key>`` -> tenant, with a short in-process cache.
+
+The cache maps a key's digest to its tenant for ``ttl_s`` seconds (revocation and tenant
+changes take at most that long to reach every replica). Unknown keys are cached negatively
+for the same time, so a client hammering with a bad key does not hammer the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.clock import Clock
+from proxy.errors import AuthenticationFailed
+from proxy.keys import digest, display_prefix
+from proxy.store.base import Store, Tenant
+
+_MAX_ENTRIES = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    tenant: Tenant
+    key_id: str
+    key_prefix: str
+
+
+def bearer_token(header: bytes | None) -> str:
+    if not header:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Provide it in the Authorization header "
+            "(Authorization: Bearer YOUR_KEY).",
+            code=None,
+        )
+    raw = header.decode("latin-1").strip()
+    scheme, _, token = raw.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationFailed("Authorization header must be 'Bearer YOUR_KEY'.")
+    return token
+
+
+class Authenticator:
+    def __init__(self, store: Store, clock: Clock, ttl_s: float) -> None:
+        self._store = store
+        self._clock = clock
+        self._ttl = ttl_s
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    def invalidate(self) -> None:
+        """Drop every cached entry (called after admin changes on this replica)."""
+        self._cache.clear()
+
+    async def authenticate(self, key: str) -> Principal:
+        d = digest(key)
+        now_m = self._clock.monotonic()
+        hit = self._cache.get(d)
+        if hit is not None and hit[0] > now_m:
+            principal = hit[1]
+        else:
+            principal = await self._lookup(d)
+            if len(self._cache) >= _MAX_ENTRIES:
+                self._cache.clear()
+            self._cache[d] = (now_m + self._ttl, principal)
+        if principal is None:
+            raise AuthenticationFailed(f"Incorrect API key provided: {display_prefix(key)}.")
+        return principal
+
+    async def _lookup(self, d: str) -> Principal | None:
+        record = await self._store.get_key_by_digest(d)
+        if record is None or not record.active(self._clock.time()):
+            return None
+        tenant = await self._store.get_tenant(record.tenant)
+        if tenant is None:
+            return None
+        return Principal(tenant=tenant, key_id=record.key_id, key_prefix=record.prefix)

@@ -1,0 +1,122 @@
+"""Prometheus metrics, one registry per app (no module-level state).
+
+Names follow Prometheus conventions (``driftsched_`` prefix, ``_total`` counters, base units
+in seconds). Engine-side numbers keep vLLM's meaning and are re-exported per backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from adapters.base import Backend
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "driftsched_requests", "Requests finished, by tenant, endpoint and HTTP status",
+            ["tenant", "endpoint", "status"], registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "driftsched_prompt_tokens", "Prompt tokens (engine-reported usage)", ["tenant"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "driftsched_completion_tokens", "Generated tokens (engine-reported usage)", ["tenant"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "driftsched_queue_wait_seconds", "Time from arrival to admission",
+            ["tenant", "qos_class"], buckets=QUEUE_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "driftsched_time_to_first_token_seconds", "Arrival to first streamed byte",
+            ["tenant", "qos_class"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "driftsched_request_duration_seconds", "Arrival to last byte",
+            ["tenant", "qos_class"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge(
+            "driftsched_in_flight_requests", "Requests admitted and not finished (this replica)",
+            ["tenant"], registry=r,
+        )
+        self.rejections = Counter(
+            "driftsched_rejections", "Requests refused before reaching an engine, by reason",
+            ["tenant", "reason"], registry=r,
+        )
+        self.upstream_errors = Counter(
+            "driftsched_upstream_errors", "Engine failures seen by the gateway",
+            ["backend", "code"], registry=r,
+        )
+        self.disconnects = Counter(
+            "driftsched_client_disconnects", "Clients that went away before the response ended",
+            ["tenant", "stage"], registry=r,
+        )
+
+    def add_backends(self, source: Callable[[], Iterable[Backend]]) -> None:
+        self.registry.register(_BackendCollector(source))
+
+
+class _BackendCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[Backend]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        fams = {
+            "up": GaugeMetricFamily(
+                "driftsched_backend_up", "1 when the backend takes traffic", labels=["backend", "state"]
+            ),
+            "in_flight": GaugeMetricFamily(
+                "driftsched_backend_in_flight_requests", "Gateway-side in-flight requests", labels=["backend"]
+            ),
+            "held": GaugeMetricFamily(
+                "driftsched_backend_held_tokens", "Predicted token footprint held", labels=["backend"]
+            ),
+            "cap": GaugeMetricFamily(
+                "driftsched_backend_kv_capacity_tokens", "KV budget in tokens", labels=["backend"]
+            ),
+            "running": GaugeMetricFamily(
+                "driftsched_backend_num_requests_running", "vllm:num_requests_running (scraped)",
+                labels=["backend"],
+            ),
+            "waiting": GaugeMetricFamily(
+                "driftsched_backend_num_requests_waiting", "vllm:num_requests_waiting (scraped)",
+                labels=["backend"],
+            ),
+            "kv": GaugeMetricFamily(
+                "driftsched_backend_kv_cache_usage_perc", "vllm:kv_cache_usage_perc (scraped, 0..1)",
+                labels=["backend"],
+            ),
+            "preempt": GaugeMetricFamily(
+                "driftsched_backend_num_preemptions", "vllm:num_preemptions_total (scraped)",
+                labels=["backend"],
+            ),
+            "restarts": GaugeMetricFamily(
+                "driftsched_backend_restarts", "Times the pool restarted this engine", labels=["backend"]
+            ),
+        }
+        for b in self._source():
+            fams["up"].add_metric([b.name, b.state], 1.0 if b.routable else 0.0)
+            fams["in_flight"].add_metric([b.name], b.in_flight)
+            fams["held"].add_metric([b.name], b.held_tokens)
+            if b.kv_capacity_tokens is not None:
+                fams["cap"].add_metric([b.name], b.kv_capacity_tokens)
+            m = b.metrics
+            fams["running"].add_metric([b.name], m.num_requests_running)
+            fams["waiting"].add_metric([b.name], m.num_requests_waiting)
+            fams["kv"].add_metric([b.name], m.kv_cache_usage_perc)
+            fams["preempt"].add_metric([b.name], m.num_preemptions_total)
+            fams["restarts"].add_metric([b.name], b.restarts)
+        return list(fams.values())

@@ -1,0 +1,467 @@
+"""The hot path: OpenAI-compatible ``/v1/*`` as a plain ASGI handler.
+
+Written against raw ASGI (no routing or dependency injection per request) because this is
+where the gateway's added latency lives. One request goes:
+
+    authenticate -> read+validate body -> shape (RPM/TPM/quota/concurrency lease)
+    -> route -> forward (relay SSE bytes as they come) -> release + reconcile + account
+
+A watcher task waits on ``receive()`` for ``http.disconnect`` in parallel with the work; a
+client that goes away at any stage (queued, waiting for the engine, mid-stream) cancels the
+work, which closes the upstream request and releases every slot and token it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from adapters.sse import StreamTap, error_event
+from adapters.upstream import (
+    UpstreamConnectFailed,
+    map_exception,
+    open_request,
+    upstream_status_error,
+)
+from proxy.auth import Principal, bearer_token
+from proxy.errors import (
+    BodyTooLarge,
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from proxy.requests import PATHS, UPSTREAM_PATH, ParsedRequest, parse_request
+from proxy.shaping import ratelimit_headers
+from proxy.store.base import Limits
+
+if TYPE_CHECKING:
+    from adapters.base import Backend
+    from proxy.gateway import Gateway
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+log = logging.getLogger("driftsched.access")
+errlog = logging.getLogger("driftsched.gateway")
+
+_RID_OK = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
+_JSON = (b"content-type", b"application/json")
+
+
+@dataclass(slots=True)
+class Ctx:
+    """Mutable state of one request, for accounting and cleanup."""
+
+    rid: str
+    endpoint: str
+    t0: float
+    principal: Principal | None = None
+    req: ParsedRequest | None = None
+    lease: str | None = None
+    charged: int = 0
+    backend: str | None = None
+    status: int = 0
+    response_started: bool = False
+    admitted_at: float | None = None
+    first_byte_at: float | None = None
+    usage: dict[str, Any] | None = None
+    streamed_events: int = 0
+    upstream_reached: bool = False
+    stage: str = "auth"
+    rl_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return bytes(v)
+    return None
+
+
+class OpenAIHandler:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        rid_in = _header(scope, b"x-request-id")
+        rid = rid_in.decode() if rid_in and _RID_OK.match(rid_in) else uuid.uuid4().hex
+        endpoint = PATHS.get(path)
+        ctx = Ctx(rid=rid, endpoint=endpoint or path, t0=self.gw.clock.monotonic())
+        if endpoint is None:
+            if path == "/v1/models" or path.startswith("/v1/models/"):
+                await self._models(scope, send, ctx)
+                return
+            await self._send_error(
+                send, ctx, NotFound(f"Invalid URL ({scope['method']} {path})", code="unknown_url")
+            )
+            return
+        if scope["method"] != "POST":
+            err = InvalidRequest(f"Method {scope['method']} not allowed on {path}; use POST.",
+                                 code="method_not_allowed")
+            err.status = 405
+            await self._send_error(send, ctx, err)
+            return
+        try:
+            ctx.principal = await self.gw.authenticate(bearer_token(_header(scope, b"authorization")))
+            ctx.stage = "body"
+            raw = await self._read_body(scope, receive)
+            ctx.req = req = parse_request(endpoint, raw)
+            self._check_model(ctx.principal, req.model)
+        except GatewayError as e:
+            await self._send_error(send, ctx, e)
+            self._finish_log(ctx)
+            return
+        except ClientGone:
+            ctx.status = 499
+            self._finish_log(ctx)
+            return
+        except Exception as e:  # never a traceback to the client
+            errlog.exception("unexpected error before admission", extra={"request_id": rid})
+            await self._send_error(send, ctx, InternalError(f"internal error: {type(e).__name__}"))
+            return
+
+        work = asyncio.create_task(self._serve(ctx, send))
+        watch = asyncio.ensure_future(receive())
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            watch.cancel()
+            work.result()
+            return
+        msg = watch.result()
+        if msg.get("type") == "http.disconnect" and not work.done():
+            work.cancel()
+            self.gw.metrics.disconnects.labels(ctx.principal.tenant.name, ctx.stage).inc()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+
+    # -- stages ------------------------------------------------------------------------
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.gw.settings.server.max_body_bytes
+        cl = _header(scope, b"content-length")
+        if cl is not None and cl.isdigit() and int(cl) > limit:
+            raise BodyTooLarge(f"Request body of {int(cl)} bytes exceeds the limit of {limit} bytes.")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _check_model(self, principal: Principal, model: str) -> None:
+        if model not in self.gw.pool_models():
+            raise NotFound(
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+            )
+        if not principal.tenant.allows(model):
+            raise PermissionDenied(
+                f"Tenant {principal.tenant.name!r} may not use model `{model}`.", param="model"
+            )
+
+    async def _serve(self, ctx: Ctx, send: Send) -> None:
+        gw = self.gw
+        assert ctx.principal is not None and ctx.req is not None
+        tenant, req = ctx.principal.tenant, ctx.req
+        expected_out = 0 if req.endpoint == "embeddings" else gw.expected_output(tenant, req)
+        try:
+            ctx.stage = "queued"
+            lease = ctx.rid + "-" + uuid.uuid4().hex[:8]
+            decision = await gw.shaper.acquire(
+                tenant, lease, req.prompt_tokens + expected_out,
+                Limits.of(tenant, gw.concurrency_limit(tenant)),
+            )
+            ctx.lease, ctx.charged = lease, req.prompt_tokens + expected_out
+            ctx.admitted_at = gw.clock.monotonic()
+            ctx.rl_headers = ratelimit_headers(decision.state)
+            gw.metrics.queue_wait.labels(tenant.name, tenant.qos_class).observe(
+                ctx.admitted_at - ctx.t0
+            )
+            gw.metrics.in_flight.labels(tenant.name).inc()
+            ctx.stage = "upstream"
+            await self._forward(ctx, send, req.prompt_tokens + expected_out)
+        except GatewayError as e:
+            if isinstance(e, RateLimited):
+                gw.metrics.rejections.labels(tenant.name, e.code or "rate_limit").inc()
+            elif ctx.lease is None:
+                gw.metrics.rejections.labels(tenant.name, e.code or "error").inc()
+            if ctx.response_started:
+                await self._stream_error(send, ctx, e)
+            else:
+                await self._send_error(send, ctx, e)
+        except asyncio.CancelledError:
+            ctx.status = 499  # client closed request
+            raise
+        except Exception as e:
+            errlog.exception("unexpected error", extra={"request_id": ctx.rid})
+            err = InternalError(f"internal error: {type(e).__name__}")
+            if ctx.response_started:
+                await self._stream_error(send, ctx, err)
+            else:
+                await self._send_error(send, ctx, err)
+        finally:
+            await asyncio.shield(self._complete(ctx))
+
+    async def _forward(self, ctx: Ctx, send: Send, footprint: int) -> None:
+        gw = self.gw
+        req = ctx.req
+        assert req is not None
+        headers = {
+            "content-type": "application/json",
+            "accept-encoding": "identity",
+            "x-request-id": ctx.rid,
+        }
+        tried: set[str] = set()
+        last: GatewayError | None = None
+        while True:
+            candidates = [b for b in gw.pool.candidates(req.model) if b.name not in tried]
+            backend = gw.router.pick(candidates, footprint)
+            if backend is None:
+                if last is not None:
+                    raise last
+                raise UpstreamUnavailable(f"No healthy backend serves model `{req.model}` right now.")
+            tried.add(backend.name)
+            backend.in_flight += 1
+            backend.held_tokens += footprint
+            try:
+                try:
+                    resp = await open_request(
+                        gw.clients, backend, UPSTREAM_PATH[req.endpoint], req.body, headers
+                    )
+                except UpstreamConnectFailed as e:
+                    gw.metrics.upstream_errors.labels(backend.name, e.code or "connect").inc()
+                    last = e
+                    continue
+                ctx.backend = backend.name
+                ctx.upstream_reached = True
+                try:
+                    if req.stream:
+                        await self._relay_stream(ctx, send, resp, backend)
+                    else:
+                        await self._relay_body(ctx, send, resp, backend)
+                finally:
+                    await resp.aclose()
+                return
+            finally:
+                backend.in_flight -= 1
+                backend.held_tokens -= footprint
+
+    async def _relay_body(self, ctx: Ctx, send: Send, resp: httpx.Response, backend: Backend) -> None:
+        try:
+            body = await resp.aread()
+        except httpx.HTTPError as e:
+            err = map_exception(e, backend)
+            self.gw.metrics.upstream_errors.labels(backend.name, err.code or "error").inc()
+            raise err from e
+        if resp.status_code >= 400:
+            err = upstream_status_error(resp.status_code, body, backend)
+            if isinstance(err, UpstreamError):
+                self.gw.metrics.upstream_errors.labels(backend.name, f"http_{resp.status_code}").inc()
+            raise err
+        try:
+            obj = json.loads(body)
+            usage = obj.get("usage") if isinstance(obj, dict) else None
+            ctx.usage = usage if isinstance(usage, dict) else None
+        except ValueError:
+            raise UpstreamError(f"backend {backend.name!r} returned invalid JSON") from None
+        ctx.first_byte_at = self.gw.clock.monotonic()
+        ctx.status = 200
+        headers = [
+            (b"content-type", resp.headers.get("content-type", "application/json").encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", ctx.rid.encode()),
+            *ctx.rl_headers,
+        ]
+        ctx.response_started = True
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _relay_stream(self, ctx: Ctx, send: Send, resp: httpx.Response, backend: Backend) -> None:
+        if resp.status_code != 200:
+            try:
+                body = await resp.aread()
+            except httpx.HTTPError as e:
+                raise map_exception(e, backend) from e
+            err = upstream_status_error(resp.status_code, body, backend)
+            if isinstance(err, UpstreamError):
+                self.gw.metrics.upstream_errors.labels(backend.name, f"http_{resp.status_code}").inc()
+            raise err
+        assert ctx.req is not None
+        tap = StreamTap(strip_usage=ctx.req.strip_usage)
+        ctx.status = 200
+        ctx.response_started = True
+        await send({
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-request-id", ctx.rid.encode()),
+                *ctx.rl_headers,
+            ],
+        })
+        clock = self.gw.clock
+        try:
+            async for chunk in resp.aiter_raw():
+                out = tap.feed(chunk)
+                if out:
+                    if ctx.first_byte_at is None:
+                        ctx.first_byte_at = clock.monotonic()
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    ctx.streamed_events = tap.events
+        except httpx.HTTPError as e:
+            err = map_exception(e, backend)
+            self.gw.metrics.upstream_errors.labels(backend.name, err.code or "stream").inc()
+            ctx.usage, ctx.streamed_events = tap.usage, tap.events
+            raise UpstreamError(f"stream from backend {backend.name!r} broke: {err.message}") from e
+        ctx.usage, ctx.streamed_events = tap.usage, tap.events
+        rest = tap.flush()
+        if not tap.done and tap.error is None:
+            self.gw.metrics.upstream_errors.labels(backend.name, "stream_truncated").inc()
+            if rest:
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
+            raise UpstreamError(f"backend {backend.name!r} closed the stream before [DONE]")
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+    # -- completion ----------------------------------------------------------------------
+    async def _complete(self, ctx: Ctx) -> None:
+        """Release the lease, reconcile tokens, account usage. Runs even when cancelled."""
+        gw = self.gw
+        assert ctx.principal is not None and ctx.req is not None
+        tenant = ctx.principal.tenant
+        try:
+            usage = ctx.usage or {}
+            p_tok = int(usage.get("prompt_tokens") or 0)
+            c_tok = int(usage.get("completion_tokens") or 0)
+            if not usage and ctx.upstream_reached:
+                # engine did work but reported nothing (disconnect, broken stream): estimate
+                p_tok = ctx.req.prompt_tokens
+                c_tok = max(0, ctx.streamed_events - 2)
+            if ctx.lease is not None:
+                await gw.shaper.release(tenant.name, ctx.lease)
+                gw.metrics.in_flight.labels(tenant.name).dec()
+                actual = p_tok + c_tok if ctx.upstream_reached else 0
+                delta = actual - ctx.charged
+                if delta:
+                    await gw.store.reconcile(tenant.name, delta, Limits.of(tenant), gw.clock.time())
+            await gw.store.record_usage(
+                tenant.name, gw.clock.time(), requests=1,
+                errors=0 if ctx.status == 200 else 1, tokens_in=p_tok, tokens_out=c_tok,
+            )
+            if p_tok:
+                gw.metrics.prompt_tokens.labels(tenant.name).inc(p_tok)
+            if c_tok:
+                gw.metrics.completion_tokens.labels(tenant.name).inc(c_tok)
+            if ctx.status == 200 and ctx.usage and ctx.req.endpoint != "embeddings":
+                gw.observe_completion(tenant, ctx.req, c_tok)
+        except Exception:
+            errlog.exception("accounting failed", extra={"request_id": ctx.rid})
+        now = gw.clock.monotonic()
+        cls = tenant.qos_class
+        if ctx.status == 200:
+            if ctx.first_byte_at is not None:
+                gw.metrics.ttft.labels(tenant.name, cls).observe(ctx.first_byte_at - ctx.t0)
+            gw.metrics.e2e.labels(tenant.name, cls).observe(now - ctx.t0)
+        self._finish_log(ctx)
+
+    def _finish_log(self, ctx: Ctx) -> None:
+        tenant = ctx.principal.tenant.name if ctx.principal else "-"
+        self.gw.metrics.requests.labels(tenant, ctx.endpoint, str(ctx.status)).inc()
+        if not self.gw.settings.server.access_log:
+            return
+        usage = ctx.usage or {}
+        now = self.gw.clock.monotonic()
+        log.info("request", extra={
+            "request_id": ctx.rid,
+            "tenant": tenant,
+            "key": ctx.principal.key_prefix if ctx.principal else None,
+            "endpoint": ctx.endpoint,
+            "model": ctx.req.model if ctx.req else None,
+            "stream": ctx.req.stream if ctx.req else None,
+            "status": ctx.status,
+            "backend": ctx.backend,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "queue_ms": round((ctx.admitted_at - ctx.t0) * 1000, 2) if ctx.admitted_at else None,
+            "ttft_ms": round((ctx.first_byte_at - ctx.t0) * 1000, 2) if ctx.first_byte_at else None,
+            "duration_ms": round((now - ctx.t0) * 1000, 2),
+        })
+
+    # -- responses ---------------------------------------------------------------------
+    async def _send_error(self, send: Send, ctx: Ctx, err: GatewayError) -> None:
+        ctx.status = err.status
+        body = err.body()
+        headers = [
+            _JSON,
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", ctx.rid.encode()),
+            *ctx.rl_headers,
+            *[(k.encode(), v.encode()) for k, v in err.headers.items()],
+        ]
+        ctx.response_started = True
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _stream_error(self, send: Send, ctx: Ctx, err: GatewayError) -> None:
+        """An error after the SSE headers went out: an error event, then end of stream."""
+        ctx.status = err.status
+        with contextlib.suppress(Exception):
+            await send({"type": "http.response.body", "body": error_event(err.to_dict()),
+                        "more_body": False})
+
+    async def _models(self, scope: Scope, send: Send, ctx: Ctx) -> None:
+        try:
+            if scope["method"] != "GET":
+                err = InvalidRequest("Use GET for /v1/models.", code="method_not_allowed")
+                err.status = 405
+                raise err
+            principal = await self.gw.authenticate(bearer_token(_header(scope, b"authorization")))
+            ctx.principal = principal
+            models = [m for m in self.gw.pool_models() if principal.tenant.allows(m)]
+            created = int(self.gw.started_at)
+            path: str = scope["path"]
+            if path.startswith("/v1/models/"):
+                mid = path[len("/v1/models/"):]
+                if mid not in models:
+                    raise NotFound(f"The model `{mid}` does not exist or you do not have access to it.")
+                payload: dict[str, Any] = {"id": mid, "object": "model", "created": created,
+                                           "owned_by": "driftsched"}
+            else:
+                payload = {"object": "list", "data": [
+                    {"id": m, "object": "model", "created": created, "owned_by": "driftsched"}
+                    for m in models
+                ]}
+        except GatewayError as e:
+            await self._send_error(send, ctx, e)
+            return
+        body = json.dumps(payload).encode()
+        ctx.status = 200
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            _JSON, (b"content-length", str(len(body)).encode()), (b"x-request-id", ctx.rid.encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})

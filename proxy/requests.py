@@ -1,0 +1,123 @@
+"""Parse and validate an OpenAI request body once; keep the raw bytes for forwarding.
+
+Only what the gateway needs is checked (model, the prompt field, stream flags, token caps);
+every other field — including vLLM extras such as ``top_k``, ``min_tokens``, ``ignore_eos`` —
+passes through untouched. The body is re-serialised only when the gateway must change it
+(injecting ``stream_options.include_usage``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from proxy.errors import InvalidRequest
+from proxy.tokens import count_chat, count_prompt
+
+Endpoint = Literal["chat", "completions", "embeddings"]
+
+PATHS: dict[str, Endpoint] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+UPSTREAM_PATH: dict[Endpoint, str] = {v: k for k, v in PATHS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    endpoint: Endpoint
+    model: str
+    stream: bool
+    #: bytes to send upstream (the client's own bytes unless the gateway had to change them)
+    body: bytes
+    prompt_tokens: int
+    #: ``max_tokens`` / ``max_completion_tokens`` if the client set one
+    max_tokens: int | None
+    #: the gateway injected include_usage; hide the usage chunk from this client
+    strip_usage: bool
+    n_messages: int
+    priority: int | None
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> InvalidRequest:
+    return InvalidRequest(message, param=param, code=code)
+
+
+def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
+    if not raw:
+        raise _bad("Request body is empty; expected a JSON object.")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(f"We could not parse the JSON body of your request: {e}.") from None
+    if not isinstance(body, dict):
+        raise _bad("Request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("you must provide a model parameter", param="model")
+
+    n_messages = 0
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' must be a non-empty array", param="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise _bad(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
+        prompt_tokens = count_chat(messages)
+        n_messages = len(messages)
+    elif endpoint == "completions":
+        if "prompt" not in body or body["prompt"] is None:
+            raise _bad("you must provide a prompt parameter", param="prompt")
+        if not isinstance(body["prompt"], str | list):
+            raise _bad("'prompt' must be a string or an array", param="prompt")
+        prompt_tokens = count_prompt(body["prompt"])
+    else:
+        if "input" not in body or not isinstance(body["input"], str | list):
+            raise _bad("'input' must be a string or an array", param="input")
+        prompt_tokens = count_prompt(body["input"])
+
+    max_tokens = _max_tokens(body)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", param="stream")
+    if endpoint == "embeddings" and stream:
+        raise _bad("embeddings cannot be streamed", param="stream")
+    priority = body.get("priority")
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+        raise _bad("'priority' must be an integer", param="priority")
+
+    strip_usage = False
+    out = raw
+    if stream:
+        so = body.get("stream_options")
+        if so is not None and not isinstance(so, dict):
+            raise _bad("'stream_options' must be an object", param="stream_options")
+        if not (so and so.get("include_usage") is True):
+            body["stream_options"] = {**(so or {}), "include_usage": True}
+            strip_usage = True
+            out = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return ParsedRequest(
+        endpoint=endpoint,
+        model=model,
+        stream=stream,
+        body=out,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        strip_usage=strip_usage,
+        n_messages=n_messages,
+        priority=priority,
+    )
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        v = body.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise _bad(f"'{name}' must be a positive integer", param=name)
+        return v
+    return None

@@ -1,0 +1,236 @@
+"""The embedded store: one process, plain dicts, no services.
+
+Why choose it: a single gateway process (development, tests, small deployments). State is
+lost on restart and is not shared between processes; use the redis store for replicas.
+
+Every method runs to completion without awaiting anything, so each one is atomic on the
+event loop; :meth:`MemoryStore.wait_release` is woken by :meth:`MemoryStore.release`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+from proxy.store.base import Decision, KeyRecord, Limits, Reason, Tenant, Usage
+from proxy.store.buckets import Bucket, decision, next_midnight, refill, utc_day, wait_s
+from proxy.store.notify import ReleaseBoard
+
+TYPE = "memory"
+
+
+@dataclass(slots=True)
+class _Limited:
+    """Limit state of one tenant."""
+
+    rpm: Bucket | None = None
+    tpm: Bucket | None = None
+    #: lease_id -> expiry (epoch seconds); expired leases are dropped lazily
+    leases: dict[str, float] = field(default_factory=dict)
+    #: UTC day -> tokens charged against that day's quota (today and yesterday kept)
+    days: dict[int, int] = field(default_factory=dict)
+    requests: int = 0
+    errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+    def sweep(self, now: float) -> None:
+        expired = [lid for lid, exp in self.leases.items() if exp <= now]
+        for lid in expired:
+            del self.leases[lid]
+
+    def add_today(self, now: float, delta: int) -> int:
+        day = utc_day(now)
+        used = max(0, self.days.get(day, 0) + delta)
+        self.days = {d: n for d, n in self.days.items() if d >= day - 1}
+        self.days[day] = used
+        return used
+
+
+class MemoryStore:
+    """:class:`~proxy.store.base.Store` in process memory. Safe for many tasks on one loop."""
+
+    def __init__(self) -> None:
+        self._tenants: dict[str, Tenant] = {}
+        self._keys: dict[str, KeyRecord] = {}
+        self._by_digest: dict[str, str] = {}
+        self._limited: dict[str, _Limited] = {}
+        self._board = ReleaseBoard()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self._board.notify_all()
+
+    async def ping(self) -> bool:
+        return True
+
+    # -- tenants -------------------------------------------------------------------------
+    async def put_tenant(self, tenant: Tenant) -> None:
+        self._tenants[tenant.name] = tenant
+
+    async def get_tenant(self, name: str) -> Tenant | None:
+        return self._tenants.get(name)
+
+    async def list_tenants(self) -> list[Tenant]:
+        return sorted(self._tenants.values(), key=lambda t: t.name)
+
+    async def delete_tenant(self, name: str, now: float | None = None) -> bool:
+        when = time.time() if now is None else now
+        for rec in list(self._keys.values()):
+            if rec.tenant == name and (rec.revoked_at is None or rec.revoked_at > when):
+                self._keys[rec.key_id] = replace(rec, revoked_at=when)
+        st = self._limited.get(name)
+        if st is not None:
+            st.requests = st.errors = st.tokens_in = st.tokens_out = 0
+        return self._tenants.pop(name, None) is not None
+
+    # -- keys ----------------------------------------------------------------------------
+    async def put_key(self, record: KeyRecord) -> None:
+        old = self._keys.get(record.key_id)
+        if old is not None and old.digest != record.digest:
+            self._by_digest.pop(old.digest, None)
+        self._keys[record.key_id] = record
+        self._by_digest[record.digest] = record.key_id
+
+    async def get_key_by_digest(self, digest: str) -> KeyRecord | None:
+        key_id = self._by_digest.get(digest)
+        return None if key_id is None else self._keys.get(key_id)
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        return self._keys.get(key_id)
+
+    async def list_keys(
+        self, tenant: str | None = None, prefix: str | None = None
+    ) -> list[KeyRecord]:
+        found = [
+            r
+            for r in self._keys.values()
+            if (tenant is None or r.tenant == tenant)
+            and (prefix is None or r.prefix.startswith(prefix))
+        ]
+        return sorted(found, key=lambda r: (r.created_at, r.key_id))
+
+    # -- limits and leases ---------------------------------------------------------------
+    def _state(self, tenant: str) -> _Limited:
+        st = self._limited.get(tenant)
+        if st is None:
+            st = self._limited[tenant] = _Limited()
+        return st
+
+    async def try_acquire(
+        self,
+        tenant: str,
+        lease_id: str,
+        tokens: int,
+        limits: Limits,
+        now: float,
+        lease_ttl_s: float,
+    ) -> Decision:
+        st = self._state(tenant)
+        st.sweep(now)
+        rpm = None if limits.rpm is None else refill(st.rpm, limits.rpm, now)
+        tpm = None if limits.tpm is None else refill(st.tpm, limits.tpm, now)
+        used = st.days.get(utc_day(now), 0)
+        quota = limits.daily_token_quota
+
+        reason: Reason | None = None
+        retry = 0.0
+        if lease_id in st.leases:
+            pass  # already held: a no-op that reports success
+        elif (limits.tpm is not None and tokens > limits.tpm) or (
+            quota is not None and tokens > quota
+        ):
+            reason, retry = "too_large", math.inf
+        elif quota is not None and used + tokens > quota:
+            reason, retry = "quota", next_midnight(now) - now
+        elif limits.max_concurrency is not None and len(st.leases) >= limits.max_concurrency:
+            reason = "concurrency"
+        elif rpm is not None and limits.rpm is not None and rpm.tokens < 1:
+            reason, retry = "rpm", wait_s(rpm.tokens, 1, limits.rpm)
+        elif tpm is not None and limits.tpm is not None and tpm.tokens < tokens:
+            reason, retry = "tpm", wait_s(tpm.tokens, tokens, limits.tpm)
+        else:
+            if rpm is not None:
+                rpm.tokens -= 1
+                st.rpm = rpm
+            if tpm is not None:
+                tpm.tokens -= tokens
+                st.tpm = tpm
+            used = st.add_today(now, tokens)
+            st.leases[lease_id] = now + lease_ttl_s
+        return decision(
+            limits,
+            reason=reason,
+            retry_after_s=retry,
+            rpm_tokens=None if rpm is None else rpm.tokens,
+            tpm_tokens=None if tpm is None else tpm.tokens,
+            used_today=used,
+        )
+
+    async def release(self, tenant: str, lease_id: str) -> bool:
+        st = self._limited.get(tenant)
+        if st is None or st.leases.pop(lease_id, None) is None:
+            return False
+        self._board.notify(tenant)
+        return True
+
+    async def renew(self, leases: list[tuple[str, str]], now: float, lease_ttl_s: float) -> int:
+        renewed = 0
+        for tenant, lease_id in leases:
+            st = self._limited.get(tenant)
+            expiry = None if st is None else st.leases.get(lease_id)
+            if st is not None and expiry is not None and expiry > now:
+                st.leases[lease_id] = max(expiry, now + lease_ttl_s)
+                renewed += 1
+        return renewed
+
+    async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:
+        if delta_tokens == 0:
+            return
+        st = self._state(tenant)
+        if limits.tpm is not None:
+            b = refill(st.tpm, limits.tpm, now)
+            b.tokens = min(b.tokens - delta_tokens, float(limits.tpm))
+            st.tpm = b
+        st.add_today(now, delta_tokens)
+
+    async def wait_release(self, tenant: str, timeout_s: float) -> None:
+        await self._board.wait(tenant, timeout_s)
+
+    async def in_flight(self, tenant: str, now: float) -> int:
+        st = self._limited.get(tenant)
+        return 0 if st is None else sum(1 for exp in st.leases.values() if exp > now)
+
+    # -- usage ---------------------------------------------------------------------------
+    async def record_usage(
+        self,
+        tenant: str,
+        now: float,
+        *,
+        requests: int = 0,
+        errors: int = 0,
+        tokens_in: int = 0,
+        tokens_out: int = 0,
+    ) -> None:
+        st = self._state(tenant)
+        st.requests += requests
+        st.errors += errors
+        st.tokens_in += tokens_in
+        st.tokens_out += tokens_out
+
+    async def get_usage(self, tenant: str, now: float) -> Usage:
+        st = self._limited.get(tenant)
+        if st is None:
+            return Usage()
+        return Usage(
+            requests=st.requests,
+            errors=st.errors,
+            tokens_in=st.tokens_in,
+            tokens_out=st.tokens_out,
+            tokens_today=st.days.get(utc_day(now), 0),
+            in_flight=await self.in_flight(tenant, now),
+        )

@@ -1,0 +1,442 @@
+"""The shared store: Redis, for N gateway replicas enforcing one set of limits.
+
+Why choose it: more than one gateway process. Every limit check is one Lua script (loaded
+once, run by EVALSHA), so N replicas enforce a tenant's RPM, TPM, concurrency and quota
+exactly as one process would. Concurrency slots are leases with an expiry, so a crashed
+replica cannot leak them. Releases are PUBLISHed; each store instance holds ONE pub/sub
+connection whose reader task wakes that instance's local waiters.
+
+Key layout (all under ``prefix``; ``{...}`` is the Redis Cluster hash tag):
+
+* ``P:{admin}:tenants`` hash name -> tenant JSON; ``P:{admin}:keys`` hash key_id -> key
+  JSON; ``P:{admin}:digests`` hash digest -> key_id; ``P:{admin}:tenant-keys:T`` set of
+  key ids. Admin data shares one slot so it can change in one transaction.
+* ``P:t:{T}:rpm`` / ``:tpm`` bucket hashes, ``:leases`` zset lease_id -> expiry,
+  ``:day:N`` tokens charged on UTC day N, ``:usage`` hash of cumulative counters. One
+  tenant's limit state shares one slot so one script can charge all of it.
+* channel ``P:released``, message = tenant name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from importlib import resources
+from typing import Any, ParamSpec, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.connection import Connection
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from proxy.store.base import (
+    Decision,
+    KeyRecord,
+    Limits,
+    Reason,
+    StoreUnavailable,
+    Tenant,
+    Usage,
+)
+from proxy.store.buckets import decision, next_midnight, utc_day
+from proxy.store.notify import ReleaseBoard
+
+TYPE = "redis"
+
+log = logging.getLogger("driftsched.store.redis")
+
+_SCRIPTS = ("try_acquire", "reconcile", "release", "renew")
+#: a day's token counter outlives its day long enough for late reconciles
+_DAY_TTL_S = 2 * 86400
+_REASONS: dict[str, Reason] = {r: r for r in ("concurrency", "rpm", "tpm", "quota", "too_large")}
+_USAGE_FIELDS = ("requests", "errors", "tokens_in", "tokens_out")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _unavailable_on_io_error(
+    fn: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """Re-raise a lost or refused connection as :class:`StoreUnavailable`."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+
+    return wrapper
+
+
+def _num(x: float | None) -> str:
+    """A script argument: ``""`` for unlimited, exact decimal text otherwise."""
+    if x is None:
+        return ""
+    return str(x) if isinstance(x, int) else repr(float(x))
+
+
+def _str(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def _opt_float(x: bytes | str) -> float | None:
+    s = _str(x)
+    return float(s) if s else None
+
+
+def _load_script(name: str) -> str:
+    lua = resources.files("proxy.store").joinpath("lua")
+    return lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+
+
+class _Keys:
+    def __init__(self, prefix: str) -> None:
+        admin = f"{prefix}:{{admin}}"
+        self.tenants = f"{admin}:tenants"
+        self.keys = f"{admin}:keys"
+        self.digests = f"{admin}:digests"
+        self._tenant_keys = f"{admin}:tenant-keys:"
+        self._tenant = f"{prefix}:t:"
+        self.released = f"{prefix}:released"
+
+    def tenant_keys(self, tenant: str) -> str:
+        return self._tenant_keys + tenant
+
+    def of(self, tenant: str, what: str) -> str:
+        return f"{self._tenant}{{{tenant}}}:{what}"
+
+
+class RedisStore:
+    """:class:`~proxy.store.base.Store` on Redis. Safe for many tasks and many processes.
+
+    ``client``: an already configured ``redis.asyncio.Redis`` to use (not closed by
+    :meth:`aclose`); by default the store opens its own pool from ``url``. Connection loss
+    surfaces as :class:`~proxy.store.base.StoreUnavailable`.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "driftsched",
+        client: Redis | None = None,
+        socket_timeout_s: float = 5.0,
+        ping_timeout_s: float = 1.0,
+    ) -> None:
+        self._url = url
+        self._k = _Keys(prefix)
+        self._client = client
+        self._owns_client = client is None
+        self._socket_timeout_s = socket_timeout_s
+        self._ping_timeout_s = ping_timeout_s
+        self._sources = {name: _load_script(name) for name in _SCRIPTS}
+        self._scripts: dict[str, AsyncScript] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._board = ReleaseBoard()
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def start(self) -> None:
+        if self._started:
+            return
+        if self._client is None:
+            self._client = Redis.from_url(
+                self._url,
+                decode_responses=True,
+                socket_timeout=self._socket_timeout_s,
+                socket_connect_timeout=self._socket_timeout_s,
+            )
+        try:
+            for name, source in self._sources.items():
+                await self._client.script_load(source)
+                self._scripts[name] = self._client.register_script(source)
+            self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(self._k.released)
+            if self._pubsub.connection is not None:
+                self._pubsub.connection.register_connect_callback(self._on_pubsub_connect)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._reader = asyncio.create_task(
+            self._read_releases(self._pubsub), name="store-release-reader"
+        )
+        self._started = True
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            except RedisError as e:  # the connection is going away anyway
+                log.debug("closing the release subscription: %s", e)
+        if self._client is not None and self._owns_client:
+            await self._client.aclose()
+        self._board.notify_all()
+
+    async def ping(self) -> bool:
+        if self._client is None or self._closed:
+            return False
+        try:
+            async with asyncio.timeout(self._ping_timeout_s):
+                return bool(await self._client.ping())
+        except Exception as e:  # the contract: report, never raise
+            log.debug("redis ping failed: %r", e)
+            return False
+
+    @property
+    def _r(self) -> Redis:
+        if self._client is None or not self._scripts:
+            raise RuntimeError("RedisStore.start() must be awaited first")
+        return self._client
+
+    def _script(self, name: str) -> AsyncScript:
+        script = self._scripts.get(name)
+        if script is None:
+            raise RuntimeError("RedisStore.start() must be awaited first")
+        return script
+
+    async def _run(self, name: str, keys: list[str], args: list[str]) -> Any:
+        return await self._script(name)(keys=keys, args=args)
+
+    # -- release notifications -----------------------------------------------------------
+    async def _read_releases(self, pubsub: PubSub) -> None:
+        delay = 0.1
+        while True:
+            try:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            except RedisError as e:
+                log.warning("release channel lost (%s); retrying in %.1fs", e, delay)
+                self._board.notify_all()  # releases may have been missed meanwhile
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            if msg is not None and msg.get("type") == "message":
+                self._board.notify(_str(msg["data"]))
+
+    async def _on_pubsub_connect(self, connection: Connection) -> None:
+        """Called by redis-py on every (re)connection of the subscription."""
+        self._board.notify_all()  # releases published while disconnected are lost
+
+    async def wait_release(self, tenant: str, timeout_s: float) -> None:
+        await self._board.wait(tenant, timeout_s)
+
+    # -- tenants -------------------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def put_tenant(self, tenant: Tenant) -> None:
+        await self._r.hset(self._k.tenants, tenant.name, tenant.to_json())
+
+    @_unavailable_on_io_error
+    async def get_tenant(self, name: str) -> Tenant | None:
+        raw = await self._r.hget(self._k.tenants, name)
+        return None if raw is None else Tenant.from_json(raw)
+
+    @_unavailable_on_io_error
+    async def list_tenants(self) -> list[Tenant]:
+        raws = await self._r.hvals(self._k.tenants)
+        return sorted((Tenant.from_json(r) for r in raws), key=lambda t: t.name)
+
+    @_unavailable_on_io_error
+    async def delete_tenant(self, name: str, now: float | None = None) -> bool:
+        when = time.time() if now is None else now
+        k = self._k
+
+        async def txn(pipe: Pipeline) -> bool:
+            existed = bool(await pipe.hexists(k.tenants, name))
+            ids = sorted(_str(i) for i in await pipe.smembers(k.tenant_keys(name)))
+            raws = await pipe.hmget(k.keys, ids) if ids else []
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.hdel(k.tenants, name)
+            for raw in raws:
+                if raw is None:
+                    continue
+                rec = KeyRecord.from_json(raw)
+                if rec.revoked_at is None or rec.revoked_at > when:
+                    pipe.hset(k.keys, rec.key_id, replace(rec, revoked_at=when).to_json())
+            return existed
+
+        existed: bool = await self._r.transaction(
+            txn, k.tenants, k.keys, k.tenant_keys(name), value_from_callable=True
+        )
+        await self._r.delete(k.of(name, "usage"))
+        return existed
+
+    # -- keys ----------------------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def put_key(self, record: KeyRecord) -> None:
+        k = self._k
+
+        async def txn(pipe: Pipeline) -> None:
+            raw = await pipe.hget(k.keys, record.key_id)
+            pipe.multi()  # type: ignore[no-untyped-call]
+            if raw is not None:
+                old = KeyRecord.from_json(raw)
+                if old.digest != record.digest:
+                    pipe.hdel(k.digests, old.digest)
+                if old.tenant != record.tenant:
+                    pipe.srem(k.tenant_keys(old.tenant), record.key_id)
+            pipe.hset(k.keys, record.key_id, record.to_json())
+            pipe.hset(k.digests, record.digest, record.key_id)
+            pipe.sadd(k.tenant_keys(record.tenant), record.key_id)
+
+        await self._r.transaction(txn, k.keys)
+
+    @_unavailable_on_io_error
+    async def get_key_by_digest(self, digest: str) -> KeyRecord | None:
+        key_id = await self._r.hget(self._k.digests, digest)
+        return None if key_id is None else await self.get_key(_str(key_id))
+
+    @_unavailable_on_io_error
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        raw = await self._r.hget(self._k.keys, key_id)
+        return None if raw is None else KeyRecord.from_json(raw)
+
+    @_unavailable_on_io_error
+    async def list_keys(
+        self, tenant: str | None = None, prefix: str | None = None
+    ) -> list[KeyRecord]:
+        if tenant is None:
+            raws: list[Any] = list(await self._r.hvals(self._k.keys))
+        else:
+            ids = sorted(_str(i) for i in await self._r.smembers(self._k.tenant_keys(tenant)))
+            raws = list(await self._r.hmget(self._k.keys, ids)) if ids else []
+        records = [KeyRecord.from_json(r) for r in raws if r is not None]
+        found = [
+            r
+            for r in records
+            if (tenant is None or r.tenant == tenant)
+            and (prefix is None or r.prefix.startswith(prefix))
+        ]
+        return sorted(found, key=lambda r: (r.created_at, r.key_id))
+
+    # -- limits and leases ---------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def try_acquire(
+        self,
+        tenant: str,
+        lease_id: str,
+        tokens: int,
+        limits: Limits,
+        now: float,
+        lease_ttl_s: float,
+    ) -> Decision:
+        k = self._k
+        keys = [
+            k.of(tenant, "rpm"),
+            k.of(tenant, "tpm"),
+            k.of(tenant, "leases"),
+            k.of(tenant, f"day:{utc_day(now)}"),
+        ]
+        args = [
+            _num(now),
+            lease_id,
+            str(int(tokens)),
+            _num(limits.rpm),
+            _num(limits.tpm),
+            _num(limits.max_concurrency),
+            _num(limits.daily_token_quota),
+            _num(lease_ttl_s),
+            _num(next_midnight(now)),
+            str(_DAY_TTL_S),
+        ]
+        _ok, reason, retry, rpm_tokens, tpm_tokens, used = await self._run(
+            "try_acquire", keys, args
+        )
+        return decision(
+            limits,
+            reason=_REASONS[_str(reason)] if reason else None,
+            retry_after_s=float(_str(retry)),
+            rpm_tokens=_opt_float(rpm_tokens),
+            tpm_tokens=_opt_float(tpm_tokens),
+            used_today=int(float(_str(used))),
+        )
+
+    @_unavailable_on_io_error
+    async def release(self, tenant: str, lease_id: str) -> bool:
+        args = [lease_id, self._k.released, tenant]
+        return bool(await self._run("release", [self._k.of(tenant, "leases")], args))
+
+    @_unavailable_on_io_error
+    async def renew(self, leases: list[tuple[str, str]], now: float, lease_ttl_s: float) -> int:
+        by_tenant: dict[str, list[str]] = {}
+        for tenant, lease_id in leases:
+            by_tenant.setdefault(tenant, []).append(lease_id)
+        if not by_tenant:
+            return 0
+        script = self._script("renew")
+        pipe = self._r.pipeline(transaction=False)
+        for tenant, ids in by_tenant.items():
+            args = [_num(now), _num(lease_ttl_s), *ids]
+            await script(keys=[self._k.of(tenant, "leases")], args=args, client=pipe)
+        return sum(int(n) for n in await pipe.execute())
+
+    @_unavailable_on_io_error
+    async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:
+        if delta_tokens == 0:
+            return
+        keys = [self._k.of(tenant, "tpm"), self._k.of(tenant, f"day:{utc_day(now)}")]
+        args = [_num(now), str(int(delta_tokens)), _num(limits.tpm), str(_DAY_TTL_S)]
+        await self._run("reconcile", keys, args)
+
+    @_unavailable_on_io_error
+    async def in_flight(self, tenant: str, now: float) -> int:
+        return int(await self._r.zcount(self._k.of(tenant, "leases"), f"({_num(now)}", "+inf"))
+
+    # -- usage ---------------------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def record_usage(
+        self,
+        tenant: str,
+        now: float,
+        *,
+        requests: int = 0,
+        errors: int = 0,
+        tokens_in: int = 0,
+        tokens_out: int = 0,
+    ) -> None:
+        values = dict(zip(_USAGE_FIELDS, (requests, errors, tokens_in, tokens_out), strict=True))
+        changed = {f: v for f, v in values.items() if v}
+        if not changed:
+            return
+        key = self._k.of(tenant, "usage")
+        pipe = self._r.pipeline(transaction=True)
+        for f, v in changed.items():
+            pipe.hincrby(key, f, v)
+        await pipe.execute()
+
+    @_unavailable_on_io_error
+    async def get_usage(self, tenant: str, now: float) -> Usage:
+        k = self._k
+        pipe = self._r.pipeline(transaction=False)
+        pipe.hgetall(k.of(tenant, "usage"))
+        pipe.get(k.of(tenant, f"day:{utc_day(now)}"))
+        pipe.zcount(k.of(tenant, "leases"), f"({_num(now)}", "+inf")
+        counters, today, in_flight = await pipe.execute()
+        c = {_str(f): int(v) for f, v in counters.items()}
+        return Usage(
+            requests=c.get("requests", 0),
+            errors=c.get("errors", 0),
+            tokens_in=c.get("tokens_in", 0),
+            tokens_out=c.get("tokens_out", 0),
+            tokens_today=0 if today is None else int(float(_str(today))),
+            in_flight=int(in_flight),
+        )

@@ -1,0 +1,85 @@
+"""Prometheus text parsing into EngineMetrics, and the scrape over real HTTP."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+
+from adapters.scrape import MetricsNotExported, parse_metrics, parse_samples, scrape
+
+VLLM_TEXT = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 4.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.25
+# TYPE vllm:num_preemptions counter
+vllm:num_preemptions_total{engine="0",model_name="m"} 7.0
+vllm:num_preemptions_created{engine="0",model_name="m"} 1.7e9
+vllm:cache_config_info{block_size="16",cache_dtype="auto",num_gpu_blocks="2048"} 1.0
+vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 12.0
+"""
+
+
+def test_sums_across_label_sets_and_averages_usage() -> None:
+    s = parse_metrics(VLLM_TEXT, now=42.0)
+    m = s.metrics
+    assert m.num_requests_running == 5.0
+    assert m.num_requests_waiting == 4.0
+    assert m.kv_cache_usage_perc == 0.375
+    assert m.num_preemptions_total == 7.0
+    assert m.scraped_at == 42.0
+    assert s.kv_capacity_tokens == 2048 * 16
+
+
+def test_missing_metrics_read_as_zero() -> None:
+    s = parse_metrics("# nothing here\nprocess_cpu_seconds_total 1.5\n", now=1.0)
+    assert s.metrics.num_requests_running == 0.0
+    assert s.metrics.kv_cache_usage_perc == 0.0
+    assert s.metrics.num_preemptions_total == 0.0
+    assert s.kv_capacity_tokens is None
+
+
+def test_old_gpu_cache_name_only_as_fallback() -> None:
+    old = 'vllm:gpu_cache_usage_perc{model_name="m"} 0.8\n'
+    assert parse_metrics(old, now=1).metrics.kv_cache_usage_perc == 0.8
+    both = old + 'vllm:kv_cache_usage_perc{model_name="m"} 0.1\n'
+    assert parse_metrics(both, now=1).metrics.kv_cache_usage_perc == 0.1
+
+
+def test_tolerates_odd_lines_and_label_values() -> None:
+    text = (
+        'vllm:num_requests_running{model_name="a b}c",path="x\\"y"} 2 1700000000000\n'
+        "garbage line without value\n"
+        "vllm:num_requests_waiting{unterminated 3\n"
+        "vllm:num_requests_waiting NaN\n"
+        "vllm:num_requests_waiting 1\n"
+    )
+    samples = parse_samples(text)
+    assert samples[0].labels == {"model_name": "a b}c", "path": 'x"y'}
+    m = parse_metrics(text, now=1).metrics
+    assert m.num_requests_running == 2.0
+    assert m.num_requests_waiting == 1.0
+    assert not math.isnan(m.kv_cache_usage_perc)
+
+
+async def test_scrape_over_http() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics" and request.url.host == "engine":
+            return httpx.Response(200, text=VLLM_TEXT)
+        return httpx.Response(404)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        s = await scrape(client, "http://engine")
+        assert s.metrics.num_requests_running == 5.0
+        assert s.metrics.scraped_at > 0
+        try:
+            await scrape(client, "http://other")
+        except MetricsNotExported:
+            pass
+        else:
+            raise AssertionError("404 must raise MetricsNotExported")
