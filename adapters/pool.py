@@ -35,7 +35,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import sys
 import time
 from collections import deque
@@ -47,7 +46,14 @@ import httpx
 
 from adapters.base import Backend, BackendPool
 from adapters.engines import EngineSpec, engine_spec
-from adapters.procutil import pdeathsig_preexec, signal_group
+from adapters.procutil import (
+    append_line,
+    free_ports,
+    open_log,
+    pdeathsig_preexec,
+    signal_group,
+    stamp,
+)
 from adapters.scrape import MetricsNotExported, scrape
 from adapters.static import (
     UNHEALTHY_AFTER,
@@ -57,41 +63,13 @@ from adapters.static import (
     every,
     models_of,
     probe,
+    probe_timeout,
     wait_in_flight_zero,
 )
 from proxy.config import PoolConfig, Settings, UpstreamConfig
 from proxy.errors import ConfigError, InvalidRequest
 
 log = logging.getLogger("driftsched.pool")
-
-
-def _free_ports(n: int, host: str) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _open_log(path: Path, header: str) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.write(fd, header.encode())
-    return fd
-
-
-def _append(path: Path, line: str) -> None:
-    with path.open("a") as f:
-        f.write(line)
-
-
-def _stamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 class _Engine:
@@ -139,7 +117,7 @@ class EnginePool:
                 raise ConfigError("pool.base_port: base_port + instances exceeds 65535")
             ports = [cfg.base_port + i for i in range(n)]
         else:
-            ports = _free_ports(n, cfg.host)
+            ports = free_ports(n, cfg.host)
         log_dir = Path(cfg.log_dir).resolve()
         self._engines: list[_Engine] = []
         for i, port in enumerate(ports):
@@ -298,10 +276,10 @@ class EnginePool:
     async def _launch(self, e: _Engine) -> None:
         if not self.cfg.base_port and e.crashes and not e.ever_healthy:
             # a free port picked earlier may have been taken meanwhile
-            e.spec = engine_spec(self.cfg, e.index, _free_ports(1, self.cfg.host)[0])
+            e.spec = engine_spec(self.cfg, e.index, free_ports(1, self.cfg.host)[0])
             e.backend.url = e.spec.url
-        header = f"==== {_stamp()} start #{e.backend.restarts} of {e.spec.name}: {shlex.join(e.spec.argv)}\n"
-        fd = await asyncio.to_thread(_open_log, e.log_path, header)
+        header = f"==== {stamp()} start #{e.backend.restarts} of {e.spec.name}: {shlex.join(e.spec.argv)}\n"
+        fd = await asyncio.to_thread(open_log, e.log_path, header)
         try:
             e.proc = await asyncio.create_subprocess_exec(
                 *e.spec.argv,
@@ -329,8 +307,8 @@ class EnginePool:
         assert e.proc is not None
         signal_group(e.proc.pid, signal.SIGKILL)
         self._watch(f"-{e.proc.pid}")
-        line = f"==== {_stamp()} {e.spec.name} pid {e.proc.pid} exited with code {rc}\n"
-        await asyncio.to_thread(_append, e.log_path, line)
+        line = f"==== {stamp()} {e.spec.name} pid {e.proc.pid} exited with code {rc}\n"
+        await asyncio.to_thread(append_line, e.log_path, line)
 
     async def _terminate(self, e: _Engine) -> None:
         proc = e.proc
@@ -366,7 +344,7 @@ class EnginePool:
 
     async def _check(self, e: _Engine, proc: asyncio.subprocess.Process) -> None:
         b = e.backend
-        ok, err = await probe(self._client, b, max(0.5, min(5.0, 2 * self.cfg.health_interval_s)))
+        ok, err = await probe(self._client, b, probe_timeout(self.cfg.health_interval_s))
         if e.proc is not proc or proc.returncode is not None:
             return  # exited or relaunched meanwhile
         self.health.record(b, ok, err, launched=True)

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -95,6 +96,37 @@ def _reap_groups(groups: set[int], grace_s: float) -> None:
         time.sleep(0.05)
     for g in groups:
         signal_group(g, signal.SIGKILL)
+
+
+def free_ports(n: int, host: str) -> list[int]:
+    """``n`` distinct free TCP ports on ``host`` (all bound at once, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def open_log(path: Path, header: str) -> int:
+    """Open ``path`` for appending (creating its folder), write ``header``; return the fd."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(fd, header.encode())
+    return fd
+
+
+def append_line(path: Path, line: str) -> None:
+    with path.open("a") as f:
+        f.write(line)
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,8 +93,10 @@ class HealthTracker:
             return
         fails = self._fails.get(b.name, 0) + 1
         self._fails[b.name] = fails
+        if b.state == "starting" and launched:
+            return  # still loading; keep the error that explains the (re)start
         b.last_error = error
-        if b.state == "starting" and not launched:
+        if b.state == "starting":
             b.state = "unhealthy"
         elif b.state == "healthy" and fails >= self.unhealthy_after:
             b.state = "unhealthy"
@@ -111,6 +113,11 @@ class HealthTracker:
         self._draining.discard(b.name)
         if b.state == "draining":
             b.state = "healthy" if self._fails.get(b.name, 0) == 0 else "unhealthy"
+
+
+def probe_timeout(interval_s: float) -> float:
+    """Seconds one health check may take: twice the interval, within [0.5, 5]."""
+    return max(0.5, min(5.0, 2 * interval_s))
 
 
 async def probe(client: httpx.AsyncClient, b: Backend, timeout_s: float) -> tuple[bool, str | None]:
@@ -265,6 +272,10 @@ class StaticPool:
             await self._check(b)
         return b
 
+    async def add_external(self, u: UpstreamConfig) -> Backend:
+        """Same as :meth:`add` (the name :class:`~adapters.pool.EnginePool` uses)."""
+        return await self.add(u)
+
     def remove(self, name: str) -> Backend:
         """Unregister; requests already sent there finish on their own."""
         b = self.get(name)
@@ -285,7 +296,7 @@ class StaticPool:
     # -- loops -----------------------------------------------------------------------------
     async def _check(self, b: Backend) -> None:
         assert self._client is not None
-        ok, err = await probe(self._client, b, min(b.connect_timeout_s, 5.0))
+        ok, err = await probe(self._client, b, probe_timeout(self.health_interval_s))
         self.health.record(b, ok, err, launched=False)
 
     async def check_health(self) -> None:

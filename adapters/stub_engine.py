@@ -35,14 +35,30 @@ class StubEngine:
         self.active = 0
         self.cancelled = 0
         created = int(time.time())
-        head = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": created,
-                "model": model}
-        self._role = self._event({**head, "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-        self._tok = self._event({**head, "choices": [
-            {"index": 0, "delta": {"content": " tok"}, "finish_reason": None}]})
-        self._stop = self._event({**head, "choices": [
-            {"index": 0, "delta": {}, "finish_reason": "length"}]})
+        head = {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+        self._role = self._event(
+            {
+                **head,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+        self._tok = self._event(
+            {**head, "choices": [{"index": 0, "delta": {"content": " tok"}, "finish_reason": None}]}
+        )
+        self._stop = self._event(
+            {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+        )
         self._created = created
 
     @staticmethod
@@ -63,8 +79,21 @@ class StubEngine:
             await self._respond(send, 200, b"")
             return
         if path == "/v1/models":
-            await self._json(send, 200, {"object": "list", "data": [
-                {"id": self.model, "object": "model", "created": self._created, "owned_by": "stub"}]})
+            await self._json(
+                send,
+                200,
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": self.model,
+                            "object": "model",
+                            "created": self._created,
+                            "owned_by": "stub",
+                        }
+                    ],
+                },
+            )
             return
         if path == "/metrics":
             body = (
@@ -72,7 +101,7 @@ class StubEngine:
                 f'vllm:num_requests_waiting{{model_name="{self.model}"}} 0\n'
                 f'vllm:kv_cache_usage_perc{{model_name="{self.model}"}} 0.0\n'
                 f'vllm:num_preemptions_total{{model_name="{self.model}"}} 0\n'
-                f'stub_requests_total {self.requests}\nstub_cancelled_total {self.cancelled}\n'
+                f"stub_requests_total {self.requests}\nstub_cancelled_total {self.cancelled}\n"
             ).encode()
             await self._respond(send, 200, body, b"text/plain; version=0.0.4")
             return
@@ -114,34 +143,76 @@ class StubEngine:
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.chunks)
         n = min(n, self.chunks) if not body.get("ignore_eos") else n
         prompt_tokens = max(1, len(raw) // 4)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                 "total_tokens": prompt_tokens + n}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": prompt_tokens + n,
+        }
         if path == "/v1/embeddings":
             inputs = body.get("input")
-            count = len(inputs) if isinstance(inputs, list) and inputs and isinstance(inputs[0], str) else 1
-            await self._json(send, 200, {"object": "list", "model": self.model, "data": [
-                {"object": "embedding", "index": i, "embedding": [0.0, 0.1, 0.2, 0.3]}
-                for i in range(count)], "usage": {"prompt_tokens": prompt_tokens,
-                                                  "total_tokens": prompt_tokens}})
+            count = (
+                len(inputs)
+                if isinstance(inputs, list) and inputs and isinstance(inputs[0], str)
+                else 1
+            )
+            await self._json(
+                send,
+                200,
+                {
+                    "object": "list",
+                    "model": self.model,
+                    "data": [
+                        {"object": "embedding", "index": i, "embedding": [0.0, 0.1, 0.2, 0.3]}
+                        for i in range(count)
+                    ],
+                    "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+                },
+            )
             return
         if not body.get("stream"):
             out: dict[str, Any]
             if path == "/v1/completions":
-                out = {"id": "cmpl-stub", "object": "text_completion", "created": self._created,
-                       "model": self.model, "choices": [{"index": 0, "text": " tok" * n,
-                                                         "finish_reason": "length", "logprobs": None}],
-                       "usage": usage}
+                out = {
+                    "id": "cmpl-stub",
+                    "object": "text_completion",
+                    "created": self._created,
+                    "model": self.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": " tok" * n,
+                            "finish_reason": "length",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": usage,
+                }
             else:
-                out = {"id": "chatcmpl-stub", "object": "chat.completion", "created": self._created,
-                       "model": self.model, "choices": [{"index": 0, "message": {
-                           "role": "assistant", "content": " tok" * n}, "finish_reason": "length"}],
-                       "usage": usage}
+                out = {
+                    "id": "chatcmpl-stub",
+                    "object": "chat.completion",
+                    "created": self._created,
+                    "model": self.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": " tok" * n},
+                            "finish_reason": "length",
+                        }
+                    ],
+                    "usage": usage,
+                }
             if body.get("stub_echo"):
                 out["echo"] = body
             await self._json(send, 200, out)
             return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
         delay = float(body.get("stub_chunk_delay_ms") or 0) / 1000
         await send({"type": "http.response.body", "body": self._role, "more_body": True})
         for i in range(n):
@@ -153,9 +224,16 @@ class StubEngine:
         tail = self._stop
         so = body.get("stream_options") or {}
         if so.get("include_usage"):
-            tail += self._event({"id": "chatcmpl-stub", "object": "chat.completion.chunk",
-                                 "created": self._created, "model": self.model, "choices": [],
-                                 "usage": usage})
+            tail += self._event(
+                {
+                    "id": "chatcmpl-stub",
+                    "object": "chat.completion.chunk",
+                    "created": self._created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
         if fault != "truncate":
             tail += b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -165,28 +243,47 @@ class StubEngine:
 
     @staticmethod
     async def _respond(send: Any, status: int, body: bytes, ctype: bytes = b"text/plain") -> None:
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", ctype), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
 def _err(message: str, status: int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "BadRequestError" if status < 500 else "InternalServerError",
-                      "param": None, "code": status}}
+    return {
+        "error": {
+            "message": message,
+            "type": "BadRequestError" if status < 500 else "InternalServerError",
+            "param": None,
+            "code": status,
+        }
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    p = argparse.ArgumentParser(prog="python -m adapters.stub_engine",
-                                description="Fast deterministic OpenAI-compatible stub engine.")
+    p = argparse.ArgumentParser(
+        prog="python -m adapters.stub_engine",
+        description="Fast deterministic OpenAI-compatible stub engine.",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--model", default="stub")
     p.add_argument("--chunks", type=int, default=32, help="tokens per response (default 32)")
     a = p.parse_args(argv)
-    uvicorn.run(StubEngine(a.model, a.chunks), host=a.host, port=a.port, access_log=False,
-                log_level="warning", lifespan="on")
+    uvicorn.run(
+        StubEngine(a.model, a.chunks),
+        host=a.host,
+        port=a.port,
+        access_log=False,
+        log_level="warning",
+        lifespan="on",
+    )
     return 0
 
 

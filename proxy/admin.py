@@ -8,7 +8,9 @@ OpenAPI docs: ``/admin/docs``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import inspect
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -28,9 +30,10 @@ from proxy.errors import (
 from proxy.keys import new_key
 from proxy.store.base import KeyRecord, Tenant
 
+from proxy.gateway import Gateway
+
 if TYPE_CHECKING:
     from proxy.app import DriftSchedApp
-    from proxy.gateway import Gateway
 
 
 class _Body(BaseModel):
@@ -156,14 +159,18 @@ def install_error_handlers(api: FastAPI) -> None:
     api.add_exception_handler(StarletteHTTPException, http_error)
 
 
+def _gateway(request: Request) -> Gateway:
+    gw: Gateway | None = request.app.state.app.gateway
+    if gw is None:
+        raise GatewayError("gateway is not running")
+    return gw
+
+
+GW = Annotated[Gateway, Depends(_gateway)]
+
+
 def build_admin_router(app: DriftSchedApp) -> APIRouter:
     install_error_handlers(app.api)
-
-    def gateway() -> Gateway:
-        gw = app.gateway
-        if gw is None:
-            raise GatewayError("gateway is not running")
-        return gw
 
     async def require_admin(request: Request) -> None:
         configured = app.settings.admin.api_key
@@ -177,7 +184,6 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), configured):
             raise AuthenticationFailed("Invalid admin key.", code="invalid_admin_key")
 
-    GW = Annotated["Gateway", Depends(gateway)]
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
 
     async def _tenant_or_404(gw: Gateway, name: str) -> Tenant:
@@ -325,14 +331,16 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
 
     @router.post("/backends", status_code=201)
     async def add_backend(body: UpstreamConfig, gw: GW) -> dict[str, Any]:
-        add = getattr(gw.pool, "add_external", None)
+        add = getattr(gw.pool, "add_external", None) or getattr(gw.pool, "add", None)
         if add is None:
             raise InvalidRequest("this pool does not accept external backends", code="unsupported")
         if any(b.name == body.name for b in gw.pool.backends()):
             err = InvalidRequest(f"backend {body.name!r} already exists", code="backend_exists")
             err.status = 409
             raise err
-        await add(body)
+        res = add(body)
+        if inspect.isawaitable(res):
+            await res
         return {"name": body.name, "url": body.url, "models": body.models}
 
     async def _pool_op(gw: Gateway, op: str, name: str) -> None:
@@ -341,7 +349,9 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         fn = getattr(gw.pool, op, None)
         if fn is None:
             raise InvalidRequest(f"this pool does not support {op}", code="unsupported")
-        await fn(name)
+        res = fn(name)
+        if inspect.isawaitable(res):
+            await res
 
     @router.delete("/backends/{name}", status_code=204)
     async def remove_backend(name: str, gw: GW) -> None:
@@ -356,8 +366,6 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         else:
             if not any(b.name == name for b in gw.pool.backends()):
                 raise NotFound(f"backend {name!r} not found", code="backend_not_found")
-            import asyncio
-
             fn = getattr(gw.pool, "drain", None)
             if fn is None:
                 raise InvalidRequest("this pool does not support drain", code="unsupported")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+from types import FrameType
 
 import uvicorn
 
@@ -15,6 +17,16 @@ from adapters.sim.profiles import DEFAULT_PROFILE, PROFILES
 from adapters.sim.settings import DEFAULT_MAX_MODEL_LEN, SimSettings
 
 GRACEFUL_S = 5
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a captured SIGTERM after its graceful shutdown (exit -15); exit 0."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=GRACEFUL_S,
         timeout_keep_alive=30,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     server.run()
     return 0 if server.started else 1
 

@@ -95,6 +95,9 @@ class Driver:
                 await self._wake.wait()
                 continue
             step = engine.schedule()
+            if step.empty and step.preempted:  # the only candidate preempted itself: retry
+                await asyncio.sleep(0)
+                continue
             if step.empty:  # nothing fits (cannot happen with capacity >= max_model_len)
                 next_start = None
                 self._wake.clear()

@@ -239,7 +239,12 @@ class Engine:
         return req
 
     def schedule(self) -> Step:
-        """Plan the next step (mutates queues and KV, as vLLM's ``schedule()`` does)."""
+        """Plan the next step (mutates queues and KV, as vLLM's ``schedule()`` does).
+
+        The step is empty when there is nothing to run, and also (rarely) when the first
+        running request that needed a block was itself the preemption victim: the caller
+        should then schedule again (``step.preempted`` is non-empty in that case).
+        """
         step = Step()
         budget = self.max_num_batched_tokens
         running = self.running
