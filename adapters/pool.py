@@ -104,8 +104,12 @@ class EnginePool:
         self.cfg = cfg
         self._client = httpx.AsyncClient(trust_env=False)
         self.health = HealthTracker(UNHEALTHY_AFTER)
+        externals = [*cfg.external, *upstreams]
+        names = [u.name for u in externals]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"pool.external + upstreams: duplicate names in {names}")
         self.external = StaticPool(
-            [*cfg.external, *upstreams],
+            externals,
             kind="external",
             health_interval_s=cfg.health_interval_s,
             scrape_interval_s=cfg.scrape_interval_s,
@@ -243,7 +247,7 @@ class EnginePool:
             rc: int | None = None
             try:
                 await self._launch(e)
-            except OSError as err:
+            except (OSError, ValueError) as err:  # missing/unexecutable binary, bad argv
                 b.last_error = f"cannot start {e.spec.argv[0]}: {err}"
             else:
                 assert e.proc is not None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -113,13 +114,22 @@ class StubEngine:
                 break
         self.requests += 1
         self.active += 1
+        # like vLLM: abort the request when the client disconnects
+        work = asyncio.ensure_future(self._complete(path, raw, send))
+        watch = asyncio.ensure_future(receive())
         try:
-            await self._complete(path, raw, send)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        except OSError:
-            self.cancelled += 1
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                watch.cancel()
+                try:
+                    work.result()
+                except OSError:
+                    self.cancelled += 1
+            else:
+                work.cancel()
+                self.cancelled += 1
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await work
         finally:
             self.active -= 1
 

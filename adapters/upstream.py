@@ -34,10 +34,15 @@ class UpstreamClients:
 
     def __init__(self, transport_factory: Any | None = None) -> None:
         self._clients: dict[str, httpx.AsyncClient] = {}
+        self._stale: list[httpx.AsyncClient] = []
         self._transport_factory = transport_factory
 
     def client(self, backend: Backend) -> httpx.AsyncClient:
         c = self._clients.get(backend.name)
+        if c is not None and str(c.base_url).rstrip("/") != backend.url:
+            # the engine was relaunched on another port; the old client is stale
+            self._stale.append(c)
+            c = None
         if c is None or c.is_closed:
             limits = httpx.Limits(
                 max_connections=backend.max_connections,
@@ -63,7 +68,8 @@ class UpstreamClients:
             await c.aclose()
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
+        clients, self._clients = [*self._clients.values(), *self._stale], {}
+        self._stale = []
         for c in clients:
             await c.aclose()
 

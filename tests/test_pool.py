@@ -29,6 +29,7 @@ from proxy.config import (
     UpstreamConfig,
     settings_from_dict,
 )
+from proxy.errors import ConfigError
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -118,6 +119,9 @@ def test_build_pool_picks_the_pool_kind(tmp_path: Path) -> None:
     )
     assert isinstance(pool, EnginePool)
     assert [(b.name, b.kind) for b in pool.backends()] == [("sim-0", "sim"), ("u", "external")]
+    u = UpstreamConfig.model_validate(up[0])
+    with pytest.raises(ConfigError, match="duplicate"):
+        EnginePool(PoolConfig(engine="external", external=[u]), [u])
 
 
 # -- launched simulator engines -----------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import httpx
+import pytest
 
 from adapters.scrape import MetricsNotExported, parse_metrics, parse_samples, scrape
 
@@ -77,9 +78,5 @@ async def test_scrape_over_http() -> None:
         s = await scrape(client, "http://engine")
         assert s.metrics.num_requests_running == 5.0
         assert s.metrics.scraped_at > 0
-        try:
+        with pytest.raises(MetricsNotExported):
             await scrape(client, "http://other")
-        except MetricsNotExported:
-            pass
-        else:
-            raise AssertionError("404 must raise MetricsNotExported")

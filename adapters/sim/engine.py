@@ -98,6 +98,8 @@ class EngineStats:
     """Cumulative counters (vLLM's ``*_total`` metrics)."""
 
     steps: int = 0
+    #: simulated seconds spent in steps (sum of step durations)
+    busy_s: float = 0.0
     num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
@@ -314,6 +316,7 @@ class Engine:
         """
         now = self.clock()
         self.stats.steps += 1
+        self.stats.busy_s += step.duration_s
         produced: list[SimRequest] = []
         any_finished = False
         for req, n in step.scheduled:

@@ -151,6 +151,8 @@ class _EngineCollector(Collector):
             "Simulated seconds lost to the simulator's own CPU limits.",
             self._driver.lag_s,
         )
+        yield counter("sim:steps", "Engine steps run.", st.steps)
+        yield counter("sim:busy_seconds", "Simulated seconds spent in engine steps.", st.busy_s)
 
 
 class SimMetrics:
