@@ -6,7 +6,8 @@ in flight with a minimal raw-socket client (``ignore_eos`` + ``max_tokens``, so 
 generates exactly that many tokens), and measures over a window after a warm-up:
 
 - generated tokens per wall second (from ``vllm:generation_tokens_total``) and SSE events/s;
-- the simulated throughput, and what the profile alone predicts for that batch;
+- the simulated throughput, and what the pure engine yields on a fake clock for the same
+  closed loop (the reference: equal when the process keeps up);
 - ``lag``: the share of simulated time lost because the process could not keep up
   (``sim:lag_seconds_total``); the simulator *sustains* a load when lag stays under 2 %;
 - the simulator's CPU use (share of one core) and CPU milliseconds per 1000 tokens;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from adapters.sim.engine import Engine, SimRequest
 from adapters.sim.profiles import PROFILES
 
 PROMPT = "word " * 80  # 100 tokens of text, 107 with the chat template
@@ -69,8 +72,10 @@ def scrape(url: str) -> dict[str, float]:
 async def stream_forever(port: int, body: bytes, stop: asyncio.Event, counts: list[int]) -> None:
     """One client connection: send a streaming request, read to [DONE], repeat (keep-alive)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
     try:
         while not stop.is_set():
             writer.write(head + body)
@@ -108,23 +113,49 @@ class Result:
     cpu_wait: float
 
 
-def model_tokens_per_s(profile: str, batch: int, prompt: int, out: int) -> float:
-    """Steady-state throughput the profile predicts for ``batch`` looping streams.
+def model_tokens_per_s(profile: str, streams: int, prompt: int, out: int) -> float:
+    """What the pure engine yields for ``streams`` closed-loop clients with instant restarts.
 
-    Per step every stream emits one token; on average ``batch / out`` streams restart per
-    step, adding their ``prompt`` tokens of prefill; decodes read ``prompt + out / 2`` tokens.
+    The same :class:`Engine` on a fake clock for 60 simulated seconds: the reference the
+    real-time process should match when it keeps up (its HTTP clients restart a little later).
     """
-    p = PROFILES[profile]
-    tokens = batch + batch * prompt / out
-    step = p.step_time_s(round(tokens), round(batch * (prompt + out / 2)))
-    return batch / step
+    now = [0.0]
+    engine = Engine(PROFILES[profile], clock=lambda: now[0], max_num_seqs=max(streams, 1))
+    ids = itertools.count()
+    for _ in range(streams):
+        engine.add(SimRequest(str(next(ids)), prompt, out, "length"))
+    generated = 0
+    while now[0] < 60.0:
+        step = engine.schedule()
+        now[0] += step.duration_s
+        for req in engine.complete(step):
+            generated += 1
+            if req.finished:
+                engine.add(SimRequest(str(next(ids)), prompt, out, "length"))
+    return generated / now[0]
 
 
 def run_one(args: argparse.Namespace, scale: float, tpe: int, conc: int) -> Result:
     port = free_port()
-    cmd = [sys.executable, "-m", "adapters.sim", "--port", str(port), "--model", "m",
-           "--profile", args.profile, "--time-scale", str(scale), "--tokens-per-event", str(tpe),
-           "--max-num-seqs", str(max(conc, 1)), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "adapters.sim",
+        "--port",
+        str(port),
+        "--model",
+        "m",
+        "--profile",
+        args.profile,
+        "--time-scale",
+        str(scale),
+        "--tokens-per-event",
+        str(tpe),
+        "--max-num-seqs",
+        str(max(conc, 1)),
+        "--log-level",
+        "warning",
+    ]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", str(args.cpu), *cmd]
     proc = subprocess.Popen(cmd)
@@ -136,17 +167,31 @@ def run_one(args: argparse.Namespace, scale: float, tpe: int, conc: int) -> Resu
                     break
             except httpx.TransportError:
                 time.sleep(0.05)
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": PROMPT}],
-                           "max_tokens": args.max_tokens, "ignore_eos": True,
-                           "stream": True}).encode()
+        body = json.dumps(
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_tokens": args.max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+            }
+        ).encode()
         return asyncio.run(_measure(args, url, port, proc.pid, body, scale, tpe, conc))
     finally:
         proc.terminate()
         proc.wait(timeout=15)
 
 
-async def _measure(args: argparse.Namespace, url: str, port: int, pid: int, body: bytes,
-                   scale: float, tpe: int, conc: int) -> Result:
+async def _measure(
+    args: argparse.Namespace,
+    url: str,
+    port: int,
+    pid: int,
+    body: bytes,
+    scale: float,
+    tpe: int,
+    conc: int,
+) -> Result:
     stop = asyncio.Event()
     counts = [0]
     tasks = [asyncio.create_task(stream_forever(port, body, stop, counts)) for _ in range(conc)]
@@ -168,16 +213,31 @@ async def _measure(args: argparse.Namespace, url: str, port: int, pid: int, body
     prompt_tokens = 107
     if os.environ.get("SIM_BENCH_DEBUG"):
         d = {k: m1.get(k, 0) - m0.get(k, 0) for k in m1}
-        print(f"  debug: wall {wall:.2f}s steps {d['sim:steps_total']:.0f} busy {d['sim:busy_seconds_total']:.2f}s"
-              f" lag {d['sim:lag_seconds_total']:.2f}s running {m1['vllm:num_requests_running']}"
-              f" requests done {counts[0]} runqueue wait {w1 - w0:.2f}s", flush=True)
-    return Result(scale, tpe, conc, tokens / wall, events / wall, tokens / wall / scale,
-                  model_tokens_per_s(args.profile, conc, prompt_tokens, args.max_tokens),
-                  lag, cpu, 1e6 * (c1 - c0) / max(tokens, 1), (w1 - w0) / wall)
+        print(
+            f"  debug: wall {wall:.2f}s steps {d['sim:steps_total']:.0f} busy {d['sim:busy_seconds_total']:.2f}s"
+            f" lag {d['sim:lag_seconds_total']:.2f}s running {m1['vllm:num_requests_running']}"
+            f" requests done {counts[0]} runqueue wait {w1 - w0:.2f}s",
+            flush=True,
+        )
+    return Result(
+        scale,
+        tpe,
+        conc,
+        tokens / wall,
+        events / wall,
+        tokens / wall / scale,
+        model_tokens_per_s(args.profile, conc, prompt_tokens, args.max_tokens),
+        lag,
+        cpu,
+        1e6 * (c1 - c0) / max(tokens, 1),
+        (w1 - w0) / wall,
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--profile", default="llama3-8b-a100", choices=sorted(PROFILES))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--time-scales", type=float, nargs="+", default=[1.0, 10.0])
@@ -190,18 +250,25 @@ def main() -> None:
     others = sorted(set(os.sched_getaffinity(0)) - {args.cpu})
     if others:  # keep the load generator off the simulator's core
         os.sched_setaffinity(0, others)
-    print(f"profile {args.profile}, prompt 100 tokens, {args.max_tokens} output tokens per request,"
-          f" simulator pinned to CPU {args.cpu}\n")
-    print("| time scale | tokens/event | streams | tokens/s (wall) | SSE events/s | sim tokens/s |"
-          " profile predicts | lag | CPU (1 core) | CPU ms / 1k tokens | waiting for CPU |")
+    print(
+        f"profile {args.profile}, prompt 100 tokens, {args.max_tokens} output tokens per request,"
+        f" simulator pinned to CPU {args.cpu}\n"
+    )
+    print(
+        "| time scale | tokens/event | streams | tokens/s (wall) | SSE events/s | sim tokens/s |"
+        " pure engine | lag | CPU (1 core) | CPU ms / 1k tokens | waiting for CPU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for scale in args.time_scales:
         for tpe in args.tokens_per_event:
             for conc in args.concurrency:
                 r = run_one(args, scale, tpe, conc)
-                print(f"| {r.scale:g} | {r.tpe} | {r.concurrency} | {r.tok_s:,.0f} | {r.events_s:,.0f} |"
-                      f" {r.sim_tok_s:,.0f} | {r.model_tok_s:,.0f} | {100 * r.lag:.1f} % |"
-                      f" {100 * r.cpu:.0f} % | {r.cpu_ms_per_1k:.1f} | {100 * r.cpu_wait:.0f} % |", flush=True)
+                print(
+                    f"| {r.scale:g} | {r.tpe} | {r.concurrency} | {r.tok_s:,.0f} | {r.events_s:,.0f} |"
+                    f" {r.sim_tok_s:,.0f} | {r.model_tok_s:,.0f} | {100 * r.lag:.1f} % |"
+                    f" {100 * r.cpu:.0f} % | {r.cpu_ms_per_1k:.1f} | {100 * r.cpu_wait:.0f} % |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

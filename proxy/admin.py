@@ -27,10 +27,9 @@ from proxy.errors import (
     NotFound,
     PermissionDenied,
 )
+from proxy.gateway import Gateway
 from proxy.keys import new_key
 from proxy.store.base import KeyRecord, Tenant
-
-from proxy.gateway import Gateway
 
 if TYPE_CHECKING:
     from proxy.app import DriftSchedApp

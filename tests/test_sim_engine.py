@@ -24,8 +24,14 @@ def make_engine(
     profile: Profile = LLAMA3,
 ) -> tuple[Engine, FakeClock]:
     clock = FakeClock()
-    engine = Engine(profile, clock=clock.monotonic, kv_capacity_tokens=kv_tokens,
-                    max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, policy=policy)
+    engine = Engine(
+        profile,
+        clock=clock.monotonic,
+        kv_capacity_tokens=kv_tokens,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        policy=policy,
+    )
     return engine, clock
 
 
@@ -135,7 +141,7 @@ def test_blocks_cover_prompt_and_generated_tokens_in_16_token_units() -> None:
 
 
 def test_abort_frees_blocks_and_skips_the_request_in_an_inflight_step() -> None:
-    engine, clock = make_engine(kv_tokens=160)
+    engine, _ = make_engine(kv_tokens=160)
     engine.add(make_request("a", 40))
     engine.add(make_request("w", 10))
     step = engine.schedule()
@@ -287,10 +293,16 @@ def test_ttft_and_finish_times_come_from_the_clock() -> None:
 
 
 def test_prompt_key_canonicalisation_and_token_counts() -> None:
-    msgs = [{"role": "system", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]
-    assert prompt_key(msgs) == prompt_key([{"role": "x", "content": "be brief"},
-                                           {"role": "y", "content": "hi there"}])
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}],
+        },
+    ]
+    assert prompt_key(msgs) == prompt_key(
+        [{"role": "x", "content": "be brief"}, {"role": "y", "content": "hi there"}]
+    )
     assert prompt_key(msgs) == prompt_key("be brief\nhi there")
     assert prompt_key(["one"]) == prompt_key("one")
     assert count_prompt_tokens("abcdefghi") == 3

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from adapters.sim.workload import prompt_key
 from tests.conftest import free_port
@@ -21,7 +22,10 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.e2e
 
 MODEL = "sim-llama"
-KNOWN_CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+KNOWN_CHAT: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a colour."},
+]
 KNOWN_PROMPT = "Once upon a time"
 
 
@@ -30,9 +34,22 @@ def sim_server(*args: str) -> Iterator[str]:
     """Start ``python -m adapters.sim`` and yield its base URL; SIGTERM it afterwards."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "adapters.sim", "--host", "127.0.0.1", "--port", str(port),
-         "--model", MODEL, "--log-level", "warning", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "adapters.sim",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model",
+            MODEL,
+            "--log-level",
+            "warning",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -65,8 +82,10 @@ def sim_server(*args: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sim") / "workload.jsonl"
-    rows = [{"messages": KNOWN_CHAT, "output_tokens": 7, "tenant": "ignored"},
-            {"prompt": KNOWN_PROMPT, "output_tokens": 4}]
+    rows = [
+        {"messages": KNOWN_CHAT, "output_tokens": 7, "tenant": "ignored"},
+        {"prompt": KNOWN_PROMPT, "output_tokens": 4},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
@@ -100,8 +119,12 @@ def test_health_and_models(server: str, client: openai.OpenAI) -> None:
 
 
 def test_chat_non_streaming_max_tokens_and_usage(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 40}],
-                                       max_tokens=5, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x" * 40}],
+        max_tokens=5,
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].finish_reason == "length"
     assert r.choices[0].message.role == "assistant"
     assert r.usage is not None
@@ -109,11 +132,15 @@ def test_chat_non_streaming_max_tokens_and_usage(client: openai.OpenAI) -> None:
     assert r.id.startswith("chatcmpl-")
 
 
-def test_workload_lookup_gives_the_true_length_and_max_tokens_caps_it(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=KNOWN_CHAT)  # type: ignore[arg-type]
+def test_workload_lookup_gives_the_true_length_and_max_tokens_caps_it(
+    client: openai.OpenAI,
+) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=KNOWN_CHAT)
     assert r.usage is not None and r.usage.completion_tokens == 7
     assert r.choices[0].finish_reason == "stop"
-    capped = client.chat.completions.create(model=MODEL, messages=KNOWN_CHAT, max_completion_tokens=3)  # type: ignore[arg-type]
+    capped = client.chat.completions.create(
+        model=MODEL, messages=KNOWN_CHAT, max_completion_tokens=3
+    )
     assert capped.usage is not None and capped.usage.completion_tokens == 3
     assert capped.choices[0].finish_reason == "length"
     c = client.completions.create(model=MODEL, prompt=KNOWN_PROMPT)
@@ -124,8 +151,12 @@ def test_workload_lookup_gives_the_true_length_and_max_tokens_caps_it(client: op
 
 def test_chat_stream_arrives_over_time_with_include_usage(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=12, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     arrivals, chunks = [], []
     for chunk in stream:
@@ -144,8 +175,11 @@ def test_chat_stream_arrives_over_time_with_include_usage(client: openai.OpenAI)
 
 
 def test_completions_stream_without_usage(client: openai.OpenAI) -> None:
-    chunks = list(client.completions.create(model=MODEL, prompt="abc", max_tokens=3, stream=True,
-                                            extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="abc", max_tokens=3, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == " tok" * 3
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.object == "text_completion" for c in chunks)
@@ -161,17 +195,25 @@ def test_openai_shaped_errors(server: str, client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="y", max_tokens=5000)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], n=2
+        )
     with pytest.raises(openai.BadRequestError):  # vLLM refuses priority unless policy=priority
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                       extra_body={"priority": 3})
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], extra_body={"priority": 3}
+        )
     r = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": "nope"})
     assert r.status_code == 400 and r.json()["error"]["code"] == 400
 
 
 def test_metrics_names_and_disconnect_aborts(server: str) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 2000,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
         while not next(lines).startswith("data:"):
@@ -184,27 +226,47 @@ def test_metrics_names_and_disconnect_aborts(server: str) -> None:
         time.sleep(0.05)
     assert metric(server, "vllm:kv_cache_usage_perc") == 0
     text = httpx.get(f"{server}/metrics").text
-    for name in ("vllm:num_requests_waiting", "vllm:num_preemptions_total",
-                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
-                 "vllm:request_success_total", "vllm:time_to_first_token_seconds_bucket",
-                 "vllm:e2e_request_latency_seconds_bucket"):
-        assert f'{name}{{' in text, name
+    for name in (
+        "vllm:num_requests_waiting",
+        "vllm:num_preemptions_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:request_success_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+    ):
+        assert f"{name}{{" in text, name
     assert f'model_name="{MODEL}"' in text
 
 
 def test_time_scale_and_priority_policy() -> None:
-    with sim_server("--time-scale", "10", "--scheduling-policy", "priority", "--max-num-seqs", "1",
-                    "--tokens-per-event", "8") as url, \
-            openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+    with (
+        sim_server(
+            "--time-scale",
+            "10",
+            "--scheduling-policy",
+            "priority",
+            "--max-num-seqs",
+            "1",
+            "--tokens-per-event",
+            "8",
+        ) as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client,
+    ):
         t0 = time.monotonic()
         stream = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=100, stream=True,
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=100,
+            stream=True,
             extra_body={"ignore_eos": True, "priority": 2},
         )
         events = [c for c in stream if c.choices and c.choices[0].delta.content]
         wall = time.monotonic() - t0
         # first token alone, then groups of 8: 1 + 8*12 + 3
-        assert [len((c.choices[0].delta.content or "").split()) for c in events] == [1] + [8] * 12 + [3]
+        assert [len((c.choices[0].delta.content or "").split()) for c in events] == [1] + [
+            8
+        ] * 12 + [3]
         e2e = metric(url, "vllm:e2e_request_latency_seconds_sum")
         # 100 steps of ~13 ms simulated = ~1.3 s simulated, ~0.13 s of wall time
         assert 1.2 < e2e < 2.0

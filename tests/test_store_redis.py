@@ -5,12 +5,15 @@ key layout, failure reporting, and bit-identical answers to the memory store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import redis as redis_sync
@@ -217,33 +220,66 @@ async def test_unreachable_redis_is_reported_not_hung() -> None:
     await s.aclose()
 
 
-async def test_lost_connection_raises_store_unavailable(
-    redis_server: str, redis_prefix: str
-) -> None:
-    client = Redis.from_url(redis_server, decode_responses=True)
-    s = RedisStore(prefix=redis_prefix, client=client)
-    await s.start()
-    await client.connection_pool.disconnect()
-    client.connection_pool.connection_kwargs["port"] = closed_port()
-    with pytest.raises(StoreUnavailable):
-        await s.get_tenant("acme")
-    assert await s.ping() is False
-    await s.aclose()
-    await client.aclose()
+def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    proc = subprocess.Popen(
+        [*argv, "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("redis-server did not start")
+
+
+async def test_redis_restart_is_reported_then_recovered(tmp_path: Path) -> None:
+    port = closed_port()
+    server = start_redis(port, tmp_path)
+    a = RedisStore(f"redis://127.0.0.1:{port}/0", prefix="x", socket_timeout_s=1.0)
+    b = RedisStore(f"redis://127.0.0.1:{port}/0", prefix="x", socket_timeout_s=1.0)
+    try:
+        await a.start()
+        await b.start()
+        server.terminate()
+        server.wait()
+        with pytest.raises(StoreUnavailable):
+            await a.try_acquire("acme", "l1", 1, Limits(), T0, 30.0)
+        assert await a.ping() is False
+
+        server = start_redis(port, tmp_path)
+        assert await a.ping() is True
+        assert (await a.try_acquire("acme", "l1", 1, Limits(), T0, 30.0)).ok
+        waiter = asyncio.create_task(b.wait_release("acme", 5.0))
+        await asyncio.sleep(0.3)  # b's subscription is back (a spurious wake-up is fine)
+        assert await a.release("acme", "l1")
+        await asyncio.wait_for(waiter, 2.0)
+    finally:
+        await a.aclose()
+        await b.aclose()
+        server.terminate()
+        server.wait()
 
 
 # -- same answers as the memory store ------------------------------------------------------------
 async def test_same_decisions_as_memory(new_store: StoreFactory) -> None:
+    """A seeded random run of every operation gives bit-identical answers on both stores."""
     red = await new_store()
     mem = MemoryStore()
     rng = random.Random(7)
     limits = {
-        "acme": Limits(rpm=20, tpm=3000, max_concurrency=3, daily_token_quota=40_000),
-        "zeta": Limits(rpm=7, tpm=900),
+        "acme": Limits(rpm=8, tpm=3000, max_concurrency=4),
+        "zeta": Limits(tpm=900),
+        "quo": Limits(rpm=30, daily_token_quota=6000),
+        "req": Limits(rpm=3),
     }
     held: list[tuple[str, str]] = []
+    reasons: set[str | None] = set()
     now = 19_700 * 86400.0 + 86400 - 120  # crosses a UTC midnight
-    for i in range(300):
+    for i in range(400):
         now += rng.choice([0.0, 0.05, 0.5, 1.7, 4.0])
         tenant = rng.choice(list(limits))
         op = rng.random()
@@ -251,6 +287,7 @@ async def test_same_decisions_as_memory(new_store: StoreFactory) -> None:
             args = (tenant, f"l{i}", rng.randint(0, 1200), limits[tenant], now, 20.0)
             dm, dr = await mem.try_acquire(*args), await red.try_acquire(*args)
             assert asdict(dm) == asdict(dr), i
+            reasons.add(dm.reason)
             if dm.ok:
                 held.append((tenant, f"l{i}"))
         elif op < 0.8 and held:
@@ -263,3 +300,4 @@ async def test_same_decisions_as_memory(new_store: StoreFactory) -> None:
         else:
             assert await mem.renew(held, now, 20.0) == await red.renew(held, now, 20.0)
         assert await mem.get_usage(tenant, now) == await red.get_usage(tenant, now), i
+    assert reasons == {None, "too_large", "quota", "concurrency", "rpm", "tpm"}

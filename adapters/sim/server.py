@@ -258,6 +258,12 @@ class _Sim:
         model = body.model or self.names[0]
         if model not in self.names:
             return _error(404, f"The model `{model}` does not exist.", param="model")
+        if body.stream_options is not None and not body.stream:
+            return _error(
+                400,
+                "Stream options can only be defined when `stream=True`.",
+                param="stream_options",
+            )
         if body.n != 1:
             return _error(400, "The simulator supports only n=1.", param="n")
         if body.priority != 0 and self.settings.scheduling_policy != "priority":

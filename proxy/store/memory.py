@@ -9,6 +9,7 @@ event loop; :meth:`MemoryStore.wait_release` is woken by :meth:`MemoryStore.rele
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,8 @@ class _Limited:
     tpm: Bucket | None = None
     #: lease_id -> expiry (epoch seconds); expired leases are dropped lazily
     leases: dict[str, float] = field(default_factory=dict)
+    #: min-heap of (expiry, lease_id); entries of released or renewed leases go stale
+    expiries: list[tuple[float, str]] = field(default_factory=list)
     #: UTC day -> tokens charged against that day's quota (today and yesterday kept)
     days: dict[int, int] = field(default_factory=dict)
     requests: int = 0
@@ -35,10 +38,20 @@ class _Limited:
     tokens_in: int = 0
     tokens_out: int = 0
 
+    def hold(self, lease_id: str, expiry: float) -> None:
+        self.leases[lease_id] = expiry
+        heapq.heappush(self.expiries, (expiry, lease_id))
+        if len(self.expiries) > 2 * len(self.leases) + 64:  # drop stale entries
+            self.expiries = [(exp, lid) for lid, exp in self.leases.items()]
+            heapq.heapify(self.expiries)
+
     def sweep(self, now: float) -> None:
-        expired = [lid for lid, exp in self.leases.items() if exp <= now]
-        for lid in expired:
-            del self.leases[lid]
+        """Drop leases expired at ``now`` (O(expired · log n))."""
+        heap = self.expiries
+        while heap and heap[0][0] <= now:
+            expiry, lease_id = heapq.heappop(heap)
+            if self.leases.get(lease_id) == expiry:
+                del self.leases[lease_id]
 
     def add_today(self, now: float, delta: int) -> int:
         day = utc_day(now)
@@ -161,7 +174,7 @@ class MemoryStore:
                 tpm.tokens -= tokens
                 st.tpm = tpm
             used = st.add_today(now, tokens)
-            st.leases[lease_id] = now + lease_ttl_s
+            st.hold(lease_id, now + lease_ttl_s)
         return decision(
             limits,
             reason=reason,
@@ -184,7 +197,8 @@ class MemoryStore:
             st = self._limited.get(tenant)
             expiry = None if st is None else st.leases.get(lease_id)
             if st is not None and expiry is not None and expiry > now:
-                st.leases[lease_id] = max(expiry, now + lease_ttl_s)
+                if now + lease_ttl_s > expiry:
+                    st.hold(lease_id, now + lease_ttl_s)
                 renewed += 1
         return renewed
 

@@ -29,7 +29,7 @@ from dataclasses import replace
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline, PubSub
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
@@ -119,9 +119,11 @@ class _Keys:
 class RedisStore:
     """:class:`~proxy.store.base.Store` on Redis. Safe for many tasks and many processes.
 
-    ``client``: an already configured ``redis.asyncio.Redis`` to use (not closed by
-    :meth:`aclose`); by default the store opens its own pool from ``url``. Connection loss
-    surfaces as :class:`~proxy.store.base.StoreUnavailable`.
+    By default the store opens its own pool from ``url``: at most ``max_connections``
+    connections, one of them held by the release subscription; callers beyond that wait up
+    to ``socket_timeout_s`` for a free one. ``client``: an already configured
+    ``redis.asyncio.Redis`` to use instead (not closed by :meth:`aclose`). A refused, lost or
+    timed-out connection surfaces as :class:`~proxy.store.base.StoreUnavailable`.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class RedisStore:
         *,
         prefix: str = "driftsched",
         client: Redis | None = None,
+        max_connections: int = 64,
         socket_timeout_s: float = 5.0,
         ping_timeout_s: float = 1.0,
     ) -> None:
@@ -137,6 +140,7 @@ class RedisStore:
         self._k = _Keys(prefix)
         self._client = client
         self._owns_client = client is None
+        self._max_connections = max_connections
         self._socket_timeout_s = socket_timeout_s
         self._ping_timeout_s = ping_timeout_s
         self._sources = {name: _load_script(name) for name in _SCRIPTS}
@@ -152,13 +156,18 @@ class RedisStore:
     async def start(self) -> None:
         if self._started:
             return
+        if self._closed:
+            raise RuntimeError("RedisStore was closed; build a new one")
         if self._client is None:
-            self._client = Redis.from_url(
+            pool = BlockingConnectionPool.from_url(
                 self._url,
+                max_connections=self._max_connections,
+                timeout=self._socket_timeout_s,
                 decode_responses=True,
                 socket_timeout=self._socket_timeout_s,
                 socket_connect_timeout=self._socket_timeout_s,
             )
+            self._client = Redis.from_pool(pool)
         try:
             for name, source in self._sources.items():
                 await self._client.script_load(source)
