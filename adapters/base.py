@@ -1,9 +1,10 @@
 """Contracts for everything that talks to an engine: value types and protocols only.
 
 A :class:`Backend` is one OpenAI-compatible endpoint (a vLLM server the pool launched, a
-simulator engine, or an external endpoint). A :class:`BackendPool` owns a set of backends,
-keeps their state current (health checks, ``/metrics`` scrapes, process supervision) and
-answers one question: *which backends may take a request for this model now?*
+simulator engine, an external endpoint, or a provider reached through LiteLLM). A
+:class:`BackendPool` owns a set of backends, keeps their state current (health checks,
+``/metrics`` scrapes, process supervision) and answers one question: *which backends may
+take a request for this model now?*
 
 Threading: all of this lives on the gateway's event loop; backend state is mutated only from
 that loop, so no locks are needed.
@@ -12,7 +13,7 @@ that loop, so no locks are needed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 BackendState = Literal[
     "starting",  # launched, /health not yet OK
@@ -54,6 +55,10 @@ class Backend:
     health_path: str = "/health"
     #: engine understands vLLM's ``priority`` request field
     supports_priority: bool = False
+    #: ``kind == "litellm"``: the LiteLLM model called (``anthropic/claude-haiku-4-5``) and
+    #: the extra arguments of every call (``api_key``, ``api_base``, ...; never logged)
+    litellm_model: str | None = None
+    litellm_params: dict[str, Any] = field(default_factory=dict)
 
     # -- live state (mutated on the event loop only) ------------------------------------
     state: BackendState = "starting"

@@ -11,6 +11,10 @@ Health states (shared with launched engines, see :class:`HealthTracker`):
 becomes ``unhealthy`` at once; a ``healthy`` one after ``unhealthy_after`` failures in a row;
 ``unhealthy`` -> ``healthy`` on the next pass. A drained backend shows ``draining`` instead
 of ``healthy`` until it is undrained.
+
+A LiteLLM backend (``provider: litellm``) has no health URL and no ``/metrics``: its health
+check passes once LiteLLM imports (:func:`adapters.litellm_transport.litellm_ready`), and it
+is never scraped.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import httpx
 
 from adapters.base import Backend, BackendState
+from adapters.litellm_transport import litellm_ready
 from adapters.scrape import MetricsNotExported, scrape
 from proxy.config import UpstreamConfig
 from proxy.errors import InvalidRequest, NotFound
@@ -39,11 +44,12 @@ UNHEALTHY_AFTER = 3
 
 
 def backend_from_upstream(u: UpstreamConfig, kind: str = "static") -> Backend:
+    """``kind`` is ``"litellm"`` whatever the pool's kind when ``u.provider`` is litellm."""
     return Backend(
         name=u.name,
         url=u.url,
         models=tuple(u.models),
-        kind=kind,  # type: ignore[arg-type]
+        kind="litellm" if u.provider == "litellm" else kind,  # type: ignore[arg-type]
         api_key=u.api_key,
         kv_capacity_tokens=u.kv_capacity_tokens,
         max_num_seqs=u.max_num_seqs,
@@ -51,6 +57,8 @@ def backend_from_upstream(u: UpstreamConfig, kind: str = "static") -> Backend:
         read_timeout_s=u.read_timeout_s,
         max_connections=u.max_connections,
         health_path=u.health_path,
+        litellm_model=u.litellm_model,
+        litellm_params=dict(u.litellm_params),
     )
 
 
@@ -263,6 +271,8 @@ class StaticPool:
             raise InvalidRequest(f"backend {u.name!r} already exists", code="backend_exists")
         b = backend_from_upstream(u, self.kind)
         self._backends.append(b)
+        if b.kind == "litellm":
+            self._no_metrics.add(b.name)
         return b
 
     async def add(self, u: UpstreamConfig) -> Backend:
@@ -295,6 +305,10 @@ class StaticPool:
 
     # -- loops -----------------------------------------------------------------------------
     async def _check(self, b: Backend) -> None:
+        if b.kind == "litellm":
+            ok, err = await litellm_ready()
+            self.health.record(b, ok, err, launched=False)
+            return
         assert self._client is not None
         ok, err = await probe(self._client, b, probe_timeout(self.health_interval_s))
         self.health.record(b, ok, err, launched=False)

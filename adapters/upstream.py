@@ -56,7 +56,11 @@ class UpstreamClients:
                 pool=backend.connect_timeout_s,
             )
             kwargs: dict[str, Any] = {"timeout": timeout, "limits": limits}
-            if self._transport_factory is not None:
+            if backend.kind == "litellm":  # not HTTP: LiteLLM answers in-process
+                from adapters.litellm_transport import LiteLLMTransport
+
+                kwargs["transport"] = LiteLLMTransport.for_backend(backend)
+            elif self._transport_factory is not None:
                 kwargs["transport"] = self._transport_factory(backend)
             c = httpx.AsyncClient(base_url=backend.url, **kwargs)
             self._clients[backend.name] = c

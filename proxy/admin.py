@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -23,16 +24,22 @@ from proxy.config import UpstreamConfig
 from proxy.errors import (
     AuthenticationFailed,
     GatewayError,
+    InternalError,
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    StoreUnavailable,
 )
 from proxy.gateway import Gateway
 from proxy.keys import new_key
 from proxy.store.base import KeyRecord, Tenant
+from proxy.store.base import StoreUnavailable as StoreDown
 
 if TYPE_CHECKING:
     from proxy.app import DriftSchedApp
+
+
+log = logging.getLogger("driftsched.admin")
 
 
 class _Body(BaseModel):
@@ -153,7 +160,16 @@ def install_error_handlers(api: FastAPI) -> None:
             err.status = exc.status_code
         return _error_response(err)
 
+    async def store_down(_req: Request, exc: Exception) -> JSONResponse:
+        return _error_response(StoreUnavailable(f"The state store is unavailable: {exc}"))
+
+    async def unexpected(_req: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error in admin API", exc_info=exc)
+        return _error_response(InternalError(f"internal error: {type(exc).__name__}"))
+
     api.add_exception_handler(GatewayError, gateway_error)
+    api.add_exception_handler(StoreDown, store_down)
+    api.add_exception_handler(Exception, unexpected)
     api.add_exception_handler(RequestValidationError, validation_error)
     api.add_exception_handler(StarletteHTTPException, http_error)
 
@@ -243,7 +259,7 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
 
     @router.delete("/tenants/{name}", status_code=204)
     async def delete_tenant(name: str, gw: GW) -> None:
-        if not await gw.store.delete_tenant(name):
+        if not await gw.store.delete_tenant(name, gw.clock.time()):
             raise NotFound(f"tenant {name!r} not found", code="tenant_not_found")
         gw.auth.invalidate()
 

@@ -91,7 +91,7 @@ class DriftSchedApp:
         metrics = GatewayMetrics()
         pool = self.pool_factory(settings)
         clients = UpstreamClients()
-        shaper = Shaper(store, clock, settings.store.lease_ttl_s)
+        shaper = Shaper(store, clock, settings.store.lease_ttl_s, settings.store.fail_open)
         try:
             await seed_tenants(settings, store, clock.time())
             from adapters.router import LeastLoadedRouter

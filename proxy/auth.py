@@ -7,14 +7,17 @@ for the same time, so a client hammering with a bad key does not hammer the stor
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from proxy.clock import Clock
-from proxy.errors import AuthenticationFailed
+from proxy.errors import AuthenticationFailed, StoreUnavailable
 from proxy.keys import digest, display_prefix
 from proxy.store.base import Store, Tenant
+from proxy.store.base import StoreUnavailable as StoreDown
 
 _MAX_ENTRIES = 100_000
+log = logging.getLogger("driftsched.auth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +69,14 @@ class Authenticator:
         return principal
 
     async def _lookup(self, d: str) -> Principal | None:
-        record = await self._store.get_key_by_digest(d)
-        if record is None or not record.active(self._clock.time()):
-            return None
-        tenant = await self._store.get_tenant(record.tenant)
+        try:
+            record = await self._store.get_key_by_digest(d)
+            if record is None or not record.active(self._clock.time()):
+                return None
+            tenant = await self._store.get_tenant(record.tenant)
+        except StoreDown as e:
+            log.warning("store lookup failed during authentication: %s", e)
+            raise StoreUnavailable("The gateway's state store is unavailable; retry shortly.") from e
         if tenant is None:
             return None
         return Principal(tenant=tenant, key_id=record.key_id, key_prefix=record.prefix)

