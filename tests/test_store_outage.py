@@ -61,6 +61,8 @@ def test_redis_outage(tmp_path: Path, fail_open: bool) -> None:
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "store_unavailable"
             assert r.headers["retry-after"]
+        admin = g.admin("GET", "/admin/tenants")
+        assert admin.status_code == 503 and admin.json()["error"]["code"] == "store_unavailable"
         ready = httpx.get(g.url + "/readyz")
         assert ready.status_code == 503 and ready.json()["store"] is False
     finally:
