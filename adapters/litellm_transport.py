@@ -12,8 +12,9 @@ path relays it, reads its ``usage`` and maps its errors exactly as for any engin
 
 Failures, in the shapes :mod:`adapters.upstream` already maps:
 
+    connect failure               -> raises httpx.ConnectError (gateway: next backend, else 502)
+      (litellm.APIConnectionError, or any error caused by an httpx connect error/timeout)
     litellm.Timeout               -> raises httpx.ReadTimeout  (gateway: 504)
-    litellm.APIConnectionError    -> raises httpx.ConnectError (gateway: next backend, else 502)
     provider 4xx (401, 403, 404,
       400 incl. context window,
       429, ...)                   -> that status, OpenAI error body (relayed to the client)
@@ -29,8 +30,10 @@ take is dropped, not an error.
 
 LiteLLM is imported on first use, in a worker thread (:func:`aload_litellm`; it takes
 seconds), never when this module is imported: a gateway without such a backend never loads
-it. Before that import ``LITELLM_LOCAL_MODEL_COST_MAP`` defaults to ``True``, so that the
-import reads LiteLLM's bundled model map instead of fetching it from the network.
+it. Two process-wide settings come with that import: ``LITELLM_LOCAL_MODEL_COST_MAP``
+defaults to ``True`` (else the import fetches LiteLLM's model map from the network, and
+waits for retries where there is none), and ``litellm.suppress_debug_info`` is set (else
+LiteLLM prints help banners to stdout on every error, into the gateway's JSON logs).
 
 A transport holds no per-request state and is safe to share between concurrent requests.
 """
@@ -55,18 +58,56 @@ from adapters.sse import error_event
 log = logging.getLogger("driftsched.litellm")
 
 #: endpoint (path suffix) -> the OpenAI request fields passed on to LiteLLM
-_CHAT_FIELDS = frozenset({
-    "messages", "temperature", "top_p", "n", "stop", "max_tokens", "max_completion_tokens",
-    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
-    "response_format", "seed", "tools", "tool_choice", "parallel_tool_calls", "functions",
-    "function_call", "user", "stream_options", "reasoning_effort", "modalities", "audio",
-    "prediction", "web_search_options",
-})
-_COMPLETION_FIELDS = frozenset({
-    "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
-    "n", "presence_penalty", "seed", "stop", "suffix", "temperature", "top_p", "user",
-    "stream_options",
-})
+_CHAT_FIELDS = frozenset(
+    {
+        "messages",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "max_tokens",
+        "max_completion_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "seed",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "user",
+        "stream_options",
+        "reasoning_effort",
+        "modalities",
+        "audio",
+        "prediction",
+        "web_search_options",
+    }
+)
+_COMPLETION_FIELDS = frozenset(
+    {
+        "prompt",
+        "best_of",
+        "echo",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "max_tokens",
+        "n",
+        "presence_penalty",
+        "seed",
+        "stop",
+        "suffix",
+        "temperature",
+        "top_p",
+        "user",
+        "stream_options",
+    }
+)
 _EMBEDDING_FIELDS = frozenset({"input", "dimensions", "encoding_format", "user"})
 _ENDPOINTS: dict[str, tuple[str, frozenset[str]]] = {
     "/v1/chat/completions": ("acompletion", _CHAT_FIELDS),
@@ -81,7 +122,9 @@ _DONE = b"data: [DONE]\n\n"
 def load_litellm() -> ModuleType:
     """Import LiteLLM (blocking, seconds); idempotent. Raises ``ImportError`` if missing."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    return importlib.import_module("litellm")
+    llm = importlib.import_module("litellm")
+    setattr(llm, "suppress_debug_info", True)  # noqa: B010 (else it prints banners to stdout)
+    return llm
 
 
 async def aload_litellm() -> ModuleType:
@@ -131,15 +174,20 @@ class LiteLLMTransport(httpx.AsyncBaseTransport):
         params = dict(backend.litellm_params)
         if backend.api_key and "api_key" not in params:
             params["api_key"] = backend.api_key
-        return cls(backend.litellm_model, params, timeout_s=backend.read_timeout_s,
-                   name=backend.name)
+        return cls(
+            backend.litellm_model, params, timeout_s=backend.read_timeout_s, name=backend.name
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         route = next((r for suffix, r in _ENDPOINTS.items() if path.endswith(suffix)), None)
         if route is None or request.method != "POST":
-            return _error(404, f"{request.method} {path} is not served by LiteLLM backends",
-                          "invalid_request_error", code="unknown_url")
+            return _error(
+                404,
+                f"{request.method} {path} is not served by LiteLLM backends",
+                "invalid_request_error",
+                code="unknown_url",
+            )
         fn_name, fields = route
         try:
             body = json.loads(await request.aread())
@@ -165,12 +213,16 @@ class LiteLLMTransport(httpx.AsyncBaseTransport):
     def _failed(self, llm: ModuleType, exc: Exception, request: httpx.Request) -> httpx.Response:
         """A LiteLLM exception before any byte was sent: raise or answer (module doc)."""
         where = f"litellm backend {self.name!r} ({self.model})"
+        message = _message(exc)
+        # LiteLLM reports some connect failures as 500s or timeouts: look at the cause
+        connect = _connect_failed(exc)
+        if connect or isinstance(exc, llm.APIConnectionError):
+            if not connect:  # LiteLLM also wraps its own failures in APIConnectionError
+                log.warning("%s: %s", where, message)
+            raise httpx.ConnectError(f"{where} could not connect: {message}", request=request)
         if isinstance(exc, llm.Timeout):
-            raise httpx.ReadTimeout(f"{where} timed out: {exc}", request=request) from exc
-        if isinstance(exc, llm.APIConnectionError):
-            raise httpx.ConnectError(f"{where} could not connect: {exc}", request=request) from exc
+            raise httpx.ReadTimeout(f"{where} timed out: {message}", request=request)
         status = getattr(exc, "status_code", None)
-        message = str(getattr(exc, "message", "") or exc)
         if isinstance(status, int) and 400 <= status < 500:
             code: str | None = None
             param: str | None = None
@@ -215,6 +267,41 @@ class _SSEStream(httpx.AsyncByteStream):
         close = getattr(self._chunks, "aclose", None)
         if close is not None:
             await close()
+
+
+def _connect_failed(exc: BaseException) -> bool:
+    """Whether the cause of ``exc`` is an httpx connect failure (LiteLLM's aiohttp transport
+    raises the httpx exceptions too)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, httpx.ConnectError | httpx.ConnectTimeout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _message(exc: BaseException) -> str:
+    """The provider's own error message where LiteLLM's embeds one, else LiteLLM's.
+
+    LiteLLM's messages look like ``litellm.RateLimitError: AnthropicException - {"type":
+    "error", "error": {"type": "rate_limit_error", "message": "..."}}`` (the JSON sometimes
+    as a ``b'...'`` literal); the result is ``anthropic: ...``.
+    """
+    text = str(getattr(exc, "message", "") or exc)
+    provider = getattr(exc, "llm_provider", None) or "provider"
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        try:
+            obj = json.loads(text[start : end + 1])
+        except ValueError:
+            obj = None
+        err = obj.get("error", obj) if isinstance(obj, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return f"{provider}: {err['message']}"
+    cut = text.find(" Handle with `litellm.")
+    return text[:cut] if cut > 0 else text
 
 
 def _dump(obj: Any) -> bytes:

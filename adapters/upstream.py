@@ -1,7 +1,9 @@
 """OpenAI-compatible HTTP upstream: pooled clients and failure mapping.
 
 One pooled ``httpx.AsyncClient`` per backend, created lazily on the event loop and closed
-with the app. :func:`open_request` sends a request and returns the response with its body
+with the app. Plain-``http://`` engines go through :class:`adapters.transport.LeanTransport`
+(O(1) keep-alive pool; httpcore's slows down as connections grow), ``https://`` ones through
+httpx's own transport. :func:`open_request` sends a request and returns the response with its body
 not yet read; failures become the gateway's own exceptions:
 
     connect refused / DNS / connect timeout -> UpstreamConnectFailed (nothing was sent:
@@ -14,11 +16,13 @@ not yet read; failures become the gateway's own exceptions:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from adapters.base import Backend
+from adapters.transport import LeanTransport
 from proxy.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 
@@ -29,21 +33,44 @@ class UpstreamConnectFailed(UpstreamUnavailable):
     default_code = "upstream_connect_error"
 
 
+def default_transport(backend: Backend) -> httpx.AsyncBaseTransport | None:
+    """The lean transport for plain-http engines; ``None`` (httpx's own) for https."""
+    if backend.url.startswith("http://"):
+        return LeanTransport(max_connections=backend.max_connections)
+    return None
+
+
+@dataclass(slots=True, eq=False)
+class _Upstream:
+    """One backend's client, and what the hot path needs to skip the client's layers."""
+
+    url: str
+    client: httpx.AsyncClient
+    #: the client's transport when we chose it (sent to directly); None: httpx's default
+    transport: httpx.AsyncBaseTransport | None
+    timeout: dict[str, float | None]
+    urls: dict[str, httpx.URL] = field(default_factory=dict)
+
+
 class UpstreamClients:
-    """Pooled HTTP clients keyed by backend name. Not thread-safe; one event loop."""
+    """Pooled HTTP clients keyed by backend name. Not thread-safe; one event loop.
+
+    ``transport_factory(backend)`` returns the transport of that backend's client (``None``:
+    httpx's default); by default :func:`default_transport`.
+    """
 
     def __init__(self, transport_factory: Any | None = None) -> None:
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._ups: dict[str, _Upstream] = {}
         self._stale: list[httpx.AsyncClient] = []
-        self._transport_factory = transport_factory
+        self._transport_factory = transport_factory or default_transport
 
-    def client(self, backend: Backend) -> httpx.AsyncClient:
-        c = self._clients.get(backend.name)
-        if c is not None and str(c.base_url).rstrip("/") != backend.url:
+    def _upstream(self, backend: Backend) -> _Upstream:
+        up = self._ups.get(backend.name)
+        if up is not None and up.url != backend.url:
             # the engine was relaunched on another port; the old client is stale
-            self._stale.append(c)
-            c = None
-        if c is None or c.is_closed:
+            self._stale.append(up.client)
+            up = None
+        if up is None or up.client.is_closed:
             limits = httpx.Limits(
                 max_connections=backend.max_connections,
                 max_keepalive_connections=backend.max_connections,
@@ -55,25 +82,50 @@ class UpstreamClients:
                 write=backend.read_timeout_s,
                 pool=backend.connect_timeout_s,
             )
-            kwargs: dict[str, Any] = {"timeout": timeout, "limits": limits}
+            transport: httpx.AsyncBaseTransport | None
             if backend.kind == "litellm":  # not HTTP: LiteLLM answers in-process
                 from adapters.litellm_transport import LiteLLMTransport
 
-                kwargs["transport"] = LiteLLMTransport.for_backend(backend)
-            elif self._transport_factory is not None:
-                kwargs["transport"] = self._transport_factory(backend)
-            c = httpx.AsyncClient(base_url=backend.url, **kwargs)
-            self._clients[backend.name] = c
-        return c
+                transport = LiteLLMTransport.for_backend(backend)
+            else:
+                transport = self._transport_factory(backend)
+            c = httpx.AsyncClient(base_url=backend.url, timeout=timeout, limits=limits,
+                                  transport=transport)
+            up = self._ups[backend.name] = _Upstream(backend.url, c, transport, timeout.as_dict())
+        return up
+
+    def client(self, backend: Backend) -> httpx.AsyncClient:
+        return self._upstream(backend).client
+
+    async def post(
+        self, backend: Backend, path: str, body: bytes, headers: dict[str, str]
+    ) -> httpx.Response:
+        """POST ``body``; the response comes back with its body not yet read.
+
+        Goes straight to the transport (no cookies, auth or redirect layers, and a cached
+        URL per path) unless the client uses httpx's default transport. Raises httpx errors.
+        """
+        up = self._upstream(backend)
+        if up.transport is None:
+            req = up.client.build_request("POST", path, content=body, headers=headers)
+            return await up.client.send(req, stream=True)
+        url = up.urls.get(path)
+        if url is None:
+            url = up.urls[path] = httpx.URL(backend.url + path)
+        req = httpx.Request("POST", url, content=body, headers=headers,
+                            extensions={"timeout": up.timeout})
+        resp = await up.transport.handle_async_request(req)
+        resp.request = req
+        return resp
 
     async def drop(self, name: str) -> None:
-        c = self._clients.pop(name, None)
-        if c is not None:
-            await c.aclose()
+        up = self._ups.pop(name, None)
+        if up is not None:
+            await up.client.aclose()
 
     async def aclose(self) -> None:
-        clients, self._clients = [*self._clients.values(), *self._stale], {}
-        self._stale = []
+        clients = [*(u.client for u in self._ups.values()), *self._stale]
+        self._ups, self._stale = {}, []
         for c in clients:
             await c.aclose()
 
@@ -97,12 +149,10 @@ async def open_request(
     headers: dict[str, str],
 ) -> httpx.Response:
     """POST ``body`` to ``backend`` and return the response, body not yet read."""
-    client = clients.client(backend)
     if backend.api_key:
         headers = {**headers, "authorization": f"Bearer {backend.api_key}"}
-    req = client.build_request("POST", path, content=body, headers=headers)
     try:
-        return await client.send(req, stream=True)
+        return await clients.post(backend, path, body, headers)
     except httpx.HTTPError as e:
         raise map_exception(e, backend) from e
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,8 +30,13 @@ from proxy.errors import UpstreamUnavailable
 from proxy.gateway import Gateway, seed_tenants
 from proxy.metrics import GatewayMetrics
 from proxy.openai_api import OpenAIHandler
+from policies.drift import DriftController
+from policies.registry import build_policy
+from proxy.estimation import load_estimator, save_estimator, save_estimator_periodically
+from proxy.scheduler import Scheduler
 from proxy.shaping import Shaper
 from proxy.store import build_store
+from proxy.store.queues import build_queue
 
 log = logging.getLogger("driftsched.app")
 
@@ -55,6 +63,8 @@ class DriftSchedApp:
         self.clock: Clock = clock or SystemClock()
         self.pool_factory = pool_factory or _default_pool
         self.gateway: Gateway | None = None
+        #: this process among the replicas sharing a store (grants are addressed to it)
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._handler: OpenAIHandler | None = None
         #: fire-and-forget tasks started by admin calls (kept referenced until done)
         self.background: set[asyncio.Task[Any]] = set()
@@ -88,10 +98,19 @@ class DriftSchedApp:
         settings, clock = self.settings, self.clock
         store = build_store(settings.store)
         await store.start()
+        queue = build_queue(settings.store, self.replica_id)
+        await queue.start()
         metrics = GatewayMetrics()
         pool = self.pool_factory(settings)
         clients = UpstreamClients()
         shaper = Shaper(store, clock, settings.store.lease_ttl_s, settings.store.fail_open)
+        policy = build_policy(settings.scheduler.policy.model_dump())
+        estimator = load_estimator(settings.scheduler.estimator)
+        drift = DriftController(policy.drift, clock=clock) if policy.drift is not None else None
+        scheduler = Scheduler(settings=settings, clock=clock, queue=queue, pool=pool,
+                              policy=policy, estimator=estimator, drift=drift,
+                              replica_id=self.replica_id)
+        saver: asyncio.Task[None] | None = None
         try:
             await seed_tenants(settings, store, clock.time())
             from adapters.router import LeastLoadedRouter
@@ -106,11 +125,16 @@ class DriftSchedApp:
                 router=LeastLoadedRouter(),
                 clients=clients,
                 metrics=metrics,
+                scheduler=scheduler,
                 started_at=clock.time(),
             )
             metrics.add_backends(pool.backends)
+            metrics.add_scheduler(scheduler)
             await pool.start()
             shaper.start()
+            await scheduler.start()
+            saver = asyncio.create_task(save_estimator_periodically(
+                estimator, settings.scheduler.estimator))
             self.gateway = gw
             self._handler = OpenAIHandler(gw)
             log.info("gateway started", extra={
@@ -121,9 +145,16 @@ class DriftSchedApp:
         finally:
             self._handler = None
             self.gateway = None
+            if saver is not None:
+                saver.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await saver
+            save_estimator(estimator, settings.scheduler.estimator)
+            await scheduler.stop()
             await shaper.stop()
             await pool.stop()
             await clients.aclose()
+            await queue.aclose()
             await store.aclose()
             log.info("gateway stopped")
 

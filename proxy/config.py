@@ -203,8 +203,23 @@ class PolicyConfig(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class EstimatorConfig(_Strict):
+    """The output-token estimator (docs/estimator.md)."""
+
+    #: where the model is saved and restored from (None: start cold, never save)
+    path: str | None = None
+    save_interval_s: float = Field(60.0, gt=0)
+    prior_tokens: float = Field(256.0, gt=0)
+    quantile: float = Field(0.9, ge=0.5, lt=1.0)
+
+
 class SchedulerConfig(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    #: share of an engine's KV capacity that admission may fill with predicted footprints
+    kv_budget_fraction: float = Field(0.9, gt=0, le=4)
+    estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    #: forward vLLM's ``priority`` field (the class level) to engines that support it
+    pass_priority: bool = True
 
 
 class Settings(_Strict):

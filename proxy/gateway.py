@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from adapters.base import BackendPool, Router
 from adapters.upstream import UpstreamClients
-from policies.ewma import TenantEWMA
 from proxy.auth import Authenticator, Principal
 from proxy.clock import Clock
 from proxy.config import Settings
 from proxy.keys import seeded_record
 from proxy.metrics import GatewayMetrics
-from proxy.requests import ParsedRequest
+from proxy.scheduler import Scheduler
 from proxy.shaping import Shaper
 from proxy.store.base import Store, Tenant
 
@@ -32,7 +30,7 @@ class Gateway:
     router: Router
     clients: UpstreamClients
     metrics: GatewayMetrics
-    estimator: TenantEWMA = field(default_factory=TenantEWMA)
+    scheduler: Scheduler
     started_at: float = 0.0
 
     async def authenticate(self, key: str) -> Principal:
@@ -40,18 +38,6 @@ class Gateway:
 
     def pool_models(self) -> list[str]:
         return self.pool.models()
-
-    def expected_output(self, tenant: Tenant, req: ParsedRequest) -> int:
-        """Output tokens charged at admission: the client's cap, else the estimate."""
-        if req.max_tokens is not None:
-            return req.max_tokens
-        return max(1, math.ceil(self.estimator.predict_one({"tenant": tenant.name})))
-
-    def concurrency_limit(self, tenant: Tenant) -> int | None:
-        return tenant.max_concurrency
-
-    def observe_completion(self, tenant: Tenant, req: ParsedRequest, completion_tokens: int) -> None:
-        self.estimator.learn_one({"tenant": tenant.name}, completion_tokens)
 
 
 async def seed_tenants(settings: Settings, store: Store, now: float) -> None:

@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from typing import TYPE_CHECKING
+
 from adapters.base import Backend
+
+if TYPE_CHECKING:
+    from proxy.scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -64,6 +69,58 @@ class GatewayMetrics:
 
     def add_backends(self, source: Callable[[], Iterable[Backend]]) -> None:
         self.registry.register(_BackendCollector(source))
+
+    def add_scheduler(self, scheduler: Scheduler) -> None:
+        self.registry.register(_SchedulerCollector(scheduler))
+
+
+class _SchedulerCollector(Collector):
+    """Queue depth, admission holds and the drift controller's view, per tenant/engine."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._s = scheduler
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._s
+        depth = GaugeMetricFamily("driftsched_queue_depth", "Requests waiting for admission "
+                                  "(all replicas)", labels=["tenant"])
+        for tenant, n in sorted(s.depth_snapshot.items()):
+            depth.add_metric([tenant], n)
+        held = GaugeMetricFamily("driftsched_admission_held_tokens", "Predicted footprint "
+                                 "admitted to the engine (all replicas)", labels=["backend"])
+        seqs = GaugeMetricFamily("driftsched_admission_held_seqs", "Requests admitted to the "
+                                 "engine (all replicas)", labels=["backend"])
+        budget = GaugeMetricFamily("driftsched_admission_budget_tokens", "Admission budget",
+                                   labels=["backend"])
+        for load in s.loads_snapshot:
+            held.add_metric([load.name], load.held_tokens)
+            seqs.add_metric([load.name], load.seqs)
+            if load.budget_tokens is not None:
+                budget.add_metric([load.name], load.budget_tokens)
+        out: list[Metric] = [depth, held, seqs, budget]
+        if s.drift is None:
+            return out
+        ratio = GaugeMetricFamily("driftsched_tenant_drift_ratio", "Actual / predicted output "
+                                  "tokens over the drift window", labels=["tenant"])
+        limit = GaugeMetricFamily("driftsched_tenant_concurrency_limit", "Current (drift-"
+                                  "adjusted) concurrency limit", labels=["tenant"])
+        state = GaugeMetricFamily("driftsched_tenant_drift_state", "1 for the tenant's drift "
+                                  "state", labels=["tenant", "state"])
+        det = CounterMetricFamily("driftsched_tenant_drift_detections", "Change detector "
+                                  "firings", labels=["tenant"])
+        dec = CounterMetricFamily("driftsched_tenant_limit_decreases", "AIMD decreases",
+                                  labels=["tenant"])
+        for name, st in sorted(s.drift.statuses().items()):
+            ratio.add_metric([name], st.ratio)
+            if st.limit is not None:
+                limit.add_metric([name], st.limit)
+            state.add_metric([name, st.state], 1.0)
+            det.add_metric([name], st.detections)
+            dec.add_metric([name], st.decreases)
+        return [*out, ratio, limit, state, det, dec]
 
 
 class _BackendCollector(Collector):

@@ -50,6 +50,7 @@ from proxy.store.base import Limits
 if TYPE_CHECKING:
     from adapters.base import Backend
     from proxy.gateway import Gateway
+    from proxy.scheduler import Admitted
 
 Scope = dict[str, Any]
 Receive = Any
@@ -60,6 +61,7 @@ errlog = logging.getLogger("driftsched.gateway")
 
 _RID_OK = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
+_GROW_STEP = 16
 
 
 @dataclass(slots=True)
@@ -82,6 +84,8 @@ class Ctx:
     streamed_events: int = 0
     upstream_reached: bool = False
     stage: str = "auth"
+    admitted: Admitted | None = None
+    grown: int = 0
     rl_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
@@ -188,23 +192,33 @@ class OpenAIHandler:
         gw = self.gw
         assert ctx.principal is not None and ctx.req is not None
         tenant, req = ctx.principal.tenant, ctx.req
-        expected_out = 0 if req.endpoint == "embeddings" else gw.expected_output(tenant, req)
+        sched = gw.scheduler
+        x = sched.features_of(tenant, req)
+        est = sched.estimate(x, req.max_tokens)
+        if req.endpoint == "embeddings":
+            expected_out = 0
+        else:
+            expected_out = req.max_tokens if req.max_tokens is not None else max(1, round(est.p50))
         try:
-            ctx.stage = "queued"
+            ctx.stage = "shaping"
             lease = ctx.rid + "-" + uuid.uuid4().hex[:8]
+            # RPM/TPM/quota here; concurrency is the queue's job (drift-adjusted limit)
             decision = await gw.shaper.acquire(
                 tenant, lease, req.prompt_tokens + expected_out,
-                Limits.of(tenant, gw.concurrency_limit(tenant)),
+                Limits(rpm=tenant.rpm, tpm=tenant.tpm, max_concurrency=None,
+                       daily_token_quota=tenant.daily_token_quota),
             )
             ctx.lease, ctx.charged = lease, req.prompt_tokens + expected_out
-            ctx.admitted_at = gw.clock.monotonic()
             ctx.rl_headers = ratelimit_headers(decision.state)
+            ctx.stage = "queued"
+            ctx.admitted = await sched.admit(tenant, req, ctx.rid, x, est)
+            ctx.admitted_at = gw.clock.monotonic()
             gw.metrics.queue_wait.labels(tenant.name, tenant.qos_class).observe(
                 ctx.admitted_at - ctx.t0
             )
             gw.metrics.in_flight.labels(tenant.name).inc()
             ctx.stage = "upstream"
-            await self._forward(ctx, send, req.prompt_tokens + expected_out)
+            await self._forward(ctx, send, ctx.admitted.grant.footprint)
         except GatewayError as e:
             if isinstance(e, RateLimited):
                 gw.metrics.rejections.labels(tenant.name, e.code or "rate_limit").inc()
@@ -238,9 +252,13 @@ class OpenAIHandler:
         }
         tried: set[str] = set()
         last: GatewayError | None = None
+        granted = ctx.admitted.grant.backend if ctx.admitted else None
         while True:
             candidates = [b for b in gw.pool.candidates(req.model) if b.name not in tried]
-            backend = gw.router.pick(candidates, footprint)
+            # the engine admission reserved capacity on, unless it became unroutable
+            backend = next((b for b in candidates if b.name == granted), None)
+            if backend is None:
+                backend = gw.router.pick(candidates, footprint)
             if backend is None:
                 if last is not None:
                     raise last
@@ -251,7 +269,8 @@ class OpenAIHandler:
             try:
                 try:
                     resp = await open_request(
-                        gw.clients, backend, UPSTREAM_PATH[req.endpoint], req.body, headers
+                        gw.clients, backend, UPSTREAM_PATH[req.endpoint],
+                        self._body_for(ctx, backend), headers,
                     )
                 except UpstreamConnectFailed as e:
                     gw.metrics.upstream_errors.labels(backend.name, e.code or "connect").inc()
@@ -270,6 +289,18 @@ class OpenAIHandler:
             finally:
                 backend.in_flight -= 1
                 backend.held_tokens -= footprint
+
+    def _body_for(self, ctx: Ctx, backend: Backend) -> bytes:
+        """The bytes to send: the client's, plus vLLM's ``priority`` (the class level) for
+        engines scheduling by priority when the client did not set one."""
+        req = ctx.req
+        assert req is not None and ctx.principal is not None
+        if (not backend.supports_priority or req.priority is not None
+                or not self.gw.settings.scheduler.pass_priority or req.endpoint == "embeddings"):
+            return req.body
+        body = json.loads(req.body)
+        body["priority"] = self.gw.settings.classes[ctx.principal.tenant.qos_class].level
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
     async def _relay_body(self, ctx: Ctx, send: Send, resp: httpx.Response, backend: Backend) -> None:
         try:
@@ -327,6 +358,10 @@ class OpenAIHandler:
         })
         clock = self.gw.clock
         try:
+            adm = ctx.admitted
+            # tokens generated beyond the conservative prediction are charged to the engine
+            # live, in steps of _GROW_STEP (token drift as it happens)
+            grow_mark = (adm.grant.footprint - adm.qreq.prompt_tokens + 2) if adm else 1 << 62
             async for chunk in resp.aiter_raw():
                 out = tap.feed(chunk)
                 if out:
@@ -334,6 +369,10 @@ class OpenAIHandler:
                         ctx.first_byte_at = clock.monotonic()
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                     ctx.streamed_events = tap.events
+                    if tap.events > grow_mark and adm is not None:
+                        grow_mark += _GROW_STEP
+                        ctx.grown += _GROW_STEP
+                        await self.gw.scheduler.grow(ctx.rid, _GROW_STEP)
         except httpx.HTTPError as e:
             err = map_exception(e, backend)
             self.gw.metrics.upstream_errors.labels(backend.name, err.code or "stream").inc()
@@ -362,9 +401,12 @@ class OpenAIHandler:
                 # engine did work but reported nothing (disconnect, broken stream): estimate
                 p_tok = ctx.req.prompt_tokens
                 c_tok = max(0, ctx.streamed_events - 2)
+            if ctx.admitted is not None:
+                known = bool(usage) and ctx.status == 200 and ctx.req.endpoint != "embeddings"
+                await gw.scheduler.complete(ctx.admitted, c_tok if known else None)
+                gw.metrics.in_flight.labels(tenant.name).dec()
             if ctx.lease is not None:
                 await gw.shaper.release(tenant.name, ctx.lease)
-                gw.metrics.in_flight.labels(tenant.name).dec()
                 actual = p_tok + c_tok if ctx.upstream_reached else 0
                 delta = actual - ctx.charged
                 if delta:
@@ -377,8 +419,6 @@ class OpenAIHandler:
                 gw.metrics.prompt_tokens.labels(tenant.name).inc(p_tok)
             if c_tok:
                 gw.metrics.completion_tokens.labels(tenant.name).inc(c_tok)
-            if ctx.status == 200 and ctx.usage and ctx.req.endpoint != "embeddings":
-                gw.observe_completion(tenant, ctx.req, c_tok)
         except Exception:
             errlog.exception("accounting failed", extra={"request_id": ctx.rid})
         now = gw.clock.monotonic()

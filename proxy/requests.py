@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from policies.features import prompt_text
 from proxy.errors import InvalidRequest
 from proxy.tokens import count_chat, count_prompt
 
@@ -39,6 +40,8 @@ class ParsedRequest:
     strip_usage: bool
     n_messages: int
     priority: int | None
+    #: what the output-length estimator reads (last user message / the prompt)
+    prompt_text: str = ""
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> InvalidRequest:
@@ -68,16 +71,20 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
                 raise _bad(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
         prompt_tokens = count_chat(messages)
         n_messages = len(messages)
+        text = prompt_text(messages)
     elif endpoint == "completions":
         if "prompt" not in body or body["prompt"] is None:
             raise _bad("you must provide a prompt parameter", param="prompt")
         if not isinstance(body["prompt"], str | list):
             raise _bad("'prompt' must be a string or an array", param="prompt")
         prompt_tokens = count_prompt(body["prompt"])
+        p = body["prompt"]
+        text = p if isinstance(p, str) else (p[0] if p and isinstance(p[0], str) else "")
     else:
         if "input" not in body or not isinstance(body["input"], str | list):
             raise _bad("'input' must be a string or an array", param="input")
         prompt_tokens = count_prompt(body["input"])
+        text = ""
 
     max_tokens = _max_tokens(body)
     stream = body.get("stream", False)
@@ -109,6 +116,7 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
         strip_usage=strip_usage,
         n_messages=n_messages,
         priority=priority,
+        prompt_text=text,
     )
 
 

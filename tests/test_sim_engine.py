@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from adapters.sim.driver import Driver
 from adapters.sim.engine import Engine, Policy, SimRequest, Step
 from adapters.sim.profiles import PROFILES, Profile
 from adapters.sim.workload import OutputLengths, count_prompt_tokens, prompt_key
@@ -321,3 +325,30 @@ def test_output_lengths_known_and_seeded_draws() -> None:
     median = sorted(draws)[len(draws) // 2]
     assert 170 < median < 235
     assert math.isfinite(sum(draws))
+
+
+# -- driver (real event loop, scaled time) -----------------------------------------------------
+
+
+async def test_driver_runs_steps_in_scaled_time_and_idles_without_stepping() -> None:
+    driver = Driver(lambda clock: Engine(LLAMA3, clock=clock), time_scale=50.0)
+    task = asyncio.create_task(driver.run())
+    try:
+        req = SimRequest("a", 10, 20)
+        stream = driver.submit(req, every=None)
+        t0 = time.perf_counter()
+        await asyncio.wait_for(stream.event.wait(), 10)
+        wall = time.perf_counter() - t0
+        ideal = LLAMA3.step_time_s(10, 0) + sum(LLAMA3.step_time_s(1, 10 + i) for i in range(1, 20))
+        assert req.finished and req.generated == 20
+        assert req.finish_time is not None and req.first_token_time is not None
+        assert req.finish_time - req.arrival_time >= ideal - 1e-9  # never faster than the model
+        assert req.first_token_time - req.arrival_time >= LLAMA3.step_time_s(10, 0) - 1e-9
+        assert wall >= ideal / 50 * 0.8
+        steps = driver.engine.stats.steps
+        await asyncio.sleep(0.05)
+        assert driver.engine.stats.steps == steps == 20
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

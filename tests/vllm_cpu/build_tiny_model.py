@@ -26,6 +26,7 @@ import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 
@@ -69,7 +70,7 @@ def training_text(max_bytes: int = 2_000_000) -> Iterator[str]:
             break
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -92,10 +92,16 @@ def vllm_command(python: str, model: str | Path, port: int, extra: list[str] | N
             *(extra if extra is not None else BASE_EXTRA_ARGS)]
 
 
+def _say(msg: str) -> None:
+    """Straight to the terminal, past pytest's capture."""
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(msg + "\n")
+    stream.flush()
+
+
 def _loud(msg: str) -> None:
     bar = "!" * 78
-    sys.__stderr__.write(f"\n{bar}\n!! {msg}\n{bar}\n")
-    sys.__stderr__.flush()
+    _say(f"\n{bar}\n!! {msg}\n{bar}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -138,7 +144,7 @@ def vllm_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     python = proc.stdout.decode().strip().splitlines()[-1]
     took = time.monotonic() - t0
     if took > 5:
-        sys.__stderr__.write(f"\n[vllm_cpu] venv set up in {took:.0f}s: {python}\n")
+        _say(f"\n[vllm_cpu] venv set up in {took:.0f}s: {python}")
     return python
 
 
@@ -198,7 +204,7 @@ def start_vllm(python: str, model: Path, log: Path, extra: list[str],
                 pytest.fail(f"vLLM did not answer /health within {timeout:.0f}s:\n{server.log_tail()}")
             time.sleep(0.25)
     server.startup_s = time.monotonic() - t0
-    sys.__stderr__.write(f"\n[vllm_cpu] vLLM up in {server.startup_s:.1f}s on {url} (log {log})\n")
+    _say(f"\n[vllm_cpu] vLLM up in {server.startup_s:.1f}s on {url} (log {log})")
     return server
 
 

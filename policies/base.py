@@ -1,0 +1,273 @@
+"""Scheduling contracts: value types and protocols only. No implementation.
+
+Each protocol answers one question, in the manner of llm-d's flow-control framework:
+
+* :class:`OrderingPolicy` — *which request in this queue next?* (a numeric queue key);
+* :class:`TenantSelector` — *which tenant's queue next?* (fair-share policies only);
+* :class:`AdmissionPolicy` — *admit this request now, let it wait, or shed it?*;
+* :class:`Accounting` — *how does serving a request change its tenant's state?*
+
+Policies are stateless: everything that changes while the gateway runs (virtual counters,
+in-flight counts, drift-adjusted limits) is a :class:`TenantState` the engine owns, stores
+(in memory or in Redis) and passes in; hooks return a new state instead of mutating one.
+Every built-in is an immutable object, so all methods here are safe to call concurrently
+from any task, thread or replica. Time is always an argument (``now``, wall-clock seconds
+from the injected :class:`Clock`), never read from the system.
+
+Levels follow ``ClassConfig.level``: lower is more important. Keys are ordered lower first;
+equal keys are broken by arrival and then by request id (see :mod:`policies.dispatch`), so
+the order over a queue is a strict total order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from policies.drift import DriftParams
+
+
+class Clock(Protocol):
+    """Injected time (``proxy.clock.SystemClock`` and ``FakeClock`` satisfy it)."""
+
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch (shared by replicas, NTP-synchronised)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """A request waiting for admission: what the gateway knows about it at enqueue time."""
+
+    id: str
+    tenant: str
+    #: wall-clock seconds when the request entered the queue
+    arrival: float
+    prompt_tokens: int
+    #: estimator's median output length (ordering, fairness charges)
+    predicted_output_p50: float
+    #: estimator's conservative quantile (capacity)
+    predicted_output_p90: float
+    qos_class: str = "standard"
+    level: int = 1
+    weight: float = 1.0
+    max_tokens: int | None = None
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+    model: str = ""
+
+    @property
+    def predicted_output(self) -> float:
+        """The median prediction, never above ``max_tokens`` (what fairness charges)."""
+        cap = math.inf if self.max_tokens is None else float(self.max_tokens)
+        return max(0.0, min(self.predicted_output_p50, cap))
+
+    @property
+    def footprint(self) -> int:
+        """KV tokens the request may hold: prompt + conservative output (capped by max_tokens)."""
+        cap = math.inf if self.max_tokens is None else float(self.max_tokens)
+        return self.prompt_tokens + math.ceil(max(0.0, min(self.predicted_output_p90, cap)))
+
+
+@dataclass(frozen=True, slots=True)
+class TenantState:
+    """Engine-owned per-tenant state that policies read (a snapshot; replace, never mutate)."""
+
+    name: str
+    level: int = 1
+    #: VTC virtual counter: weighted tokens served (charged at admit, corrected at completion)
+    virtual_counter: float = 0.0
+    #: system virtual time, the same in every snapshot: the minimum counter over backlogged
+    #: tenants or, when none is backlogged, the counter of the tenant whose queue drained last
+    virtual_floor: float = 0.0
+    #: admission charges of the tenant's queued requests (added at enqueue, moved to the
+    #: counter at admission, dropped at cancellation): the service it has asked for
+    queued_charge: float = 0.0
+    in_flight: int = 0
+    #: current (drift-adjusted) concurrency limit; None = unlimited
+    limit: int | None = None
+    queue_timeout_s: float = 30.0
+    #: drift controller: actual / predicted output tokens over its window (1.0 = accurate)
+    drift_ratio: float = 1.0
+    #: drift controller: a drifting premium tenant is boosted instead of throttled
+    boost: bool = False
+    #: drift controller: the tenant may use elastic overflow capacity
+    overflow: bool = False
+    #: fraction of recent requests that met their SLOs (None = unknown)
+    attainment: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A queued request and the key it was stored under (the sorted-set score)."""
+
+    key: float
+    req: QueuedRequest
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityView:
+    """What admission sees: the best engine for the request's model, and the tenant."""
+
+    tenant: TenantState
+    #: KV token budget minus held footprint on the engine with most room (None = unknown)
+    free_tokens: int | None = None
+    #: free sequence slots on that engine (None = unlimited or unknown)
+    free_seqs: int | None = None
+    #: the whole KV token budget of the largest engine serving the model (None = unknown)
+    budget_tokens: int | None = None
+    #: an elastic overflow backend could take this request now
+    overflow_free: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """Admit now, holding ``footprint`` tokens; ``overflow``: on the overflow backend."""
+
+    footprint: int
+    overflow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Leave the request queued. ``tenant_limit``: only this tenant is blocked."""
+
+    reason: Literal["tenant_limit", "seqs", "tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class Shed:
+    """Remove the request and fail it (``timeout`` -> 503, ``too_large`` -> 400)."""
+
+    reason: Literal["timeout", "too_large"]
+    retry_after_s: float
+
+
+AdmissionDecision = Admit | Wait | Shed
+
+
+class OrderingPolicy(Protocol):
+    """Which request in this queue next?"""
+
+    def key(self, req: QueuedRequest, tenant: TenantState, now: float) -> float:
+        """The request's queue key: lower is served first.
+
+        Called once, at enqueue, with the tenant's state at that moment; the engine stores
+        the result (a Redis sorted-set score) and never recomputes it, so built-ins do not
+        depend on ``now`` (aging is expressed as ``arrival + offset``). Always finite. Equal
+        keys are broken by arrival, then id. Pure: safe to call concurrently.
+        """
+        ...
+
+    def max_overtake_s(self, min_level: int, max_level: int) -> float:
+        """The aging bound B: with levels in ``[min_level, max_level]``, a queued request is
+        never passed by a request that arrived more than B seconds after it (within one
+        tenant's queue when the policy has a :class:`TenantSelector`); ``math.inf`` when no
+        such bound exists."""
+        ...
+
+
+class TenantSelector(Protocol):
+    """Which tenant's queue next?"""
+
+    def pick(self, backlogged: Mapping[str, TenantState], now: float) -> str | None:
+        """The tenant whose head request is dispatched next, among ``backlogged`` (tenants
+        with a queued request that are not blocked by their limit). ``None`` when empty.
+        Ties are broken by tenant name. Does not mutate ``backlogged``; concurrent-safe."""
+        ...
+
+
+class AdmissionPolicy(Protocol):
+    """Admit this request now, let it wait, or shed it?"""
+
+    def decide(self, req: QueuedRequest, view: CapacityView, now: float) -> AdmissionDecision:
+        """Shed (timeout) once the request has waited its tenant's ``queue_timeout_s``, or
+        (too_large) if its prompt cannot fit the largest engine; wait while its tenant is
+        at its limit or no engine has room for its footprint; otherwise admit. Pure."""
+        ...
+
+
+class Accounting(Protocol):
+    """How does queueing and serving a request change its tenant's state? (fair share)
+
+    Every hook returns a new state for the same tenant and touches no other tenant. Charges
+    are additive (new - old does not depend on old), so a shared store can apply them as
+    increments (``HINCRBYFLOAT``); only :meth:`on_enqueue`'s lift is a ``max``. A request
+    goes through ``on_enqueue``, then ``on_admit`` + ``on_complete`` or ``on_cancel``.
+    """
+
+    def on_enqueue(
+        self,
+        state: TenantState,
+        req: QueuedRequest,
+        backlogged: Mapping[str, TenantState],
+        now: float,
+    ) -> TenantState:
+        """``req`` is enqueued (call before computing its key). A tenant returning from idle
+        (not in ``backlogged``) is first lifted to the minimum counter of the backlogged
+        tenants (``state.virtual_floor`` when none is), so idleness banks no credit; then
+        ``req``'s charge is added to ``queued_charge``."""
+        ...
+
+    def on_admit(self, state: TenantState, req: QueuedRequest, now: float) -> TenantState:
+        """``req`` was admitted: move its charge (prompt and predicted output) from
+        ``queued_charge`` to the counter."""
+        ...
+
+    def on_cancel(self, state: TenantState, req: QueuedRequest, now: float) -> TenantState:
+        """``req`` left the queue unserved (timeout, shed, disconnect): drop its charge."""
+        ...
+
+    def on_complete(
+        self, state: TenantState, req: QueuedRequest, actual_output_tokens: int, now: float
+    ) -> TenantState:
+        """An admitted ``req`` finished (or was cancelled mid-stream) after
+        ``actual_output_tokens``: correct the counter by actual minus predicted output."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What the registry builds from ``scheduler.policy``: the pieces of one policy.
+
+    ``selector is None``: one global queue ordered by ``ordering.key``. Otherwise one queue
+    per tenant ordered by ``ordering.key`` and ``selector`` picks the tenant. ``drift``:
+    run a :class:`policies.drift.DriftController` with these parameters.
+    """
+
+    type: str
+    ordering: OrderingPolicy
+    admission: AdmissionPolicy
+    selector: TenantSelector | None = None
+    accounting: Accounting | None = None
+    drift: DriftParams | None = None
+
+
+DriftAction = Literal["none", "decrease", "increase", "compensate", "restore", "slo_decrease"]
+
+
+@dataclass(frozen=True, slots=True)
+class DriftStatus:
+    """One tenant as the drift controller sees it (for ``/metrics`` and the admin API)."""
+
+    tenant: str
+    level: int
+    #: actual / predicted output tokens over the sliding window (1.0 until data arrives)
+    ratio: float
+    samples: int
+    #: current concurrency limit (None = unlimited and untouched)
+    limit: int | None
+    base_limit: int | None
+    state: Literal["warmup", "ok", "drifting", "recovering"]
+    #: how often the change detector fired
+    detections: int
+    boost: bool
+    overflow: bool
+    last_action: DriftAction
+    last_action_at: float | None
+    decreases: int
+    increases: int

@@ -1,0 +1,138 @@
+"""``driftsched``: class level + aging + SLO slack + fairness debt, with the drift controller.
+
+Key (seconds; lower first; computed once at enqueue, a sorted-set score)::
+
+    key   = arrival + aging_s * (level - max_boost * boost) + slack + debt
+    pred  = predicted_output_p50 * max(1, drift_ratio)          # drift-corrected length
+    slack = clamp(min(ttft_slo - prefill,                        # latest start for TTFT
+                      ttft_slo + tpot_slo * pred - prefill - decode_s_per_token * pred),
+                  0, max_slack_s)            # max_slack_s without a TTFT SLO
+    prefill = prefill_s_per_token * prompt_tokens
+    debt  = min(max_debt_s, debt_s_per_ktoken * lead / 1000)
+    lead  = max(0, virtual_counter + queued_charge - virtual_floor)   # weighted tokens
+
+Why. *Level + aging* is ``priority`` (a request's effective level rises one level per
+``aging_s`` of wait). *Slack* is least-laxity-first inside a level: the time a request can
+still wait and meet its SLOs at its predicted length — its TTFT deadline less its prefill,
+or, when the engine decodes slower than the TPOT SLO allows, the end-to-end budget
+``ttft + tpot * pred`` less its expected service, which makes long requests more urgent.
+Drift feeds in twice: ``pred`` is scaled up by the tenant's drift ratio (its queue
+position is corrected) and the drift controller throttles drifting tenants' concurrency,
+boosting drifting premium tenants (``boost``) instead. *Debt* is VTC's counter (same
+accounting as ``fair``, evaluated after ``on_enqueue``) turned into a delay: a tenant that
+has taken or queued more weighted tokens than the laggard waits a little longer, so one
+tenant's burst cannot crowd out its class; as the request's own charge is included, a long
+predicted output also yields a little to short ones (shortest-first, within ``max_debt_s``).
+
+Bound: each term is bounded, so ``key - arrival`` lies in
+``[aging_s * (Lmin - max_boost), aging_s * Lmax + max_slack_s + max_debt_s]`` and a request
+is never passed by one that arrived more than ``aging_s * (Lmax - Lmin + max_boost) +
+max_slack_s + max_debt_s`` seconds after it (the proof in :mod:`policies.priority` applies
+unchanged); defaults with levels 0..2: 15 + 10 + 5 = 30 s.
+
+Parameters (defaults): ``aging_s`` 5.0, ``max_boost`` 1, ``prefill_s_per_token`` 0.0002,
+``decode_s_per_token`` 0.03, ``max_slack_s`` 10.0, ``debt_s_per_ktoken`` 0.5,
+``max_debt_s`` 5.0, ``input_weight`` 1.0, ``output_weight`` 2.0, ``retry_after_s`` 1.0,
+``drift``: a mapping of :class:`policies.drift.DriftParams`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from policies.admission import FootprintAdmission
+from policies.base import Policy, QueuedRequest, TenantState
+from policies.drift import DriftParams
+from policies.fair import VirtualTokenCounter
+from policies.registry import PolicyConfigError, check, parse_parameters
+
+TYPE = "driftsched"
+_MAX_RATIO = 16.0
+
+
+@dataclass(frozen=True, slots=True)
+class DriftschedParams:
+    aging_s: float = 5.0
+    max_boost: int = 1
+    prefill_s_per_token: float = 0.0002
+    decode_s_per_token: float = 0.03
+    max_slack_s: float = 10.0
+    debt_s_per_ktoken: float = 0.5
+    max_debt_s: float = 5.0
+    input_weight: float = 1.0
+    output_weight: float = 2.0
+    retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        check("aging_s", self.aging_s)
+        check("output_weight", self.output_weight)
+        for name in (
+            "max_boost",
+            "prefill_s_per_token",
+            "decode_s_per_token",
+            "max_slack_s",
+            "debt_s_per_ktoken",
+            "max_debt_s",
+            "input_weight",
+            "retry_after_s",
+        ):
+            check(name, getattr(self, name), strict=False)  # fmt: skip
+
+
+class SlackOrder:
+    """:class:`policies.base.OrderingPolicy` of ``driftsched`` (formula in the module doc)."""
+
+    __slots__ = ("p",)
+
+    def __init__(self, params: DriftschedParams) -> None:
+        self.p = params
+
+    def key(self, req: QueuedRequest, tenant: TenantState, now: float) -> float:
+        p = self.p
+        level = req.level - (p.max_boost if tenant.boost else 0)
+        return req.arrival + p.aging_s * level + self.slack_s(req, tenant) + self.debt_s(tenant)
+
+    def slack_s(self, req: QueuedRequest, tenant: TenantState) -> float:
+        """Seconds ``req`` can wait and still meet its SLOs at its predicted length."""
+        p = self.p
+        if req.ttft_slo_s is None or not math.isfinite(req.ttft_slo_s):
+            return p.max_slack_s
+        ratio = tenant.drift_ratio if math.isfinite(tenant.drift_ratio) else _MAX_RATIO
+        pred = req.predicted_output * min(max(1.0, ratio), _MAX_RATIO)
+        prefill = p.prefill_s_per_token * req.prompt_tokens
+        start_by = req.ttft_slo_s - prefill
+        if req.tpot_slo_s is not None and math.isfinite(req.tpot_slo_s):
+            start_by = min(start_by, start_by + (req.tpot_slo_s - p.decode_s_per_token) * pred)
+        return min(max(start_by, 0.0), p.max_slack_s)
+
+    def debt_s(self, tenant: TenantState) -> float:
+        """Delay for the weighted tokens ``tenant`` has taken or queued beyond the floor."""
+        lead = tenant.virtual_counter + tenant.queued_charge - tenant.virtual_floor
+        if not lead > 0:
+            return 0.0
+        return min(self.p.max_debt_s, self.p.debt_s_per_ktoken * lead / 1000.0)
+
+    def max_overtake_s(self, min_level: int, max_level: int) -> float:
+        p = self.p
+        spread = max(0, max_level - min_level) + p.max_boost
+        return p.aging_s * spread + p.max_slack_s + p.max_debt_s
+
+
+def build(parameters: Mapping[str, Any]) -> Policy:
+    own = {k: v for k, v in parameters.items() if k != "drift"}
+    p = parse_parameters(TYPE, own, DriftschedParams)
+    raw_drift = parameters.get("drift") or {}
+    if not isinstance(raw_drift, Mapping):
+        raise PolicyConfigError("scheduler.policy.parameters.drift: must be a mapping")
+    drift = parse_parameters(TYPE, raw_drift, DriftParams, prefix="drift.")
+    vtc = VirtualTokenCounter(p.input_weight, p.output_weight)
+    return Policy(
+        TYPE,
+        SlackOrder(p),
+        FootprintAdmission(p.retry_after_s),
+        accounting=vtc,
+        drift=drift,
+    )

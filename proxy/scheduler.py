@@ -1,0 +1,301 @@
+"""Admission: estimate, enqueue under the policy's key, wait for a grant, release.
+
+The gateway side of scheduling. Per request:
+
+1. **estimate** output tokens (River estimator: ``p50`` for ordering, ``p90`` for capacity);
+2. **enqueue** a :class:`~proxy.store.queue_base.QueueItem` whose score is the active
+   policy's key and whose footprint is prompt + ``p90`` (capped by ``max_tokens``);
+3. **wait** for the grant that any replica's dispatch makes once the tenant is under its
+   (drift-adjusted) concurrency limit and an engine has room for the footprint; the grant
+   names the engine;
+4. on completion **release** the hold, feed the estimator (off the request path), the drift
+   controller and the fairness accounting.
+
+A dispatch loop per replica wakes on release/enqueue notifications (not polling) and a
+capacity publisher pushes every engine's admission budget (KV capacity x
+``kv_budget_fraction``, max sequences, routable) to the shared queue twice a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any
+
+from adapters.base import BackendPool
+from policies.base import Policy, QueuedRequest, TenantState
+from policies.drift import DriftController
+from policies.estimator import Estimate, OutputTokenEstimator
+from policies.features import RequestFeatures
+from proxy.clock import Clock
+from proxy.config import Settings
+from proxy.errors import QueueTimeout, StoreUnavailable
+from proxy.store.base import StoreUnavailable as StoreDown
+from proxy.requests import ParsedRequest
+from proxy.store.base import Tenant
+from proxy.store.queue_base import AdmissionQueue, EngineCapacity, EngineLoad, Grant, QueueItem
+
+log = logging.getLogger("driftsched.scheduler")
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A granted request: what completion needs to release and account it."""
+
+    grant: Grant
+    qreq: QueuedRequest
+    estimate: Estimate
+    queued_s: float
+    #: estimator features, kept for learning at completion
+    features: dict[str, Any]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        clock: Clock,
+        queue: AdmissionQueue,
+        pool: BackendPool,
+        policy: Policy,
+        estimator: OutputTokenEstimator,
+        drift: DriftController | None,
+        replica_id: str,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.queue = queue
+        self.pool = pool
+        self.policy = policy
+        self.estimator = estimator
+        self.drift = drift
+        self.replica_id = replica_id
+        self.features = RequestFeatures()
+        cfg = settings.scheduler
+        self._budget_fraction = cfg.kv_budget_fraction
+        self._lease_ttl = settings.store.lease_ttl_s
+        #: per-tenant policy state on this replica (virtual tags for fair share)
+        self._states: dict[str, TenantState] = {}
+        self._held: dict[str, Admitted] = {}
+        self._learn: deque[tuple[dict[str, Any], float]] = deque(maxlen=10_000)
+        self._learn_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        #: refreshed by the capacity loop, read by /metrics and the admin API
+        self.depth_snapshot: dict[str, int] = {}
+        self.loads_snapshot: list[EngineLoad] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.publish_capacity()
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+            asyncio.create_task(self._capacity_loop(), name="capacity"),
+            asyncio.create_task(self._renew_loop(), name="hold-renewal"),
+            asyncio.create_task(self._learn_loop(), name="estimator-learning"),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+
+    # -- request path ----------------------------------------------------------------------
+    def features_of(self, tenant: Tenant, req: ParsedRequest) -> dict[str, Any]:
+        return self.features.transform_one({
+            "prompt": req.prompt_text, "prompt_tokens": req.prompt_tokens,
+            "tenant": tenant.name, "model": req.model, "n_messages": req.n_messages or 1,
+            "max_tokens": req.max_tokens,
+        })
+
+    def estimate(self, x: dict[str, Any], max_tokens: int | None) -> Estimate:
+        est = self.estimator.estimate_one(x)
+        if max_tokens is not None:
+            est = Estimate(min(est.p50, max_tokens), min(est.p90, max_tokens))
+        return est
+
+    def tenant_state(self, tenant: Tenant) -> TenantState:
+        level = self.settings.classes[tenant.qos_class].level
+        st = self._states.get(tenant.name)
+        if st is None or st.level != level:
+            st = TenantState(name=tenant.name, level=level, limit=tenant.max_concurrency,
+                             queue_timeout_s=tenant.queue_timeout_s,
+                             virtual_counter=st.virtual_counter if st else self._floor())
+            self._states[tenant.name] = st
+        if self.drift is not None:
+            self.drift.configure(tenant.name, level, tenant.max_concurrency)
+            st = self.drift.annotate(st)
+        return st
+
+    def _floor(self) -> float:
+        return min((s.virtual_counter for s in self._states.values()), default=0.0)
+
+    def _score(self, qreq: QueuedRequest, state: TenantState, now: float) -> float:
+        acc = self.policy.accounting
+        if self.policy.selector is None or acc is None:
+            return self.policy.ordering.key(qreq, state, now)
+        # Fair share on one global sorted set: start-time fair queueing tags. The tenant's
+        # tag is lifted to the floor (no banked credit after idling) and advanced by the
+        # request's predicted charge, so backlogged tenants interleave in weight ratio.
+        tag = max(state.virtual_counter, self._floor())
+        charged = acc.on_admit(replace(state, virtual_counter=tag), qreq, now)
+        self._states[state.name] = replace(self._states[state.name],
+                                           virtual_counter=charged.virtual_counter)
+        return tag
+
+    async def admit(
+        self, tenant: Tenant, req: ParsedRequest, rid: str, x: dict[str, Any], est: Estimate
+    ) -> Admitted:
+        """Queue the request and return once it is granted an engine.
+
+        ``x`` and ``est`` come from :meth:`features_of` and :meth:`estimate`. Raises
+        :class:`QueueTimeout` after ``tenant.queue_timeout_s``. Cancellation (client gone)
+        removes the item, or releases the grant if it raced with the cancel.
+        """
+        now = self.clock.time()
+        cls = self.settings.classes[tenant.qos_class]
+        state = self.tenant_state(tenant)
+        ttft = tenant.ttft_slo_ms if tenant.ttft_slo_ms is not None else cls.ttft_slo_ms
+        tpot = tenant.tpot_slo_ms if tenant.tpot_slo_ms is not None else cls.tpot_slo_ms
+        qreq = QueuedRequest(
+            id=rid, tenant=tenant.name, arrival=now, prompt_tokens=req.prompt_tokens,
+            predicted_output_p50=est.p50, predicted_output_p90=est.p90,
+            qos_class=tenant.qos_class, level=state.level, weight=tenant.weight,
+            max_tokens=req.max_tokens, ttft_slo_s=ttft / 1000 if ttft else None,
+            tpot_slo_s=tpot / 1000 if tpot else None, model=req.model,
+        )
+        item = QueueItem(
+            id=rid, tenant=tenant.name, replica=self.replica_id, model=req.model,
+            score=self._score(qreq, state, now), footprint=qreq.footprint,
+            concurrency_limit=state.limit, deadline=now + tenant.queue_timeout_s,
+        )
+        granted = False
+        try:
+            await self.queue.enqueue(item, now)
+        except StoreDown as e:
+            if not self.settings.store.fail_open:
+                raise StoreUnavailable("The admission queue's store is unavailable.") from e
+            log.warning("queue unavailable, admitting without scheduling (fail_open): %s", e)
+            bypass = Grant(rid, tenant.name, self.replica_id, "", qreq.footprint)
+            return Admitted(bypass, qreq, est, 0.0, {})
+        try:
+            try:
+                await self.queue.dispatch(now, self._lease_ttl)
+                res = await self.queue.wait(rid, tenant.queue_timeout_s + 0.5)
+            except StoreDown as e:
+                raise StoreUnavailable("The admission queue's store is unavailable.") from e
+            if not isinstance(res, Grant):
+                raise QueueTimeout(
+                    f"Request waited {tenant.queue_timeout_s:g}s in the queue of tenant "
+                    f"{tenant.name!r} without capacity becoming free.",
+                    retry_after_s=max(1.0, tenant.queue_timeout_s / 4),
+                )
+            granted = True
+            adm = Admitted(res, qreq, est, self.clock.time() - now, x)
+            self._held[rid] = adm
+            return adm
+        finally:
+            if not granted:
+                await asyncio.shield(self._withdraw(rid))
+
+    async def _withdraw(self, rid: str) -> None:
+        try:
+            if not await self.queue.cancel(rid):
+                await self.queue.release(rid)  # granted while we gave up: give it back
+        except Exception:
+            log.exception("withdrawing a queued request failed; its lease will expire")
+
+    async def grow(self, rid: str, delta_tokens: int) -> None:
+        """Charge tokens generated beyond the prediction to the engine, live."""
+        if delta_tokens and rid in self._held:
+            await self.queue.grow(rid, delta_tokens)
+
+    async def complete(self, adm: Admitted, actual_output: int | None) -> None:
+        """Release the hold; learn from the real output length (None: unknown, no learning)."""
+        rid = adm.grant.id
+        self._held.pop(rid, None)
+        x = adm.features
+        try:
+            await self.queue.release(rid)
+        except Exception:
+            log.exception("releasing a grant failed; its lease will expire")
+        if actual_output is None:
+            return
+        st = self._states.get(adm.qreq.tenant)
+        acc = self.policy.accounting
+        if st is not None and acc is not None:
+            self._states[st.name] = acc.on_complete(st, adm.qreq, actual_output, self.clock.time())
+        if self.drift is not None:
+            with contextlib.suppress(KeyError):
+                self.drift.observe(adm.qreq.tenant, adm.estimate.p50, actual_output)
+        if x:
+            self._learn.append((x, float(actual_output)))
+            self._learn_wake.set()
+
+    # -- background --------------------------------------------------------------------------
+    def capacities(self) -> list[EngineCapacity]:
+        out = []
+        for b in self.pool.backends():
+            budget = None
+            if b.kv_capacity_tokens is not None:
+                budget = max(1, math.floor(b.kv_capacity_tokens * self._budget_fraction))
+            out.append(EngineCapacity(b.name, tuple(b.models), budget, b.max_num_seqs, b.routable))
+        return out
+
+    async def publish_capacity(self) -> None:
+        await self.queue.set_engines(self.capacities(), self.clock.time(), ttl_s=5.0)
+
+    async def _capacity_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                await self.publish_capacity()
+                now = self.clock.time()
+                await self.queue.dispatch(now, self._lease_ttl)
+                self.depth_snapshot = await self.queue.depth()
+                self.loads_snapshot = await self.queue.loads(now)
+            except Exception:
+                log.exception("capacity publication failed")
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            try:
+                await self.queue.wait_capacity(0.25)
+                await self.queue.dispatch(self.clock.time(), self._lease_ttl)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("dispatch failed")
+                await asyncio.sleep(0.5)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ttl / 3)
+            if self._held:
+                try:
+                    await self.queue.renew(list(self._held), self.clock.time(), self._lease_ttl)
+                except Exception:
+                    log.exception("renewing holds failed")
+
+    async def _learn_loop(self) -> None:
+        """Learning happens here, off the request path, in small batches."""
+        while True:
+            await self._learn_wake.wait()
+            self._learn_wake.clear()
+            n = 0
+            while self._learn:
+                x, y = self._learn.popleft()
+                try:
+                    self.estimator.learn_one(x, y)
+                except Exception:
+                    log.exception("estimator learning failed")
+                n += 1
+                if n % 64 == 0:
+                    await asyncio.sleep(0)

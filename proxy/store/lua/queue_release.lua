@@ -1,0 +1,14 @@
+-- Free whatever an item holds, and dequeue it if still queued (AdmissionQueue.release).
+-- ARGV: channels, id. Returns 1 when something was freed.
+local id = ARGV[2]
+local freed = drop_hold(id)
+local raw = redis.call('HGET', K_ITEMS, id)
+if raw then
+  dequeue(id, cjson.decode(raw))
+  freed = true
+end
+if freed then
+  redis.call('PUBLISH', CH_CAPACITY, 'release')
+  return 1
+end
+return 0

@@ -1,0 +1,195 @@
+"""The admission-queue contract: value types and the :class:`AdmissionQueue` protocol.
+
+It answers one question: *which queued request may go to which engine now?* One global
+order over every queued request (``score``, lower first, then enqueue order) and one view of
+every engine's held capacity, shared by all gateway replicas. Two implementations satisfy it
+(``memory`` for one process, ``redis`` for N replicas); one contract test-suite
+(``tests/test_queue_contract.py``) runs against both, and a seeded random run checks that
+both make identical decisions.
+
+Time: every method that depends on time takes ``now`` (seconds since the epoch) from the
+caller's injected clock. Replicas sharing one Redis are assumed to have NTP-synchronised
+clocks; skew shifts lease and deadline expiry by the skew, nothing else.
+
+Concurrency: every method is safe to call concurrently from many tasks on one event loop,
+and (redis) from many replicas: each mutating method is one atomic step, so two replicas
+dispatching at once grant every item at most once and never over-commit an engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypeAlias
+
+
+@dataclass(frozen=True, slots=True)
+class QueueItem:
+    """A request waiting for admission."""
+
+    #: unique request id (also the id of its hold once granted)
+    id: str
+    tenant: str
+    #: the replica holding the client connection: its :meth:`AdmissionQueue.wait` gets the grant
+    replica: str
+    model: str
+    #: policy key, lower first; ties broken by enqueue order (a store-assigned sequence)
+    score: float
+    #: tokens held on the engine if admitted (prompt + conservative predicted output)
+    footprint: int
+    #: the tenant's (drift-adjusted) concurrency limit when enqueued; ``None`` = unlimited
+    concurrency_limit: int | None
+    #: absolute time; once ``now > deadline`` the item is dropped and reported ``"expired"``
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCapacity:
+    """What admission may put on one engine. ``None`` = unlimited."""
+
+    name: str
+    models: tuple[str, ...]
+    budget_tokens: int | None
+    max_seqs: int | None
+    #: False while the engine is draining, unhealthy or restarting
+    routable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An admitted item: it holds ``footprint`` tokens and one sequence on ``backend``."""
+
+    id: str
+    tenant: str
+    replica: str
+    backend: str
+    #: the footprint as granted (later :meth:`AdmissionQueue.grow` calls do not change it)
+    footprint: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """One engine's admission view: what the gateway holds on it and what it may hold."""
+
+    name: str
+    held_tokens: int
+    seqs: int
+    budget_tokens: int | None
+    max_seqs: int | None
+    #: routable as last reported *and* reported within its ``ttl_s``
+    routable: bool
+
+
+#: what :meth:`AdmissionQueue.wait` resolves to: the grant, ``"expired"``, or ``None``
+Outcome: TypeAlias = Grant | Literal["expired"]
+WaitResult: TypeAlias = Grant | Literal["expired"] | None
+
+
+class AdmissionQueue(Protocol):
+    """The global admission queue and engine-capacity ledger.
+
+    Lifecycle of an item: :meth:`enqueue` -> (:meth:`dispatch` grants it, or drops it as
+    expired, or :meth:`cancel` removes it) -> while granted it holds capacity under a lease
+    (:meth:`renew`, :meth:`grow`) -> :meth:`release`. Leases not renewed lapse and are
+    reclaimed, so a crashed replica cannot leak capacity.
+    """
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open connections, load scripts, subscribe. Raises on an unreachable backend."""
+
+    async def aclose(self) -> None:
+        """Release every resource; pending :meth:`wait` calls return ``None``. Idempotent."""
+
+    # -- engines -----------------------------------------------------------------------
+    async def set_engines(self, engines: list[EngineCapacity], now: float, ttl_s: float) -> None:
+        """Upsert the capacity view of ``engines``, each valid until ``now + ttl_s``.
+
+        An engine not refreshed within its ``ttl_s`` is treated as not routable. Leaving an
+        engine out of the list does not drop holds on it (they are freed by :meth:`release`
+        or lease expiry); an engine that is stale, unlisted and holds nothing is forgotten.
+        Any change of the view wakes :meth:`wait_capacity` everywhere.
+        """
+
+    # -- queue -------------------------------------------------------------------------
+    async def enqueue(self, item: QueueItem, now: float) -> None:
+        """Queue ``item`` behind every item with a lower score or the same score.
+
+        A no-op when ``item.id`` is already queued or holds a grant. Wakes
+        :meth:`wait_capacity` everywhere. An item enqueued past its deadline is dropped (and
+        reported ``"expired"``) by the next :meth:`dispatch`.
+        """
+
+    async def cancel(self, item_id: str) -> bool:
+        """Remove a queued item; ``False`` when it is not queued (granted: :meth:`release` it;
+        expired or unknown: nothing to do). Wakes :meth:`wait_capacity` when it was queued."""
+
+    async def dispatch(self, now: float, lease_ttl_s: float, max_grants: int = 64) -> list[Grant]:
+        """Admit what fits now, atomically, in (score, enqueue order); the grants made.
+
+        First, lapsed leases (expiry <= ``now``) are reclaimed and every queued item with
+        ``now > deadline`` is dropped, wherever it stands, and its replica is told
+        ``"expired"``. Then items are taken in order:
+
+        * its tenant holds ``>= concurrency_limit`` granted items: skipped, keeps its place;
+        * no routable, fresh engine serves ``item.model``: skipped, keeps its place;
+        * otherwise the candidate engines are those serving the model with ``seqs < max_seqs``
+          and ``held + footprint <= budget`` -- an engine holding nothing takes any one item,
+          so a request larger than every budget cannot block the queue until its deadline.
+          The one with the most free tokens wins (unlimited = most; ties: fewer seqs, then
+          name). Granted: the item leaves the queue, holds ``footprint`` tokens and one seq
+          on that engine under a lease expiring at ``now + lease_ttl_s``, counts in its
+          tenant's in-flight, and its replica is notified;
+        * no candidate has room: the item **blocks** every engine serving its model -- no
+          later item is granted on them (strict order: nothing overtakes the head). Items
+          whose engines are all blocked keep their places. With a single model this is
+          "stop at the head"; with several, a full model does not stall the others.
+
+        Stops after ``max_grants`` grants or once every usable engine is blocked. An empty
+        list means nothing could be admitted now. Grants for any replica are returned.
+        """
+
+    async def wait(self, item_id: str, timeout_s: float) -> WaitResult:
+        """This replica's outcome for ``item_id``: its :class:`Grant`, ``"expired"``, or ``None``.
+
+        Resolves as soon as this replica is told of the outcome (redis: one pub/sub
+        subscription per instance). An outcome reached before the call is not lost: it is
+        kept in a replica-local mailbox and in the shared state, which is checked first.
+        ``None`` after ``timeout_s``, at once when ``item_id`` is neither queued nor granted
+        nor recently expired (cancelled, released, unknown), and after :meth:`aclose`.
+        """
+
+    # -- holds -------------------------------------------------------------------------
+    async def release(self, item_id: str) -> None:
+        """Free whatever ``item_id`` holds: its engine tokens and seq and its tenant's
+        in-flight slot (also dequeues it if still queued). Idempotent. Wakes
+        :meth:`wait_capacity` everywhere when something was freed."""
+
+    async def grow(self, item_id: str, delta_tokens: int) -> None:
+        """Charge ``delta_tokens`` more (or, negative, fewer) to the hold's engine.
+
+        The footprint never goes below 0 and may exceed the engine's budget (live token
+        drift): the engine then admits nothing new until it drains. A no-op when not held.
+        A decrease wakes :meth:`wait_capacity` everywhere.
+        """
+
+    async def renew(self, item_ids: list[str], now: float, lease_ttl_s: float) -> int:
+        """Extend the leases of holds still held at ``now`` to ``now + lease_ttl_s`` (never
+        shortening one); returns how many were still held."""
+
+    async def wait_capacity(self, timeout_s: float) -> None:
+        """Return on the next enqueue / cancel / release / grow-down / engine-view change
+        notification (from any replica), or after ``timeout_s``. Spurious wake-ups are
+        allowed; lease expiry is not notified, so dispatch loops use a finite timeout."""
+
+    # -- views -------------------------------------------------------------------------
+    async def loads(self, now: float) -> list[EngineLoad]:
+        """Every known engine (in the view or still holding something), sorted by name,
+        after reclaiming lapsed leases. An engine only known by its holds reports
+        ``budget_tokens=None, max_seqs=None, routable=False``."""
+
+    async def depth(self) -> dict[str, int]:
+        """Queued items per tenant (tenants with none are absent). Items past their
+        deadline count until the next :meth:`dispatch` drops them."""
+
+    async def in_flight(self, tenant: str, now: float) -> int:
+        """Granted items of ``tenant`` whose lease is live at ``now`` (reclaims lapsed ones)."""

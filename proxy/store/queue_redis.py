@@ -1,0 +1,374 @@
+"""The shared admission queue: Redis, for N gateway replicas with one order and one ledger.
+
+Why choose it: more than one gateway process in front of one engine pool. Every step that
+changes the queue or the ledger is one Lua script (``lua/common.lua`` + ``lua/queue_common.lua``
++ ``lua/queue_<name>.lua``, loaded once, run by EVALSHA), so replicas that dispatch at the
+same moment grant each item once and never over-commit an engine. Holds are leases: a
+crashed replica's capacity comes back when its leases lapse. Each instance holds ONE pub/sub
+connection, subscribed to its replica's outcome channel and to the capacity channel; its
+reader task fills the replica-local mailbox and rings the capacity bell.
+
+Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
+
+* ``P:{q}:queue`` zset ``"<seq:016d>:<id>"`` -> score (equal scores keep enqueue order);
+  ``:items`` hash id -> item JSON ``{t, r, m, f, c?, q}``; ``:deadlines`` zset id ->
+  deadline; ``:seq`` enqueue counter; ``:depth`` hash tenant -> queued items.
+* ``P:{q}:engines`` hash name -> capacity JSON; ``:fresh`` hash name -> valid-until;
+  ``:held`` / ``:seqs`` hash engine -> tokens / sequences held.
+* ``P:{q}:holds`` hash id -> hold JSON ``{e, t, r, f, g}`` (current and granted
+  footprint; this is also the stored grant :meth:`RedisQueue.wait` reads first);
+  ``:leases`` zset id -> expiry; ``:inflight`` hash tenant -> holds; ``:expired`` zset
+  id -> when it expired (kept ``expired_memory_s`` for late waiters).
+* channels (not keys) ``P:queue:replica:<replica>`` (JSON outcome) and
+  ``P:queue:capacity``.
+
+Redis Cluster trade-off: one hash tag puts the whole queue and ledger on one shard, so a
+dispatch sees one global order and one capacity view atomically; that shard carries all
+admission traffic (a few scripts per request). Sharding by model or engine group would
+scale further but gives up strict cross-shard order; not needed below ~10k admissions/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from proxy.store.queue_base import (
+    EngineCapacity,
+    EngineLoad,
+    Grant,
+    Outcome,
+    QueueItem,
+    WaitResult,
+)
+from proxy.store.queue_mailbox import Bell, Mailbox, Snapshot
+from proxy.store.redis import _num, _str, _unavailable_on_io_error
+
+TYPE = "redis"
+
+log = logging.getLogger("driftsched.store.queue")
+
+_SCRIPTS = (
+    "enqueue",
+    "cancel",
+    "dispatch",
+    "release",
+    "grow",
+    "renew",
+    "set_engines",
+    "loads",
+    "in_flight",
+)
+_KEYS = (
+    "seq",
+    "queue",
+    "items",
+    "deadlines",
+    "depth",
+    "engines",
+    "fresh",
+    "held",
+    "seqs",
+    "holds",
+    "leases",
+    "inflight",
+    "expired",
+)
+#: how long an "expired" outcome stays visible to a late :meth:`RedisQueue.wait`
+EXPIRED_MEMORY_S = 600.0
+
+
+def _load_script(name: str) -> str:
+    lua = resources.files("proxy.store").joinpath("lua")
+    parts = ("common.lua", "queue_common.lua", f"queue_{name}.lua")
+    return "\n".join(lua.joinpath(p).read_text() for p in parts)
+
+
+def _capacity_json(cap: EngineCapacity) -> str:
+    d = {
+        "budget_tokens": cap.budget_tokens,
+        "max_seqs": cap.max_seqs,
+        "models": list(cap.models),
+        "routable": cap.routable,
+    }
+    return json.dumps(d, separators=(",", ":"), sort_keys=True)
+
+
+def _item_json(item: QueueItem) -> str:
+    d: dict[str, Any] = {
+        "t": item.tenant,
+        "r": item.replica,
+        "m": item.model,
+        "f": int(item.footprint),
+    }
+    if item.concurrency_limit is not None:
+        d["c"] = int(item.concurrency_limit)
+    return json.dumps(d, separators=(",", ":"))
+
+
+def _outcome(raw: str, replica: str) -> tuple[str, Outcome] | None:
+    """An outcome message from ``replica``'s channel: ``(item id, outcome)``."""
+    msg = json.loads(raw)
+    if msg.get("k") == "x":
+        return str(msg["id"]), "expired"
+    if msg.get("k") == "g":
+        grant = Grant(str(msg["id"]), str(msg["t"]), replica, str(msg["e"]), int(msg["f"]))
+        return grant.id, grant
+    return None
+
+
+class RedisQueue:
+    """:class:`~proxy.store.queue_base.AdmissionQueue` on Redis. Safe for many tasks and
+    many processes; ``replica_id`` must be unique among live replicas (it routes grants).
+
+    ``client``: an already configured ``redis.asyncio.Redis`` to share (e.g. the store's;
+    not closed by :meth:`aclose`); otherwise the queue opens its own pool from ``url``. A
+    refused, lost or timed-out connection surfaces as
+    :class:`~proxy.store.base.StoreUnavailable`.
+    """
+
+    def __init__(
+        self,
+        replica_id: str,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "driftsched",
+        client: Redis | None = None,
+        max_connections: int = 64,
+        socket_timeout_s: float = 5.0,
+    ) -> None:
+        self.replica_id = replica_id
+        self._url = url
+        self._keys = [f"{prefix}:{{q}}:{k}" for k in _KEYS]
+        self._channels = f"{prefix}:queue:"
+        self._mine = f"{self._channels}replica:{replica_id}"
+        self._capacity = f"{self._channels}capacity"
+        self._client = client
+        self._owns_client = client is None
+        self._max_connections = max_connections
+        self._socket_timeout_s = socket_timeout_s
+        self._sources = {name: _load_script(name) for name in _SCRIPTS}
+        self._scripts: dict[str, AsyncScript] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._mailbox = Mailbox()
+        self._bell = Bell()
+        self._started = False
+        self._closed = False
+
+    def key(self, name: str) -> str:
+        """The full Redis key of ``name`` (one of the layout's keys)."""
+        return self._keys[_KEYS.index(name)]
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def start(self) -> None:
+        if self._started:
+            return
+        if self._closed:
+            raise RuntimeError("RedisQueue was closed; build a new one")
+        if self._client is None:
+            pool = BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=self._max_connections,
+                timeout=self._socket_timeout_s,
+                decode_responses=True,
+                socket_timeout=self._socket_timeout_s,
+                socket_connect_timeout=self._socket_timeout_s,
+            )
+            self._client = Redis.from_pool(pool)
+        try:
+            for name, source in self._sources.items():
+                await self._client.script_load(source)
+                self._scripts[name] = self._client.register_script(source)
+            self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(self._mine, self._capacity)
+            if self._pubsub.connection is not None:
+                self._pubsub.connection.register_connect_callback(self._on_pubsub_connect)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._reader = asyncio.create_task(
+            self._read_notifications(self._pubsub), name=f"queue-reader-{self.replica_id}"
+        )
+        self._started = True
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._mailbox.close()
+        self._bell.ring()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._pubsub is not None:
+            try:
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            except RedisError as e:  # the connection is going away anyway
+                log.debug("closing the queue subscription: %s", e)
+        if self._client is not None and self._owns_client:
+            await self._client.aclose()
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            raise RuntimeError("RedisQueue.start() must be awaited first")
+        return await script(keys=self._keys, args=[self._channels, *args])
+
+    # -- notifications -------------------------------------------------------------------
+    async def _read_notifications(self, pubsub: PubSub) -> None:
+        delay = 0.1
+        while True:
+            try:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            except RedisError as e:
+                log.warning("queue channel lost (%s); retrying in %.1fs", e, delay)
+                self._lost_messages()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            if msg is None or msg.get("type") != "message":
+                continue
+            if _str(msg["channel"]) == self._capacity:
+                self._bell.ring()
+                continue
+            try:
+                got = _outcome(_str(msg["data"]), self.replica_id)
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring a malformed queue message: %r", e)
+                continue
+            if got is not None:
+                self._mailbox.deliver(*got)
+
+    def _lost_messages(self) -> None:
+        self._bell.ring()
+        self._mailbox.wake_all()  # waiters re-read the shared state
+
+    async def _on_pubsub_connect(self, connection: Connection) -> None:
+        """Called by redis-py on every (re)connection of the subscription."""
+        self._lost_messages()
+
+    async def wait_capacity(self, timeout_s: float) -> None:
+        await self._bell.wait(timeout_s)
+
+    # -- engines -------------------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def set_engines(self, engines: list[EngineCapacity], now: float, ttl_s: float) -> None:
+        pairs = [x for cap in engines for x in (cap.name, _capacity_json(cap))]
+        await self._run("set_engines", _num(now), _num(now + ttl_s), *pairs)
+
+    # -- queue ---------------------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def enqueue(self, item: QueueItem, now: float) -> None:
+        await self._run(
+            "enqueue",
+            item.id,
+            _num(float(item.score)),
+            _num(float(item.deadline)),
+            _item_json(item),
+        )
+
+    @_unavailable_on_io_error
+    async def cancel(self, item_id: str) -> bool:
+        self._mailbox.discard(item_id)
+        return bool(await self._run("cancel", item_id))
+
+    @_unavailable_on_io_error
+    async def dispatch(self, now: float, lease_ttl_s: float, max_grants: int = 64) -> list[Grant]:
+        raw_grants, expired = await self._run(
+            "dispatch",
+            _num(now),
+            _num(lease_ttl_s),
+            str(int(max_grants)),
+            self.replica_id,
+            _num(EXPIRED_MEMORY_S),
+        )
+        grants = [
+            Grant(_str(i), _str(t), _str(r), _str(e), int(_str(f))) for i, t, r, e, f in raw_grants
+        ]
+        for g in grants:
+            if g.replica == self.replica_id:
+                self._mailbox.deliver(g.id, g)
+        for item_id in expired:
+            self._mailbox.deliver(_str(item_id), "expired")
+        return grants
+
+    @_unavailable_on_io_error
+    async def _snapshot(self, item_id: str) -> Snapshot:
+        pipe = self._client_or_raise().pipeline(transaction=True)
+        pipe.hget(self.key("holds"), item_id)
+        pipe.zscore(self.key("expired"), item_id)
+        pipe.hexists(self.key("items"), item_id)
+        hold, expired, queued = await pipe.execute()
+        if hold is not None:
+            h = json.loads(_str(hold))
+            return Grant(item_id, str(h["t"]), str(h["r"]), str(h["e"]), int(h["g"]))
+        if expired is not None:
+            return "expired"
+        return "queued" if queued else None
+
+    async def wait(self, item_id: str, timeout_s: float) -> WaitResult:
+        return await self._mailbox.wait(item_id, timeout_s, lambda: self._snapshot(item_id))
+
+    def _client_or_raise(self) -> Redis:
+        if self._client is None or not self._scripts:
+            raise RuntimeError("RedisQueue.start() must be awaited first")
+        return self._client
+
+    # -- holds ---------------------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def release(self, item_id: str) -> None:
+        self._mailbox.discard(item_id)
+        await self._run("release", item_id)
+
+    @_unavailable_on_io_error
+    async def grow(self, item_id: str, delta_tokens: int) -> None:
+        if delta_tokens:
+            await self._run("grow", item_id, str(int(delta_tokens)))
+
+    @_unavailable_on_io_error
+    async def renew(self, item_ids: list[str], now: float, lease_ttl_s: float) -> int:
+        if not item_ids:
+            return 0
+        return int(await self._run("renew", _num(now), _num(lease_ttl_s), *item_ids))
+
+    # -- views ---------------------------------------------------------------------------
+    @_unavailable_on_io_error
+    async def loads(self, now: float) -> list[EngineLoad]:
+        out: list[EngineLoad] = []
+        for name, held, seqs, cap_json, fresh in await self._run("loads", _num(now)):
+            cap_raw, fresh_raw = _str(cap_json), _str(fresh)
+            n_held, n_seqs = int(_str(held)), int(_str(seqs))
+            if not cap_raw:
+                out.append(EngineLoad(_str(name), n_held, n_seqs, None, None, False))
+                continue
+            cap = json.loads(cap_raw)
+            routable = bool(cap["routable"]) and now < float(fresh_raw or "0")
+            out.append(
+                EngineLoad(
+                    _str(name), n_held, n_seqs, cap["budget_tokens"], cap["max_seqs"], routable
+                )
+            )
+        return sorted(out, key=lambda load: load.name)
+
+    @_unavailable_on_io_error
+    async def depth(self) -> dict[str, int]:
+        raw = await self._client_or_raise().hgetall(self.key("depth"))
+        return {_str(t): int(n) for t, n in raw.items()}
+
+    @_unavailable_on_io_error
+    async def in_flight(self, tenant: str, now: float) -> int:
+        return int(await self._run("in_flight", _num(now), tenant))

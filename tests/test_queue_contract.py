@@ -1,0 +1,482 @@
+"""The AdmissionQueue contract, run against every implementation (memory and a real redis).
+
+Time is driven through the ``now`` arguments; nothing sleeps except the wake-up checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.config import StoreConfig
+from proxy.store.queue_base import AdmissionQueue, EngineCapacity, EngineLoad, Grant, QueueItem
+from proxy.store.queues import build_queue
+
+T0 = 1_700_000_000.0
+TTL = 30.0
+ENGINE_TTL = 10.0
+REPLICA = "r1"
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def queue(request: pytest.FixtureRequest) -> AsyncIterator[AdmissionQueue]:
+    if request.param == "memory":
+        cfg = StoreConfig(type="memory")
+    else:
+        url = request.getfixturevalue("redis_server")
+        cfg = StoreConfig(type="redis", url=url, prefix=request.getfixturevalue("redis_prefix"))
+    q = build_queue(cfg, REPLICA)
+    await q.start()
+    try:
+        yield q
+    finally:
+        await q.aclose()
+
+
+def make_item(
+    item_id: str,
+    score: float = 0.0,
+    *,
+    tenant: str = "acme",
+    footprint: int = 100,
+    limit: int | None = None,
+    model: str = "m",
+    deadline: float = T0 + 60,
+    replica: str = REPLICA,
+) -> QueueItem:
+    return QueueItem(item_id, tenant, replica, model, score, footprint, limit, deadline)
+
+
+def make_engine(
+    name: str = "e1",
+    budget: int | None = 1000,
+    max_seqs: int | None = None,
+    *,
+    models: tuple[str, ...] = ("m",),
+    routable: bool = True,
+) -> EngineCapacity:
+    return EngineCapacity(name, models, budget, max_seqs, routable)
+
+
+async def enqueue(q: AdmissionQueue, *items: QueueItem, now: float = T0) -> None:
+    for item in items:
+        await q.enqueue(item, now)
+
+
+async def dispatch_ids(
+    q: AdmissionQueue, now: float = T0, max_grants: int = 64, ttl: float = TTL
+) -> list[str]:
+    return [g.id for g in await q.dispatch(now, ttl, max_grants)]
+
+
+def load_of(loads: list[EngineLoad], name: str) -> tuple[int, int]:
+    (found,) = [load for load in loads if load.name == name]
+    return found.held_tokens, found.seqs
+
+
+# -- order ------------------------------------------------------------------------------------
+async def test_empty_queue_and_no_engines(queue: AdmissionQueue) -> None:
+    assert await queue.dispatch(T0, TTL) == []
+    assert await queue.depth() == {}
+    assert await queue.loads(T0) == []
+    await enqueue(queue, make_item("a"))
+    assert await queue.dispatch(T0, TTL) == []  # no engine at all: nothing, no error
+    assert await queue.depth() == {"acme": 1}
+
+
+async def test_strict_order_by_score(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("c", 3.0), make_item("a", -1.5), make_item("b", 2.0))
+    assert await dispatch_ids(queue, max_grants=1) == ["a"]
+    assert await dispatch_ids(queue) == ["b", "c"]
+    assert await queue.depth() == {}
+
+
+async def test_ties_broken_by_enqueue_order(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    ids = ["z", "b", "y", "a", "x"]
+    await enqueue(queue, *(make_item(i, 1.0) for i in ids), make_item("first", 0.5))
+    assert await dispatch_ids(queue) == ["first", *ids]
+
+
+async def test_grant_fields_and_depth(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", tenant="acme"), make_item("b", 1, tenant="zeta"))
+    assert await queue.depth() == {"acme": 1, "zeta": 1}
+    grants = await queue.dispatch(T0, TTL)
+    assert grants == [
+        Grant("a", "acme", REPLICA, "e1", 100),
+        Grant("b", "zeta", REPLICA, "e1", 100),
+    ]
+    assert await queue.depth() == {}
+    assert await queue.in_flight("acme", T0) == 1
+    assert load_of(await queue.loads(T0), "e1") == (200, 2)
+
+
+async def test_enqueue_twice_is_a_noop(queue: AdmissionQueue) -> None:
+    await enqueue(queue, make_item("a", 5.0), make_item("b", 6.0), make_item("a", 0.0))
+    assert await queue.depth() == {"acme": 2}
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    assert await dispatch_ids(queue) == ["a", "b"]  # "a" kept its first score
+    await enqueue(queue, make_item("a", 0.0))  # granted: still a no-op
+    assert await queue.depth() == {}
+
+
+async def test_max_grants(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    await enqueue(queue, *(make_item(f"i{n}", n) for n in range(5)))
+    assert await dispatch_ids(queue, max_grants=2) == ["i0", "i1"]
+    assert await dispatch_ids(queue, max_grants=0) == []
+    assert await dispatch_ids(queue) == ["i2", "i3", "i4"]
+
+
+# -- tenant concurrency -------------------------------------------------------------------------
+async def test_tenant_at_its_limit_is_skipped_and_keeps_its_place(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a1", 0, limit=1), make_item("a2", 1, limit=1))
+    await enqueue(queue, make_item("z1", 2, tenant="zeta"))
+    assert await dispatch_ids(queue) == ["a1", "z1"]  # a2 skipped, z1 behind it admitted
+    assert await queue.depth() == {"acme": 1}
+    assert await queue.in_flight("acme", T0) == 1
+
+
+async def test_concurrency_skip_then_release_restores_order(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a1", 0, limit=1), make_item("a2", 1, limit=1))
+    assert await dispatch_ids(queue) == ["a1"]
+    await enqueue(queue, make_item("z1", 2, tenant="zeta"), make_item("z2", 3, tenant="zeta"))
+    assert await dispatch_ids(queue, max_grants=1) == ["z1"]
+    await queue.release("a1")
+    assert await dispatch_ids(queue) == ["a2", "z2"]  # a2 kept its place ahead of z2
+    assert await queue.in_flight("acme", T0) == 1
+
+
+async def test_limit_is_per_item_and_zero_never_admits(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a0", 0, limit=0), make_item("a1", 1, limit=2))
+    await enqueue(queue, make_item("a2", 2, limit=2), make_item("a3", 3, limit=None))
+    assert await dispatch_ids(queue) == ["a1", "a2", "a3"]  # unlimited ignores in-flight
+    assert await queue.depth() == {"acme": 1}
+
+
+# -- capacity -----------------------------------------------------------------------------------
+async def test_head_of_line_blocks_smaller_items(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("held", 0, footprint=700))
+    assert await dispatch_ids(queue) == ["held"]
+    await enqueue(queue, make_item("big", 1, footprint=400), make_item("small", 2, footprint=10))
+    assert await dispatch_ids(queue) == []  # small fits but must not overtake big
+    await queue.release("held")
+    assert await dispatch_ids(queue) == ["big", "small"]
+    assert load_of(await queue.loads(T0), "e1") == (410, 2)
+
+
+async def test_footprint_equal_to_free_space_fits(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", 0, footprint=600), make_item("b", 1, footprint=400))
+    await enqueue(queue, make_item("c", 2, footprint=1))
+    assert await dispatch_ids(queue) == ["a", "b"]
+
+
+async def test_oversize_item_goes_to_an_empty_engine(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("small", 0, footprint=10), make_item("huge", 1, footprint=5000))
+    await enqueue(queue, make_item("after", 2, footprint=10))
+    assert await dispatch_ids(queue) == ["small"]  # huge waits for an empty engine
+    await queue.release("small")
+    assert await dispatch_ids(queue) == ["huge"]
+    assert load_of(await queue.loads(T0), "e1") == (5000, 1)
+
+
+async def test_most_free_tokens_wins(queue: AdmissionQueue) -> None:
+    engines = [make_engine("e1", 1000), make_engine("e2", 2000), make_engine("e3", 500)]
+    await queue.set_engines(engines, T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", 0, footprint=1500), make_item("b", 1, footprint=300))
+    await enqueue(queue, make_item("c", 2, footprint=300), make_item("d", 3, footprint=300))
+    grants = await queue.dispatch(T0, TTL)
+    # a: e2 (2000 free; 500 left); b: e1 (1000; 700 left); c: e1 (700; 400 left);
+    # d: e2 and e3 both have 500 free, e3 has fewer seqs
+    assert [(g.id, g.backend) for g in grants] == [
+        ("a", "e2"),
+        ("b", "e1"),
+        ("c", "e1"),
+        ("d", "e3"),
+    ]
+
+
+async def test_ties_on_free_tokens_go_to_fewer_seqs_then_name(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("b", None), make_engine("a", None)], T0, ENGINE_TTL)
+    await enqueue(queue, *(make_item(f"i{n}", n) for n in range(4)))
+    grants = await queue.dispatch(T0, TTL)
+    assert [g.backend for g in grants] == ["a", "b", "a", "b"]
+
+
+async def test_max_seqs(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", None, max_seqs=2)], T0, ENGINE_TTL)
+    await enqueue(queue, *(make_item(f"i{n}", n, footprint=1) for n in range(4)))
+    assert await dispatch_ids(queue) == ["i0", "i1"]
+    await queue.release("i0")
+    assert await dispatch_ids(queue) == ["i2"]
+    assert load_of(await queue.loads(T0), "e1") == (2, 2)
+
+
+async def test_max_seqs_overrides_the_empty_engine_rule(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 10, max_seqs=0)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", footprint=100))
+    assert await dispatch_ids(queue) == []
+
+
+async def test_non_routable_and_stale_engines_are_ignored(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("off", None, routable=False)], T0, ENGINE_TTL)
+    await queue.set_engines([make_engine("old", None)], T0 - 20, ENGINE_TTL)  # stale at T0
+    await enqueue(queue, make_item("a"))
+    assert await dispatch_ids(queue) == []
+    loads = {load.name: load.routable for load in await queue.loads(T0)}
+    assert loads == {"off": False, "old": False}
+    assert await dispatch_ids(queue, now=T0 - 15) == ["a"]  # "old" was fresh back then
+
+
+async def test_engine_fresh_until_exactly_ttl(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", None)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", 0), make_item("b", 1))
+    assert await dispatch_ids(queue, now=T0 + ENGINE_TTL - 0.001, max_grants=1) == ["a"]
+    assert await dispatch_ids(queue, now=T0 + ENGINE_TTL) == []
+    await queue.set_engines([make_engine("e1", None)], T0 + ENGINE_TTL, ENGINE_TTL)
+    assert await dispatch_ids(queue, now=T0 + ENGINE_TTL) == ["b"]
+
+
+async def test_unserved_model_is_skipped_not_blocking(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("other", 0, model="nobody-serves-me"), make_item("a", 1))
+    assert await dispatch_ids(queue) == ["a"]
+    assert await queue.depth() == {"acme": 1}
+    await queue.set_engines([make_engine("e2", 100, models=("nobody-serves-me",))], T0, 5)
+    assert await dispatch_ids(queue) == ["other"]  # it kept its place until an engine came
+
+
+async def test_a_full_model_does_not_stall_other_models(queue: AdmissionQueue) -> None:
+    engines = [
+        make_engine("ea", 100, models=("a",)),
+        make_engine("eb", 100, models=("b",)),
+        make_engine("eab", 100, models=("a", "b")),
+    ]
+    await queue.set_engines(engines, T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a1", 0, model="a", footprint=100))
+    await enqueue(queue, make_item("a2", 1, model="a", footprint=100))
+    await enqueue(queue, make_item("a3", 2, model="a", footprint=100))  # blocks ea and eab
+    await enqueue(queue, make_item("b1", 3, model="b", footprint=50))  # only eb is open to it
+    await enqueue(queue, make_item("b2", 4, model="b", footprint=50))
+    await enqueue(queue, make_item("b3", 5, model="b", footprint=50))  # eb full: all blocked
+    grants = await queue.dispatch(T0, TTL)
+    assert [(g.id, g.backend) for g in grants] == [
+        ("a1", "ea"),
+        ("a2", "eab"),
+        ("b1", "eb"),
+        ("b2", "eb"),
+    ]
+    await queue.release("b1")
+    assert await dispatch_ids(queue) == ["b3"]  # a3 still waits; eab stays reserved for it
+
+
+async def test_removing_an_engine_keeps_its_holds(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 1000), make_engine("e2", 10)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", footprint=400))
+    assert [g.backend for g in await queue.dispatch(T0, TTL)] == ["e1"]
+    await queue.set_engines([make_engine("e2", 10)], T0 + 11, ENGINE_TTL)
+    loads = await queue.loads(T0 + 11)
+    assert [(x.name, x.held_tokens, x.seqs, x.routable) for x in loads] == [
+        ("e1", 400, 1, False),
+        ("e2", 0, 0, True),
+    ]
+    await queue.release("a")
+    await queue.set_engines([make_engine("e2", 10)], T0 + 12, ENGINE_TTL)
+    assert [x.name for x in await queue.loads(T0 + 12)] == ["e2"]  # stale + empty: forgotten
+
+
+# -- expiry and cancel --------------------------------------------------------------------------
+async def test_items_past_their_deadline_expire(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 100)], T0, 100)
+    await enqueue(queue, make_item("head", 0, footprint=100), make_item("blocked", 1))
+    await enqueue(queue, make_item("late", 2, deadline=T0 + 5, tenant="zeta"))
+    assert await dispatch_ids(queue) == ["head"]
+    assert await dispatch_ids(queue, now=T0 + 5) == []  # now == deadline: still queued
+    assert await queue.depth() == {"acme": 1, "zeta": 1}
+    assert await dispatch_ids(queue, now=T0 + 5.001) == []  # dropped though behind the head
+    assert await queue.depth() == {"acme": 1}
+    assert await queue.wait("late", 1.0) == "expired"  # reported after the fact too
+    assert await queue.cancel("late") is False
+
+
+async def test_expiry_wakes_a_waiter(queue: AdmissionQueue) -> None:
+    await enqueue(queue, make_item("a", deadline=T0))
+    waiter = asyncio.create_task(queue.wait("a", 5.0))
+    await asyncio.sleep(0.02)
+    await queue.dispatch(T0 + 1, TTL)
+    assert await asyncio.wait_for(waiter, 2.0) == "expired"
+
+
+async def test_cancel(queue: AdmissionQueue) -> None:
+    await enqueue(queue, make_item("a", 0), make_item("b", 1))
+    assert await queue.cancel("a") is True
+    assert await queue.cancel("a") is False
+    assert await queue.cancel("nobody") is False
+    assert await queue.depth() == {"acme": 1}
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    assert await dispatch_ids(queue) == ["b"]
+    assert await queue.cancel("b") is False  # granted: release it instead
+    assert await queue.wait("a", 1.0) is None  # cancelled: nothing to wait for
+
+
+async def test_cancelling_the_blocking_head_unblocks(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 100)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("h", 0, footprint=60), make_item("big", 1, footprint=60))
+    await enqueue(queue, make_item("s", 2, footprint=40))
+    assert await dispatch_ids(queue) == ["h"]
+    assert await queue.cancel("big")
+    assert await dispatch_ids(queue) == ["s"]
+
+
+# -- holds: release, grow, leases ---------------------------------------------------------------
+async def test_release_frees_and_is_idempotent(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", footprint=300), make_item("b", 1, footprint=200))
+    await queue.dispatch(T0, TTL)
+    await queue.release("a")
+    await queue.release("a")
+    await queue.release("nobody")
+    assert load_of(await queue.loads(T0), "e1") == (200, 1)
+    assert await queue.in_flight("acme", T0) == 1
+    await queue.release("b")
+    assert load_of(await queue.loads(T0), "e1") == (0, 0)
+    assert await queue.in_flight("acme", T0) == 0
+
+
+async def test_release_of_a_queued_item_dequeues_it(queue: AdmissionQueue) -> None:
+    await enqueue(queue, make_item("a"))
+    await queue.release("a")
+    assert await queue.depth() == {}
+
+
+async def test_release_enqueue_and_cancel_wake_capacity_waiters(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a"))
+    await queue.dispatch(T0, TTL)
+    loop = asyncio.get_running_loop()
+    for action in (queue.release("a"), queue.enqueue(make_item("b"), T0), queue.cancel("b")):
+        waiters = [asyncio.create_task(queue.wait_capacity(10.0)) for _ in range(3)]
+        await asyncio.sleep(0.02)
+        started = loop.time()
+        await action
+        await asyncio.wait_for(asyncio.gather(*waiters), 2.0)
+        assert loop.time() - started < 2.0
+
+
+async def test_wait_capacity_times_out(queue: AdmissionQueue) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await queue.wait_capacity(0.05)
+    assert 0.04 <= loop.time() - started < 1.0
+
+
+async def test_grow_charges_the_engine(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", 0, footprint=500), make_item("b", 1, footprint=400))
+    assert await dispatch_ids(queue) == ["a", "b"]
+    await enqueue(queue, make_item("c", 2, footprint=100))
+    await queue.grow("a", 150)  # drift: 1050 held of 1000
+    assert load_of(await queue.loads(T0), "e1") == (1050, 2)
+    assert await dispatch_ids(queue) == []
+    await queue.grow("a", -10_000)  # never below 0
+    assert load_of(await queue.loads(T0), "e1") == (400, 2)
+    assert await dispatch_ids(queue) == ["c"]
+    await queue.grow("nobody", 5)
+    await queue.release("a")  # frees what it holds now (0), not what it was granted
+    assert load_of(await queue.loads(T0), "e1") == (500, 2)
+
+
+async def test_grant_keeps_its_granted_footprint(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", footprint=100))
+    await queue.dispatch(T0, TTL)
+    await queue.grow("a", 50)
+    assert await queue.wait("a", 1.0) == Grant("a", "acme", REPLICA, "e1", 100)
+
+
+async def test_lapsed_leases_are_reclaimed(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 1000)], T0, 100)
+    await enqueue(queue, make_item("a", 0, footprint=600, limit=1))
+    await enqueue(queue, make_item("b", 1, footprint=600, limit=1))
+    assert await dispatch_ids(queue, ttl=10.0) == ["a"]
+    assert await queue.in_flight("acme", T0 + 9.9) == 1
+    assert await dispatch_ids(queue, now=T0 + 9.9) == []
+    # the replica holding "a" crashed: nobody renews, the lease lapses at T0 + 10
+    assert await queue.in_flight("acme", T0 + 10) == 0
+    assert load_of(await queue.loads(T0 + 10), "e1") == (0, 0)
+    assert await dispatch_ids(queue, now=T0 + 10) == ["b"]
+    await queue.release("a")  # late release of a reclaimed hold changes nothing
+    assert load_of(await queue.loads(T0 + 10), "e1") == (600, 1)
+    assert await queue.renew(["a"], T0 + 10, 10.0) == 0
+
+
+async def test_renew_extends_only_holds_still_held(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", None)], T0, 100)
+    await enqueue(queue, make_item("a", 0), make_item("b", 1), make_item("c", 2))
+    await queue.dispatch(T0, 10.0)
+    await queue.release("b")
+    assert await queue.renew(["a", "b", "nobody"], T0 + 5, 10.0) == 1
+    assert await queue.in_flight("acme", T0 + 14.9) == 1  # c lapsed at T0 + 10
+    assert await queue.renew(["a"], T0 + 6, 1.0) == 1  # never shortens
+    assert await queue.in_flight("acme", T0 + 14.9) == 1
+    assert await queue.in_flight("acme", T0 + 15) == 0
+    assert await queue.renew([], T0, 10.0) == 0
+
+
+# -- wait -----------------------------------------------------------------------------------------
+async def test_wait_gets_a_grant_made_before_it_was_called(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", None)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a"), make_item("b", 1))
+    await queue.dispatch(T0, TTL)
+    await asyncio.sleep(0.02)
+    assert await queue.wait("a", 0.01) == Grant("a", "acme", REPLICA, "e1", 100)
+    assert await queue.wait("a", 0.01) == Grant("a", "acme", REPLICA, "e1", 100)  # still held
+    assert await queue.wait("b", 0.01) == Grant("b", "acme", REPLICA, "e1", 100)
+
+
+async def test_wait_is_woken_by_dispatch(queue: AdmissionQueue) -> None:
+    await enqueue(queue, make_item("a"))
+    waiters = [asyncio.create_task(queue.wait("a", 5.0)) for _ in range(2)]
+    await asyncio.sleep(0.02)
+    await queue.set_engines([make_engine("e1", None)], T0, ENGINE_TTL)
+    await queue.dispatch(T0, TTL)
+    results = await asyncio.wait_for(asyncio.gather(*waiters), 2.0)
+    assert results == [Grant("a", "acme", REPLICA, "e1", 100)] * 2
+
+
+async def test_wait_times_out_and_returns_at_once_for_unknown_ids(queue: AdmissionQueue) -> None:
+    await enqueue(queue, make_item("a"))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await queue.wait("a", 0.05) is None
+    assert 0.04 <= loop.time() - started < 1.0
+    started = loop.time()
+    assert await queue.wait("nobody", 10.0) is None
+    assert loop.time() - started < 1.0
+
+
+async def test_released_grant_is_no_longer_waitable(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", None)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a"))
+    await queue.dispatch(T0, TTL)
+    await queue.release("a")
+    assert await queue.wait("a", 0.5) is None
+
+
+async def test_close_ends_pending_waits(queue: AdmissionQueue) -> None:
+    await enqueue(queue, make_item("a"))
+    waiter = asyncio.create_task(queue.wait("a", 10.0))
+    await asyncio.sleep(0.02)
+    await queue.aclose()
+    assert await asyncio.wait_for(waiter, 2.0) is None
+    await queue.aclose()
