@@ -51,6 +51,7 @@ from experiments.workload_file import (
     Workload,
     WorkloadError,
     check_file,
+    check_lines,
     load_workload,
     write_workload,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "build_sharegpt",
     "build_synthetic",
     "check_file",
+    "check_lines",
     "describe",
     "estimate_capacity",
     "load_spec",

@@ -10,10 +10,13 @@ on behalf of a client that did not ask for it.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _DONE = b"data: [DONE]"
+#: where an event may carry usage or an error (only those events are parsed)
+_MARKER = re.compile(rb'"usage": ?\{|"error"')
 
 
 def _has_usage(data: bytes) -> bool:
@@ -64,27 +67,39 @@ class StreamTap:
         return self._inspect(complete, sep)
 
     def _inspect(self, complete: bytes, sep: bytes) -> bytes:
+        """Parse only the events around a marker; relay everything else untouched."""
         out: list[bytes] = []
-        for event in complete.split(sep):
-            if not event:
-                continue
-            keep = True
-            payload = _data_of(event)
-            if payload is not None and (_has_usage(payload) or b'"error"' in payload):
-                try:
-                    obj = json.loads(payload)
-                except ValueError:
-                    obj = None
-                if isinstance(obj, dict):
-                    if isinstance(obj.get("usage"), dict):
-                        self.usage = obj["usage"]
-                        if self.strip_usage and not obj.get("choices"):
-                            keep = False
-                    if isinstance(obj.get("error"), dict):
-                        self.error = obj["error"]
-            if keep:
-                out.append(event + sep)
+        pos = 0  # complete[:pos] is dealt with; pos is always at an event boundary
+        n = len(sep)
+        while (m := _MARKER.search(complete, pos)) is not None:
+            start = complete.rfind(sep, pos, m.start())
+            start = pos if start < 0 else start + n
+            end = complete.find(sep, m.end()) + n  # complete ends with sep: always found
+            out.append(complete[pos:start])
+            if self._keep(complete[start:end - n]):
+                out.append(complete[start:end])
+            pos = end
+        out.append(complete[pos:])
         return b"".join(out)
+
+    def _keep(self, event: bytes) -> bool:
+        """Capture usage / error from one event; False to drop it (injected usage chunk)."""
+        payload = _data_of(event)
+        if payload is None or not (_has_usage(payload) or b'"error"' in payload):
+            return True
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return True
+        keep = True
+        if isinstance(obj, dict):
+            if isinstance(obj.get("usage"), dict):
+                self.usage = obj["usage"]
+                if self.strip_usage and not obj.get("choices"):
+                    keep = False
+            if isinstance(obj.get("error"), dict):
+                self.error = obj["error"]
+        return keep
 
     def flush(self) -> bytes:
         """Whatever is left unterminated at end of stream (normally nothing)."""

@@ -189,7 +189,7 @@ async def closed_loop(host: str, port: int, raw: bytes, concurrency: int, durati
                     conn = await connect(host, port)
                 status, ttft, lat, _ = await asyncio.wait_for(conn.request(raw), timeout_s)
                 win.record(perf(), status, ttft, lat)
-            except (OSError, asyncio.TimeoutError, httptools.HttpParserError) as e:
+            except (TimeoutError, OSError, httptools.HttpParserError) as e:
                 win.error(perf(), e)
                 if conn is not None:
                     conn.close()

@@ -60,7 +60,7 @@ def runqueue_wait_seconds(pid: int) -> float:
 
 def scrape(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
         if line.startswith(("vllm:", "sim:")) and "{" in line:
             name = line.split("{", 1)[0]
             out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -244,7 +244,11 @@ def main() -> None:
     for scale in args.time_scales:
         for tpe in args.tokens_per_event:
             for conc in args.concurrency:
-                r = run_one(args, scale, tpe, conc)
+                try:
+                    r = run_one(args, scale, tpe, conc)
+                except (httpx.HTTPError, OSError) as e:
+                    print(f"| {scale:g} | {tpe} | {conc} | failed: {e!r} |", flush=True)
+                    continue
                 print(
                     f"| {r.scale:g} | {r.tpe} | {r.concurrency} | {r.tok_s:,.0f} | {r.events_s:,.0f} |"
                     f" {r.sim_tok_s:,.0f} | {100 * r.busy:.0f} % | {100 * r.lag:.1f} % |"

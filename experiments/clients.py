@@ -249,17 +249,12 @@ class OpenAIClient:
 
         self._openai = openai
         self._base = base_url.rstrip("/") + "/v1"
-        self._http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                                keepalive_expiry=IDLE_REUSE_S),
-            timeout=httpx.Timeout(None),
-        )
         self._clients: dict[str, Any] = {}
 
     def _client(self, key: str) -> Any:
-        if key not in self._clients:
+        if key not in self._clients:  # the SDK's own HTTP client (its pool: 1000 connections)
             self._clients[key] = self._openai.AsyncOpenAI(
-                api_key=key, base_url=self._base, max_retries=0, http_client=self._http)
+                api_key=key, base_url=self._base, max_retries=0, timeout=None)
         return self._clients[key]
 
     def prepare(self, req: Prepared) -> None:
@@ -294,11 +289,12 @@ class OpenAIClient:
             rec.on_headers(e.status_code, {k.lower(): v for k, v in e.response.headers.items()})
             rec.on_error_body(e.response.content)
             rec.finish(perf() - t0)
-        except (openai.APIConnectionError, openai.APIError, httpx.HTTPError):
+        except openai.APIError:
             rec.fail(STREAM_BROKEN if rec.status else CONNECT_ERROR, perf() - t0)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for c in self._clients.values():
+            await c.close()
 
 
 def make_client(kind: str, base_url: str) -> RawClient | HttpxClient | OpenAIClient:

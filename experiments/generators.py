@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from adapters.sim.workload import count_prompt_tokens
 from experiments.traces import (
     MOONCAKE_BUCKET_S,
     Data,
@@ -55,20 +54,27 @@ class Filler:
 
     @classmethod
     def create(cls, kind: str, data: Data, max_chars: int = 2_000_000) -> Filler:
-        """``sharegpt``: real prompt and response text (not redistributed: built at run time);
-        ``words``: seeded common English words (no data needed)."""
+        """``sharegpt``: real prompt text, in file order (read at run time, never stored);
+        ``words``: common English words in a fixed pseudo-random order (no data needed).
+        Built once per :class:`Data`."""
+        key = f"filler:{kind}:{max_chars}"
+        if key in data.cache:
+            return cast(Filler, data.cache[key])
         if kind == "words":
-            rng = np.random.default_rng(0)
-            return cls(" ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), max_chars // 5)))
-        if kind != "sharegpt":
+            idx = np.random.default_rng(0).integers(0, len(_WORDS), max_chars // 5)
+            corpus = " ".join(np.asarray(_WORDS)[idx].tolist())
+        elif kind == "sharegpt":
+            parts, n = [], 0
+            for row in data.sharegpt():
+                parts.append(row.prompt)
+                n += len(row.prompt) + 1
+                if n >= max_chars:
+                    break
+            corpus = "\n".join(parts)
+        else:
             raise ValueError(f"unknown filler {kind!r}; choose sharegpt or words")
-        parts, n = [], 0
-        for row in data.sharegpt():
-            parts.append(row.prompt)
-            n += len(row.prompt) + 1
-            if n >= max_chars:
-                break
-        return cls("\n".join(parts))
+        data.cache[key] = filler = cls(corpus)
+        return filler
 
     def take(self, n: int, offset: int) -> str:
         """``n`` characters from ``offset`` (wrapping around the corpus)."""
@@ -199,9 +205,8 @@ class Lengths:
         if self.profile == "sharegpt":
             pool = sharegpt_pool(data, max_context, self.prompt_range, self.output_range)
             pick = rng.integers(0, len(pool), n)
-            return [Sample(count_prompt_tokens([{"content": pool[i].prompt}]),
-                           pool[i].response_tokens, f"sharegpt:{pool[i].id}", pool[i].prompt)
-                    for i in pick]
+            return [Sample(pool[i].prompt_tokens, pool[i].response_tokens,
+                           f"sharegpt:{pool[i].id}", pool[i].prompt) for i in pick]
         if self.profile == "trace":
             assert self.trace is not None
             tr = data.trace(self.trace)
@@ -224,7 +229,7 @@ def sharegpt_pool(data: Data, max_context: int, prompt_range: tuple[int, int] | 
     plo, phi = prompt_range or (1, max_context // 2)
     olo, ohi = output_range or (1, 1 << 30)
     pool = [r for r in data.sharegpt()
-            if plo <= count_prompt_tokens([{"content": r.prompt}]) <= min(phi, max_context // 2)
+            if plo <= r.prompt_tokens <= min(phi, max_context // 2)
             and olo <= r.response_tokens <= ohi]
     if not pool:
         raise ValueError(f"no ShareGPT prompt with prompt tokens in [{plo}, {phi}] and "

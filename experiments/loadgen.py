@@ -63,6 +63,16 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def runqueue_wait_seconds() -> float:
+    """Time this process was runnable but another process held the CPU (Linux; else 0):
+    when it is large, lag comes from a busy machine rather than from the generator."""
+    try:
+        with open("/proc/self/schedstat", encoding="ascii") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def check_loopback(base_url: str) -> None:
     """Raise ``ValueError`` unless ``base_url`` points at this machine."""
     host = httpx.URL(base_url).host
@@ -159,7 +169,7 @@ async def replay(
     peak = 0
     t0 = perf() + START_LEAD_S
     t0_unix = time.time() + START_LEAD_S
-    c0 = cpu_seconds()
+    c0, q0 = cpu_seconds(), runqueue_wait_seconds()
 
     async def one(p: Prepared, rec: Record) -> None:
         try:
@@ -208,11 +218,12 @@ async def replay(
             task.add_done_callback(_done)
             peak = max(peak, len(inflight))
         if inflight and not stop.is_set():
-            waiters = {loop.create_task(drained.wait()), loop.create_task(stop.wait())}
+            waiters: set[asyncio.Task[bool]] = {loop.create_task(drained.wait()),
+                                                loop.create_task(stop.wait())}
             await asyncio.wait(waiters, timeout=drain_timeout_s,
                                return_when=asyncio.FIRST_COMPLETED)
-            for t in waiters:
-                t.cancel()
+            for w in waiters:
+                w.cancel()
     finally:
         pending = list(inflight)
         for t in pending:
@@ -228,6 +239,7 @@ async def replay(
     wall = perf() - t0
     summary = summarize(records, wall_s=wall, cpu_s=cpu_seconds() - c0, max_inflight=peak,
                         extra={"t0_unix": round(t0_unix, 6), "client": client,
+                               "loadgen_runqueue_wait_s": round(runqueue_wait_seconds() - q0, 3),
                                "base_url": base_url, "model": model, "speedup": speedup,
                                "workload": workload.header.get("name")})
     return records, summary
@@ -309,7 +321,7 @@ def _raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _main(a: argparse.Namespace) -> int:
+async def _main(a: argparse.Namespace) -> tuple[list[Record], dict[str, Any]]:
     w = load_workload(a.workload)
     keys = load_keys(a.keys, a.keys_file, a.key, w.tenants)
     model = a.model or await first_model(a.base_url, next(iter(keys.values()), ""))
@@ -323,8 +335,12 @@ async def _main(a: argparse.Namespace) -> int:
         request_timeout_s=a.request_timeout, drain_timeout_s=a.drain_timeout,
         max_inflight=a.max_inflight, request_id_prefix=a.request_id_prefix,
         progress=not a.no_progress, stop=stop)
-    write_csv(a.out, records)
     summary["interrupted"] = stop.is_set()
+    return records, summary
+
+
+def _report(a: argparse.Namespace, records: list[Record], summary: dict[str, Any]) -> int:
+    write_csv(a.out, records)
     spath = a.summary or str(Path(a.out).with_suffix("")) + ".summary.json"
     Path(spath).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     lag = summary["lag_s"]
@@ -333,7 +349,7 @@ async def _main(a: argparse.Namespace) -> int:
           f"{summary['errors'] or '{}'}; lag ms p50 {ms['p50']} p99 {ms['p99']} max {ms['max']}; "
           f"max in flight {summary['max_inflight']}; CPU {summary['loadgen_cpu_share']} of a "
           f"core; -> {a.out}, {spath}", file=sys.stderr)
-    return 130 if stop.is_set() else 0
+    return 130 if summary["interrupted"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,17 +363,19 @@ def main(argv: list[str] | None = None) -> int:
     use_uvloop = a.loop == "uvloop"
     if a.loop == "auto":
         try:
-            import uvloop  # noqa: F401
+            import uvloop as _uvloop
 
-            use_uvloop = True
+            use_uvloop = _uvloop is not None
         except ImportError:
             use_uvloop = False
     try:
         if use_uvloop:
             import uvloop
 
-            return uvloop.run(_main(a))
-        return asyncio.run(_main(a))
+            records, summary = uvloop.run(_main(a))
+        else:
+            records, summary = asyncio.run(_main(a))
+        return _report(a, records, summary)
     except (WorkloadError, ValueError, OSError, httpx.HTTPError) as e:
         print(f"loadgen: {e}", file=sys.stderr)
         return 2

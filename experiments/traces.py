@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from adapters.sim.workload import count_prompt_tokens
+
 TRACES = ("azure-conv", "azure-code", "mooncake")
 MOONCAKE_BUCKET_S = 3.0  # Mooncake timestamps are quantised to ~3 s: jitter within it
 
@@ -53,7 +55,8 @@ class Trace:
 class ShareGPTRow:
     id: str
     prompt: str
-    response_tokens: int
+    response_tokens: int  # cl100k, as in the data set: the true output length
+    prompt_tokens: int  # the simulator's count of the prompt as one user message
 
 
 class Data:
@@ -63,6 +66,8 @@ class Data:
         self.root = Path(root) if root else default_data_dir()
         self._traces: dict[str, Trace] = {}
         self._sharegpt: list[ShareGPTRow] | None = None
+        #: things derived from the data (e.g. filler text), built once per reader
+        self.cache: dict[str, object] = {}
 
     def _file(self, rel: str) -> Path:
         p = self.root / rel
@@ -122,7 +127,9 @@ class Data:
                 for line in f:
                     if line.strip():
                         d = json.loads(line)
-                        rows.append(ShareGPTRow(d["id"], d["prompt"], int(d["response_tokens"])))
+                        prompt = d["prompt"]
+                        rows.append(ShareGPTRow(d["id"], prompt, int(d["response_tokens"]),
+                                                count_prompt_tokens([{"content": prompt}])))
             self._sharegpt = rows
         return self._sharegpt
 

@@ -46,9 +46,10 @@ import os
 import pickle
 import tempfile
 from collections import deque
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from river import base, drift, linear_model, optim
 
@@ -180,14 +181,16 @@ class OutputTokenEstimator(base.Regressor):
                 intercept_lr=0.01,
             )
         )
-        self._detector = detector if detector is not None else drift.ADWIN(clock=4)
+        if detector is None:
+            detector = drift.ADWIN(clock=4)  # type: ignore[no-untyped-call]
+        self._detector = detector
         self._tenants: dict[str, _Tenant] = {}
         self._resid = _Window(4 * window)
 
     # -- request path -----------------------------------------------------------------------
 
-    def _numeric(self, x: dict[str, Any]) -> dict[str, float]:
-        xs = x.copy()
+    def _numeric(self, x: Mapping[str, Any]) -> dict[Hashable, Any]:
+        xs = cast(dict[Hashable, Any], dict(x))  # River types feature names as Hashable
         for k in _SPECIAL:
             xs.pop(k, None)
         m = x.get("model")
@@ -195,7 +198,7 @@ class OutputTokenEstimator(base.Regressor):
             xs[f"model={m}"] = 1.0
         return xs
 
-    def _mean(self, x: dict[str, Any]) -> tuple[float, _Tenant | None]:
+    def _mean(self, x: Mapping[str, Any]) -> tuple[float, _Tenant | None]:
         t = self._tenants.get(str(x.get("tenant", "")))
         mu = float(self._model.predict_one(self._numeric(x)))
         if t is not None:
@@ -209,7 +212,7 @@ class OutputTokenEstimator(base.Regressor):
         n = len(t.resid.fifo)
         return (n * t.resid.quantile(q) + self.shrinkage * g) / (n + self.shrinkage)
 
-    def estimate_one(self, x: dict[str, Any]) -> Estimate:
+    def estimate_one(self, x: Mapping[str, Any]) -> Estimate:
         """``Estimate(p50, p90)`` in tokens, clipped to ``[0, max_tokens]``. Microseconds."""
         mu, t = self._mean(x)
         cap = float(x.get("max_tokens") or math.inf)
@@ -217,13 +220,15 @@ class OutputTokenEstimator(base.Regressor):
         p90 = math.expm1(max(0.0, mu + self._offset(t, self.quantile)))
         return Estimate(min(p50, cap), min(max(p50, p90), cap))
 
-    def predict_one(self, x: dict[str, Any], **kwargs: Any) -> float:
+    def predict_one(self, x: Mapping[str, Any], **kwargs: Any) -> float:  # type: ignore[override]
         """The median estimate (``estimate_one(x).p50``)."""
         return self.estimate_one(x).p50
 
     # -- completion path --------------------------------------------------------------------
 
-    def learn_one(self, x: dict[str, Any], y: float, **kwargs: Any) -> None:
+    def learn_one(  # type: ignore[override]
+        self, x: Mapping[str, Any], y: float, **kwargs: Any
+    ) -> None:
         """Learn one completion: ``x`` as given to ``predict_one``, ``y`` the actual tokens."""
         if not y >= 0 or math.isinf(y):
             raise ValueError(f"output tokens must be finite and >= 0, got {y!r}")
@@ -262,6 +267,7 @@ class OutputTokenEstimator(base.Regressor):
     def ratio(self, tenant: str) -> float:
         """Geometric mean of (1+actual)/(1+predicted) over the tenant's last completions.
 
+        "predicted" is the central estimate (``exp`` of the log-space mean) at learning time.
         1.0 when predictions are calibrated or the tenant is unknown; > 1 means the tenant
         produces more than predicted.
         """

@@ -128,8 +128,8 @@ class QuantileHeads:
 
     def estimate_one(self, x: dict[str, Any]) -> tuple[float, float]:
         xs, cap = self._x(x), float(x.get("max_tokens") or math.inf)
-        p50 = math.expm1(max(0.0, self._p50.predict_one(xs)))
-        p90 = math.expm1(max(0.0, self._p90.predict_one(xs)))
+        p50 = math.expm1(max(0.0, self._p50.predict_one(xs)))  # type: ignore[no-untyped-call]
+        p90 = math.expm1(max(0.0, self._p90.predict_one(xs)))  # type: ignore[no-untyped-call]
         return min(p50, cap), min(max(p50, p90), cap)
 
     def predict_one(self, x: dict[str, Any]) -> float:
@@ -183,8 +183,14 @@ def make_stream(rows: list[dict[str, Any]], mode: str) -> tuple[list[Row], float
             shifted = tenant == SHIFTED and i >= half
             y = max(1.0, round(y * mult * (SHIFT if shifted else 1.0)))
             y = min(y, cap or UNCAPPED)
-        req = {"prompt": r["prompt"], "prompt_tokens": r["prompt_tokens"], "tenant": tenant,
-               "model": "m", "n_messages": 1, "max_tokens": cap}  # fmt: skip
+        req = {
+            "prompt": r["prompt"],
+            "prompt_tokens": r["prompt_tokens"],
+            "tenant": tenant,
+            "model": "m",
+            "n_messages": 1,
+            "max_tokens": cap,
+        }
         t0 = time.thread_time()
         x = fx.transform_one(req)
         spent += time.thread_time() - t0
@@ -312,8 +318,7 @@ def fmt(v: Any, spec: str) -> str:
 
 def table(results: list[dict[str, Any]], mode: str, feat_us: float, n: int) -> str:
     tenants = mode == "tenants"
-    head = ["model", "MAE", "tau-b", "bucket", "±1 bkt", "p90 cover", "reserve", "µs p50",
-            "µs p99"]  # fmt: skip
+    head = ["model", "MAE", "tau-b", "bucket", "±1 bkt", "p90 cover", "reserve", "µs p50", "µs p99"]
     if tenants:
         head[3:3] = ["tau/tenant", "reconv"]
     lines = [
@@ -327,8 +332,14 @@ def table(results: list[dict[str, Any]], mode: str, feat_us: float, n: int) -> s
         cells = [r["model"], fmt(r["mae"], ".1f"), fmt(r["tau"], ".3f")]
         if tenants:
             cells += [fmt(r["tau_tenant"], ".3f"), fmt(r["reconverge"], "d")]
-        cells += [fmt(r["bucket"], ".3f"), fmt(r["within1"], ".3f"), fmt(r["p90_cover"], ".3f"), fmt(r["reserve"], ".2f"),
-                  fmt(r["us_p50"], ".1f"), fmt(r["us_p99"], ".1f")]  # fmt: skip
+        cells += [
+            fmt(r["bucket"], ".3f"),
+            fmt(r["within1"], ".3f"),
+            fmt(r["p90_cover"], ".3f"),
+            fmt(r["reserve"], ".2f"),
+            fmt(r["us_p50"], ".1f"),
+            fmt(r["us_p99"], ".1f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     for r in results:
         if "alarms" not in r:
@@ -344,8 +355,10 @@ def table(results: list[dict[str, Any]], mode: str, feat_us: float, n: int) -> s
                 f"{BAND:.0%} of the pre-shift relative MAE."
             )
         else:
-            lines.append(f"\n{r['model']}: drift detections (completion): "
-                         f"{[n for _, n, _ in r['alarms']] or 'none'}")  # fmt: skip
+            lines.append(
+                f"\n{r['model']}: drift detections (completion): "
+                f"{[n for _, n, _ in r['alarms']] or 'none'}"
+            )
     return "\n".join(lines)
 
 
@@ -356,8 +369,14 @@ def request_path_cost(
     fx = RequestFeatures()
     feat, pred, total = [], [], []
     for r in rows[:n]:
-        req = {"prompt": r["prompt"], "prompt_tokens": r["prompt_tokens"], "tenant": "",
-               "model": "m", "n_messages": 1, "max_tokens": None}  # fmt: skip
+        req = {
+            "prompt": r["prompt"],
+            "prompt_tokens": r["prompt_tokens"],
+            "tenant": "",
+            "model": "m",
+            "n_messages": 1,
+            "max_tokens": None,
+        }
         f = p = math.inf
         for _ in range(repeats):
             t0 = time.perf_counter_ns()
@@ -387,12 +406,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ShareGPT first-turn JSONL")
     ap.add_argument("--mode", choices=["sharegpt", "tenants", "both"], default="both")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N rows")
-    ap.add_argument("--shuffle", type=int, default=None, metavar="SEED",
-                    help="evaluate on a seeded permutation instead of file order")  # fmt: skip
-    ap.add_argument("--load", type=Path, default=None,
-                    help="start the estimator from this dump instead of cold")  # fmt: skip
-    ap.add_argument("--save", type=Path, default=None,
-                    help="dump the ShareGPT-trained estimator here (warm start)")  # fmt: skip
+    ap.add_argument(
+        "--shuffle",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="evaluate on a seeded permutation instead of file order",
+    )
+    ap.add_argument(
+        "--load", type=Path, default=None, help="start the estimator from this dump instead of cold"
+    )
+    ap.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        help="dump the ShareGPT-trained estimator here (warm start)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     args = ap.parse_args(argv)

@@ -88,7 +88,7 @@ class RequestFeatures:
     def __init__(
         self,
         n_buckets: int = 2**18,
-        head_chars: int = 400,
+        head_chars: int = 300,
         tail_chars: int = 100,
         bigrams: bool = True,
         cache_size: int = 2**16,

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import inspect
 import logging
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -334,6 +335,25 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         await gw.store.put_key(retired)
         gw.auth.invalidate()
         return NewKeyOut(key=key, **_key_out(rec, now).model_dump())
+
+    # -- scheduler -----------------------------------------------------------------------
+    @router.get("/scheduler")
+    async def scheduler_view(gw: GW) -> dict[str, Any]:
+        """Active policy, queue depth per tenant, admission holds per engine, and the drift
+        controller's view of every tenant (ratio, limit, detector state, last action)."""
+        sch = gw.scheduler
+        now = gw.clock.time()
+        drift = {}
+        if sch.drift is not None:
+            drift = {name: asdict(st) for name, st in sch.drift.statuses().items()}
+        return {
+            "policy": sch.policy.type,
+            "replica": sch.replica_id,
+            "queue_depth": await sch.queue.depth(),
+            "engines": [asdict(x) for x in await sch.queue.loads(now)],
+            "drift": drift,
+            "estimator": {t: asdict(sch.estimator.drift_state(t)) for t in sch.estimator.tenants()},
+        }
 
     # -- backends ------------------------------------------------------------------------
     @router.get("/backends")

@@ -7,12 +7,11 @@ in seconds). Engine-side numbers keep vLLM's meaning and are re-exported per bac
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from typing import TYPE_CHECKING
 
 from adapters.base import Backend
 
@@ -67,11 +66,54 @@ class GatewayMetrics:
             ["tenant", "stage"], registry=r,
         )
 
+        self._tenants: dict[tuple[str, str], TenantMetrics] = {}
+
+    def tenant(self, name: str, qos_class: str) -> TenantMetrics:
+        """One tenant's series, label lookups done once (``labels()`` costs microseconds)."""
+        tm = self._tenants.get((name, qos_class))
+        if tm is None:
+            if len(self._tenants) >= _MAX_CACHED:
+                self._tenants.clear()
+            tm = self._tenants[(name, qos_class)] = TenantMetrics(self, name, qos_class)
+        return tm
+
     def add_backends(self, source: Callable[[], Iterable[Backend]]) -> None:
         self.registry.register(_BackendCollector(source))
 
     def add_scheduler(self, scheduler: Scheduler) -> None:
         self.registry.register(_SchedulerCollector(scheduler))
+
+
+class TenantMetrics:
+    """The hot path's series of one (tenant, QoS class), bound to their label values."""
+
+    __slots__ = ("_by_status", "_requests", "completion_tokens", "e2e", "in_flight", "name",
+                 "prompt_tokens", "queue_wait", "ttft")
+
+    def __init__(self, m: GatewayMetrics, name: str, qos_class: str) -> None:
+        self.name = name
+        self.queue_wait = m.queue_wait.labels(name, qos_class)
+        self.ttft = m.ttft.labels(name, qos_class)
+        self.e2e = m.e2e.labels(name, qos_class)
+        self.in_flight = m.in_flight.labels(name)
+        self.prompt_tokens = m.prompt_tokens.labels(name)
+        self.completion_tokens = m.completion_tokens.labels(name)
+        self._requests = m.requests
+        self._by_status: dict[tuple[str, int], Counter] = {}
+
+    def requests(self, endpoint: str, status: int) -> Counter:
+        """``driftsched_requests_total{tenant, endpoint, status}`` for this tenant."""
+        c = self._by_status.get((endpoint, status))
+        if c is None:
+            if len(self._by_status) >= _MAX_CACHED:
+                self._by_status.clear()
+            c = self._by_status[(endpoint, status)] = self._requests.labels(
+                self.name, endpoint, str(status))
+        return c
+
+
+#: bound children kept per cache (a bound on memory, not on label values)
+_MAX_CACHED = 10_000
 
 
 class _SchedulerCollector(Collector):

@@ -74,7 +74,9 @@ esac
 if [[ -z "$PY_BOOT" ]]; then
     for cand in python3.11 python3; do
         if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-            PY_BOOT="$(command -v "$cand")"; break
+            # The real interpreter, not a pyenv shim (the venv would otherwise depend on
+            # whatever the shim resolves to later).
+            PY_BOOT="$("$cand" -c 'import sys; print(sys.executable)')"; break
         fi
     done
 fi

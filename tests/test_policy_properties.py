@@ -44,7 +44,9 @@ def simulate(
 ) -> list[tuple[QueuedRequest, float, list[QueuedRequest]]]:
     """One work-conserving server, identical service times. For each request in start
     order: (request, start time, requests still queued when it started)."""
-    pending, queued, out = sorted(reqs, key=lambda r: r.arrival), [], []
+    pending = sorted(reqs, key=lambda r: r.arrival)
+    queued: list[Entry] = []
+    out: list[tuple[QueuedRequest, float, list[QueuedRequest]]] = []
     now, free_at = T0, T0
     while pending or queued:
         now = max(free_at, now if queued else pending[0].arrival)
@@ -120,7 +122,7 @@ def test_a_higher_class_never_waits_behind_a_lower_one_beyond_the_bound(
                 assert waiting.arrival - started.arrival >= head_start - 1e-6
 
 
-@SETTINGS
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(
     weights=st.lists(st.sampled_from([1.0, 2.0, 3.0]), min_size=2, max_size=4),
     seed=st.integers(0, 2**16),
@@ -156,7 +158,7 @@ def test_fair_shares_converge_to_weights_under_backlog(
         for _ in range(2):
             submit(n)
     max_cost = 0.0
-    for _ in range(700):
+    for _ in range(500):
         if len(running) == slots:  # complete the earliest, charge the truth
             running.sort(key=lambda x: x[0])
             done_at, req = running.pop(0)

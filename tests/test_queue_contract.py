@@ -132,6 +132,22 @@ async def test_max_grants(queue: AdmissionQueue) -> None:
     assert await dispatch_ids(queue) == ["i2", "i3", "i4"]
 
 
+async def test_a_long_queue_is_scanned_in_order(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    items = [
+        make_item(f"i{n:03}", n, tenant="acme" if n % 3 else "zeta", limit=1 if n % 3 else None)
+        for n in range(150)
+    ]
+    await enqueue(queue, *reversed(items))
+    # acme may hold one at a time: only its first item is admitted
+    expected = [i.id for i in items if i.tenant == "zeta" or i.id == "i001"]
+    assert await dispatch_ids(queue, max_grants=40) == expected[:40]
+    assert await dispatch_ids(queue, max_grants=64) == expected[40:]
+    assert await queue.depth() == {"acme": 99}
+    await queue.release("i001")
+    assert await dispatch_ids(queue) == ["i002"]
+
+
 # -- tenant concurrency -------------------------------------------------------------------------
 async def test_tenant_at_its_limit_is_skipped_and_keeps_its_place(queue: AdmissionQueue) -> None:
     await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)

@@ -116,19 +116,19 @@ async def test_waits_survive_a_lost_subscription(new_queue: QueueFactory, raw: R
 
 
 async def test_one_subscription_per_instance(new_queue: QueueFactory, raw: Redis) -> None:
+    before = len(await raw.client_list(_type="pubsub"))
     a, b = await new_queue("ra"), await new_queue("rb")
     for n in range(20):
         await b.enqueue(item(f"i{n}", "rb"), T0)
-    waiters = [asyncio.create_task(q.wait(f"i{n}", 0.3)) for q in (a, b) for n in range(20)]
-    waiters += [asyncio.create_task(q.wait_capacity(0.3)) for q in (a, b) for _ in range(20)]
+    waiters = [asyncio.create_task(q.wait(f"i{n}", 0.2)) for q in (a, b) for n in range(20)]
+    waiters += [asyncio.create_task(q.wait_capacity(0.2)) for q in (a, b) for _ in range(20)]
     await asyncio.sleep(0.05)
     assert await raw.pubsub_numsub(a._capacity, a._mine, b._mine) == [
         (a._capacity, 2),
         (a._mine, 1),
         (b._mine, 1),
     ]
-    clients = await raw.client_list(_type="pubsub")
-    assert len(clients) == 2
+    assert len(await raw.client_list(_type="pubsub")) == before + 2
     await asyncio.gather(*waiters)
 
 
@@ -149,12 +149,15 @@ async def test_capacity_notifications_cross_instances(new_queue: QueueFactory) -
         (lambda: a.set_engines([replace(ENGINES[0], max_seqs=9)], T0 + 1, 60), True),
     ]
     for n, (action, wakes) in enumerate(actions):
-        waiter = asyncio.create_task(b.wait_capacity(0.3 if not wakes else 5.0))
+        waiter = asyncio.create_task(b.wait_capacity(5.0))
         await asyncio.sleep(0.02)
         await action()
-        await asyncio.sleep(0.1)
-        assert waiter.done() == wakes, n
-        await waiter
+        if wakes:
+            await asyncio.wait_for(waiter, 2.0)
+        else:
+            await asyncio.sleep(0.1)
+            assert not waiter.done(), n
+            waiter.cancel()
 
 
 # -- one order, one ledger, no races -----------------------------------------------------------
@@ -175,7 +178,7 @@ async def test_concurrent_dispatchers_never_overcommit(new_queue: QueueFactory) 
             footprint=rng.randint(50, 400),
             limit=2,
         )
-        for n in range(150)
+        for n in range(120)
     ]
     by_id = {i.id: i for i in items}
     await asyncio.gather(*(queues[n % 3].enqueue(i, T0) for n, i in enumerate(items)))
@@ -276,7 +279,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]),
 def test_processes_share_one_order_and_ledger(redis_server: str, redis_prefix: str) -> None:
     rng = random.Random(5)
     items = [
-        item(f"i{n}", f"p{n % 2}", rng.random(), footprint=rng.randint(20, 300)) for n in range(120)
+        item(f"i{n}", f"p{n % 2}", rng.random(), footprint=rng.randint(20, 300)) for n in range(80)
     ]
 
     async def setup() -> None:
@@ -289,9 +292,9 @@ def test_processes_share_one_order_and_ledger(redis_server: str, redis_prefix: s
 
     asyncio.run(setup())
     procs = []
-    for p in ("p0", "p1"):
-        ids = json.dumps([i.id for i in items if i.replica == p])
-        argv = [sys.executable, "-c", _REPLICA, redis_server, redis_prefix, p, ids, repr(T0)]
+    for replica in ("p0", "p1"):
+        ids = json.dumps([i.id for i in items if i.replica == replica])
+        argv = [sys.executable, "-c", _REPLICA, redis_server, redis_prefix, replica, ids, repr(T0)]
         procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
     r = redis_sync.Redis.from_url(redis_server)
     try:
@@ -336,19 +339,19 @@ async def test_same_decisions_as_memory(new_queue: QueueFactory) -> None:
     names = ["e1", "e2", "e3"]
     live: list[str] = []
     seen: Counter[str] = Counter()
-    for n in range(500):
+    for n in range(400):
         now += rng.choice([0.0, 0.0, 0.3, 1.0, 4.0])
         op = rng.random()
         if op < 0.4:
             it = QueueItem(
                 f"i{n}",
-                rng.choice(["acme", "zeta", "quo"]),
+                rng.choice(["acme", "zeta", "équipe/ü"]),
                 "r1",
                 rng.choice(["m1", "m2"]),
                 float(rng.randint(0, 5)),
                 rng.randint(0, 700),
                 rng.choice([None, 1, 2, 3]),
-                now + rng.choice([0.0, 2.0, 10.0, 60.0]),
+                now + rng.choice([0.0, 10.0, 60.0, 300.0]),
             )
             await mem.enqueue(it, now)
             await red.enqueue(it, now)
@@ -372,12 +375,12 @@ async def test_same_decisions_as_memory(new_queue: QueueFactory) -> None:
                     name,
                     tuple(rng.sample(["m1", "m2"], rng.randint(1, 2))),
                     rng.choice([None, 500, 1000, 2000]),
-                    rng.choice([None, 1, 3]),
+                    rng.choice([None, 2, 4]),
                     rng.random() < 0.85,
                 )
                 for name in rng.sample(names, rng.randint(0, 3))
             ]
-            ttl = rng.choice([3.0, 20.0])
+            ttl = rng.choice([5.0, 60.0])
             await mem.set_engines(engines, now, ttl)
             await red.set_engines(engines, now, ttl)
         elif op < 0.75 and live:
@@ -395,11 +398,12 @@ async def test_same_decisions_as_memory(new_queue: QueueFactory) -> None:
             victim = f"i{rng.randrange(n + 1)}"
             assert await mem.cancel(victim) == await red.cancel(victim), n
         else:
-            tenant = rng.choice(["acme", "zeta", "quo"])
+            tenant = rng.choice(["acme", "zeta", "équipe/ü"])
             assert await mem.in_flight(tenant, now) == await red.in_flight(tenant, now), n
         assert await mem.depth() == await red.depth(), n
         assert await mem.loads(now) == await red.loads(now), n
-    assert seen["grants"] > 50 and seen["enqueue"] > 150
+    assert seen["grants"] > 50 and seen["enqueue"] > 120
+    assert len(mem._expired) > 20 and len(await mem.depth()) > 0
     await mem.aclose()
 
 

@@ -14,6 +14,10 @@ clocks; skew shifts lease and deadline expiry by the skew, nothing else.
 Concurrency: every method is safe to call concurrently from many tasks on one event loop,
 and (redis) from many replicas: each mutating method is one atomic step, so two replicas
 dispatching at once grant every item at most once and never over-commit an engine.
+
+Errors: like the :class:`~proxy.store.base.Store`, any method but :meth:`AdmissionQueue.aclose`
+and :meth:`AdmissionQueue.wait_capacity` may raise
+:class:`~proxy.store.base.StoreUnavailable` when the backend does not answer.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class _Usable:
         return math.inf if self.budget is None else float(self.budget - self.held)
 
 
-def _compacted(heap: list[tuple[float, int, str]], live: int) -> bool:
+def _too_stale(heap: list[tuple[float, int, str]], live: int) -> bool:
     return len(heap) > 2 * live + 64
 
 
@@ -148,13 +148,13 @@ class MemoryQueue:
     def _compact(self) -> None:
         """Rebuild heaps that hold more stale entries than live ones (never mid-scan)."""
         live = len(self._items)
-        if _compacted(self._order, live):
+        if _too_stale(self._order, live):
             self._order = [(i.score, s, i.id) for i, s in self._items.values()]
             heapq.heapify(self._order)
-        if _compacted(self._deadlines, live):
+        if _too_stale(self._deadlines, live):
             self._deadlines = [(i.deadline, s, i.id) for i, s in self._items.values()]
             heapq.heapify(self._deadlines)
-        if _compacted(self._leases, len(self._holds)):
+        if _too_stale(self._leases, len(self._holds)):
             self._leases = [(h.expiry, 0, i) for i, h in self._holds.items()]
             heapq.heapify(self._leases)
 

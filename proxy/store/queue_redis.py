@@ -188,8 +188,11 @@ class RedisQueue:
             )
             self._client = Redis.from_pool(pool)
         try:
+            pipe = self._client.pipeline(transaction=False)
+            for source in self._sources.values():
+                pipe.script_load(source)
+            await pipe.execute()
             for name, source in self._sources.items():
-                await self._client.script_load(source)
                 self._scripts[name] = self._client.register_script(source)
             self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             await self._pubsub.subscribe(self._mine, self._capacity)

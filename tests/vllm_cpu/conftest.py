@@ -11,7 +11,7 @@
 * ``vllm_server``: ONE ``python -m vllm.entrypoints.openai.api_server`` for the session
   (the machine has 2 cores: never more than one at a time), configured so that every
   behaviour the tests need shows up on it: priority scheduling, a KV cache shrunk to
-  ``NUM_BLOCKS`` x 128 tokens (preemption under load), ``max_num_seqs`` 8.
+  ``NUM_BLOCKS`` x ``BLOCK_SIZE`` = 1024 tokens (preemption under load), ``max_num_seqs`` 8.
 
 ``vllm_command`` / ``vllm_env`` build exactly the command line and environment that the pool
 manager uses (``<python> -m vllm.entrypoints.openai.api_server --host H --port P --model M
@@ -39,8 +39,8 @@ SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup_vllm_cpu.sh"
 BUILD_MODEL = Path(__file__).with_name("build_tiny_model.py")
 
 SERVED_NAME = "tiny"
-BLOCK_SIZE = 128        # vLLM's CPU default (kernel needs a multiple of 32)
-NUM_BLOCKS = 16         # --num-gpu-blocks-override: 16 x 128 = 2048 tokens of KV cache
+BLOCK_SIZE = 32         # CPU default is 128; the CPU kernel takes any multiple of 32
+NUM_BLOCKS = 32         # --num-gpu-blocks-override: 32 x 32 = 1024 tokens of KV cache
 MAX_NUM_SEQS = 8
 MAX_MODEL_LEN = 1024    # must fit in the shrunken KV cache, or vLLM refuses to start
 
@@ -59,6 +59,7 @@ BASE_EXTRA_ARGS = [
 TEST_SERVER_EXTRA_ARGS = [
     *BASE_EXTRA_ARGS,
     "--scheduling-policy", "priority",
+    "--block-size", str(BLOCK_SIZE),
     "--num-gpu-blocks-override", str(NUM_BLOCKS),
     "--max-num-seqs", str(MAX_NUM_SEQS),
 ]

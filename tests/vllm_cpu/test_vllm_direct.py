@@ -173,48 +173,54 @@ async def test_metrics_names_and_labels(vllm_server: VllmServer, client: httpx.A
     assert after - before == 7
 
 
+async def _wait_for_waiting(base_url: str, n: int, blockers: list[asyncio.Task[Any]]) -> bool:
+    """Until vLLM reports >= n waiting requests; False if the blockers finish first."""
+    while not all(b.done() for b in blockers):
+        m = await asyncio.to_thread(scrape, base_url)
+        if value(m, "vllm:num_requests_waiting") >= n:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
 async def test_priority_field_orders_the_queue(vllm_server: VllmServer, client: httpx.AsyncClient) -> None:
     """Fill all MAX_NUM_SEQS slots, queue a low-priority request, then a high-priority one:
     with --scheduling-policy priority (lower value first) the later, high-priority request
-    gets the first free slot and its first token before the low-priority one."""
-    await wait_idle(vllm_server.base_url)
-    # 150 output tokens + a short prompt fit in 2 blocks each: 8 blockers hold exactly the
-    # 16 blocks, so nothing is preempted and the two extra requests simply wait.
-    blocker_marks = [dict[str, float]() for _ in range(MAX_NUM_SEQS)]
-    blockers = [asyncio.create_task(stream_chat(client, chat_body(f"blocker {i}", 150, priority=0),
-                                                blocker_marks[i]))
-                for i in range(MAX_NUM_SEQS)]
-    deadline = time.monotonic() + 60
-    while not all("first" in mk for mk in blocker_marks):
-        assert time.monotonic() < deadline, "blockers never started"
-        await asyncio.sleep(0.02)
-    low_marks: dict[str, float] = {}
-    high_marks: dict[str, float] = {}
-    low = asyncio.create_task(stream_chat(client, chat_body("low", 5, priority=10), low_marks))
-    await asyncio.sleep(0.3)
-    high = asyncio.create_task(stream_chat(client, chat_body("high", 5, priority=-10), high_marks))
-    await asyncio.sleep(0.3)
-    m = await asyncio.to_thread(scrape, vllm_server.base_url)
-    waiting_seen = value(m, "vllm:num_requests_waiting")
-    results = await asyncio.gather(*blockers, low, high)
-    assert all(len(r["token_ids"]) == 150 for r in results[:MAX_NUM_SEQS])
-    assert len(results[-2]["token_ids"]) == len(results[-1]["token_ids"]) == 5
-    assert not any(r["first_token_at"] is None for r in results)
-    # If the blockers were still running when both extra requests arrived, both waited.
-    if waiting_seen >= 2:
-        assert high_marks["first"] < low_marks["first"], (high_marks, low_marks)
-    else:  # the machine was so slow/fast that the setup did not hold; say so, do not lie
-        pytest.fail(f"setup did not hold: {waiting_seen} waiting when both extra requests had been sent")
+    gets a slot, and its first token, before the low-priority one. Blockers that get
+    preempted (KV pressure) go back to the queue at priority 0: still behind "high"."""
+    for blocker_tokens in (120, 400):  # a longer second try if the machine outran the setup
+        await wait_idle(vllm_server.base_url)
+        marks = [dict[str, float]() for _ in range(MAX_NUM_SEQS)]
+        blockers = [asyncio.create_task(stream_chat(
+            client, chat_body(f"blocker {i}", blocker_tokens, priority=0), marks[i]))
+            for i in range(MAX_NUM_SEQS)]
+        deadline = time.monotonic() + 120
+        while not all("first" in mk for mk in marks):
+            assert time.monotonic() < deadline, "blockers never started"
+            await asyncio.sleep(0.01)
+        low_marks: dict[str, float] = {}
+        high_marks: dict[str, float] = {}
+        low = asyncio.create_task(stream_chat(client, chat_body("low", 5, priority=10), low_marks))
+        held = await _wait_for_waiting(vllm_server.base_url, 1, blockers)
+        high = asyncio.create_task(stream_chat(client, chat_body("high", 5, priority=-10), high_marks))
+        held = held and await _wait_for_waiting(vllm_server.base_url, 2, blockers)
+        results = await asyncio.gather(*blockers, low, high)
+        assert all(len(r["token_ids"]) == blocker_tokens for r in results[:MAX_NUM_SEQS])
+        assert len(results[-2]["token_ids"]) == len(results[-1]["token_ids"]) == 5
+        if held:  # both extra requests were queued together: the order is the policy's
+            assert high_marks["first"] < low_marks["first"], (high_marks, low_marks)
+            return
+    pytest.fail("the blockers finished before both extra requests were queued, twice")
 
 
 async def test_real_preemption_with_shrunken_kv_cache(vllm_server: VllmServer,
                                                       client: httpx.AsyncClient) -> None:
-    """8 concurrent requests that each grow to 4 blocks need 32 blocks; the cache has 16.
-    vLLM must preempt (recompute) some of them, count it in vllm:num_preemptions_total, and
-    still deliver every token."""
+    """8 concurrent requests that each grow to 7 blocks need 56 blocks; the cache has 32.
+    vLLM must preempt (by recompute) some of them, count it in vllm:num_preemptions_total,
+    and still deliver every token."""
     await wait_idle(vllm_server.base_url)
     before = value(await asyncio.to_thread(scrape, vllm_server.base_url), COUNTER)
-    n_out = 400
+    n_out = 200
     peak = {"kv": 0.0, "waiting": 0.0, "running": 0.0}
     stop = asyncio.Event()
 
@@ -244,15 +250,16 @@ async def test_real_preemption_with_shrunken_kv_cache(vllm_server: VllmServer,
     assert preempted >= 1
     assert peak["kv"] > 0.5
     # Per-request preemption counts are also exported, as a histogram.
-    assert sum(v for labels, v in m["vllm:request_num_preemptions_count"]) >= MAX_NUM_SEQS
+    assert m["vllm:request_num_preemptions_count"][0][1] >= MAX_NUM_SEQS
 
 
 async def test_throughput_1_and_8_streams(vllm_server: VllmServer, client: httpx.AsyncClient,
                                           record_property: Any) -> None:
-    """Informational (printed, recorded as junit properties); asserts only a sane floor."""
-    await wait_idle(vllm_server.base_url)
-    n_out = 120  # 8 x (prompt + 120) stays within 16 blocks: no preemption in this run
-    for conc in (1, 8):
+    """Informational (printed, recorded as junit properties); asserts only a sane floor.
+    The machine is shared: expect wide variation (see docs/vllm-cpu.md)."""
+    # 8 x (prompt + 80) tokens = 8 x 3 blocks: fits in the 32 blocks, so no preemption here.
+    for conc, n_out in ((1, 100), (8, 80)):
+        await wait_idle(vllm_server.base_url)
         t0 = time.monotonic()
         results = await asyncio.gather(*[stream_chat(client, chat_body(f"speed {i}", n_out))
                                          for i in range(conc)])
@@ -264,4 +271,4 @@ async def test_throughput_1_and_8_streams(vllm_server: VllmServer, client: httpx
               f"median TTFT {ttfts[len(ttfts) // 2] * 1000:.0f} ms")
         record_property(f"tok_per_s_{conc}_streams", round(rate, 1))
         assert tokens == conc * n_out
-        assert rate > 10, "tiny model under 10 tok/s: something is badly wrong"
+        assert rate > 5, "tiny model under 5 tok/s: something is badly wrong"

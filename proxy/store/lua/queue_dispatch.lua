@@ -90,7 +90,8 @@ end
 
 local blocked, n_blocked = {}, 0
 local inflight = {}
-local start, chunk = 0, 64
+-- read the queue in growing chunks: most dispatches stop within the first few items
+local start, chunk = 0, 8
 local done = usable == 0 or max_grants <= 0
 while not done do
   local members = redis.call('ZRANGE', K_QUEUE, start, start + chunk - 1)
@@ -110,6 +111,7 @@ while not done do
       local n = inflight[rec.t]
       if n == nil then
         n = tonumber(redis.call('HGET', K_INFLIGHT, rec.t) or '0')
+        inflight[rec.t] = n
       end
       local cands = by_model[rec.m]
       if cands and (rec.c == nil or n < rec.c) then
@@ -148,5 +150,6 @@ while not done do
     end
   end
   start = start + #members - removed
+  chunk = math.min(chunk * 2, 256)
 end
 return {grants, mine_expired}
