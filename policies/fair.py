@@ -89,7 +89,7 @@ class VirtualTokenCounter:
     def pick(self, backlogged: Mapping[str, TenantState], now: float) -> str | None:
         best: tuple[float, str] | None = None
         for name, st in backlogged.items():
-            if best is None or (-st.virtual_counter, name) < best:
+            if best is None or (st.virtual_counter, name) < best:
                 best = (st.virtual_counter, name)
         return None if best is None else best[1]
 

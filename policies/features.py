@@ -17,7 +17,7 @@ and later puts, unchanged, into the completion event that trains the estimator. 
 
 Every value is a ``str`` or a ``float``, so the dict survives a JSON round trip (a Redis
 Stream) as is. Only the first ``head_chars`` and last ``tail_chars`` characters of the prompt
-are read, which bounds the cost on huge prompts (about 5-35 µs on one idle core).
+are read, which bounds the cost on huge prompts (docs/estimator.md, "Cost").
 """
 
 from __future__ import annotations

@@ -208,7 +208,8 @@ class EstimatorConfig(_Strict):
 
     #: where the model is saved and restored from (None: start cold, never save)
     path: str | None = None
-    save_interval_s: float = Field(60.0, gt=0)
+    #: saving pauses the event loop ~0.1-0.5 s (pickling holds the GIL): keep it rare
+    save_interval_s: float = Field(300.0, gt=0)
     prior_tokens: float = Field(256.0, gt=0)
     quantile: float = Field(0.9, ge=0.5, lt=1.0)
 

@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +78,8 @@ class Ctx:
     backend: str | None = None
     status: int = 0
     response_started: bool = False
+    #: the last body message is being sent (a disconnect after it is the normal end)
+    ended: bool = False
     admitted_at: float | None = None
     first_byte_at: float | None = None
     usage: dict[str, Any] | None = None
@@ -107,7 +109,7 @@ class OpenAIHandler:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         rid_in = _header(scope, b"x-request-id")
-        rid = rid_in.decode() if rid_in and _RID_OK.match(rid_in) else uuid.uuid4().hex
+        rid = rid_in.decode() if rid_in and _RID_OK.match(rid_in) else os.urandom(16).hex()
         endpoint = PATHS.get(path)
         ctx = Ctx(rid=rid, endpoint=endpoint or path, t0=self.gw.clock.monotonic())
         if endpoint is None:
@@ -143,19 +145,31 @@ class OpenAIHandler:
             await self._send_error(send, ctx, InternalError(f"internal error: {type(e).__name__}"))
             return
 
-        work = asyncio.create_task(self._serve(ctx, send))
+        # Watch for a disconnect while serving: when receive() says the client went away
+        # before the response ended, cancel this task (the work releases what it holds).
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        def on_message(f: asyncio.Future[dict[str, Any]]) -> None:
+            nonlocal gone
+            if f.cancelled() or f.exception() is not None or ctx.ended:
+                return
+            if f.result().get("type") == "http.disconnect":
+                gone = True
+                assert ctx.principal is not None
+                self.gw.metrics.disconnects.labels(ctx.principal.tenant.name, ctx.stage).inc()
+                task.cancel()
+
         watch = asyncio.ensure_future(receive())
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
+        watch.add_done_callback(on_message)
+        try:
+            await self._serve(ctx, send)
+        except asyncio.CancelledError:
+            if not gone or task.uncancel() > 0:
+                raise  # not (only) ours: the server is cancelling us
+        finally:
             watch.cancel()
-            work.result()
-            return
-        msg = watch.result()
-        if msg.get("type") == "http.disconnect" and not work.done():
-            work.cancel()
-            self.gw.metrics.disconnects.labels(ctx.principal.tenant.name, ctx.stage).inc()
-        with contextlib.suppress(asyncio.CancelledError):
-            await work
 
     # -- stages ------------------------------------------------------------------------
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
@@ -201,7 +215,7 @@ class OpenAIHandler:
             expected_out = req.max_tokens if req.max_tokens is not None else max(1, round(est.p50))
         try:
             ctx.stage = "shaping"
-            lease = ctx.rid + "-" + uuid.uuid4().hex[:8]
+            lease = ctx.rid + "-" + os.urandom(4).hex()
             # RPM/TPM/quota here; concurrency is the queue's job (drift-adjusted limit)
             decision = await gw.shaper.acquire(
                 tenant, lease, req.prompt_tokens + expected_out,
@@ -213,10 +227,9 @@ class OpenAIHandler:
             ctx.stage = "queued"
             ctx.admitted = await sched.admit(tenant, req, ctx.rid, x, est)
             ctx.admitted_at = gw.clock.monotonic()
-            gw.metrics.queue_wait.labels(tenant.name, tenant.qos_class).observe(
-                ctx.admitted_at - ctx.t0
-            )
-            gw.metrics.in_flight.labels(tenant.name).inc()
+            tm = gw.metrics.tenant(tenant.name, tenant.qos_class)
+            tm.queue_wait.observe(ctx.admitted_at - ctx.t0)
+            tm.in_flight.inc()
             ctx.stage = "upstream"
             await self._forward(ctx, send, ctx.admitted.grant.footprint)
         except GatewayError as e:
@@ -330,6 +343,7 @@ class OpenAIHandler:
         ]
         ctx.response_started = True
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        ctx.ended = True
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _relay_stream(self, ctx: Ctx, send: Send, resp: httpx.Response, backend: Backend) -> None:
@@ -385,6 +399,7 @@ class OpenAIHandler:
             if rest:
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
             raise UpstreamError(f"backend {backend.name!r} closed the stream before [DONE]")
+        ctx.ended = True
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
     # -- completion ----------------------------------------------------------------------
@@ -393,6 +408,7 @@ class OpenAIHandler:
         gw = self.gw
         assert ctx.principal is not None and ctx.req is not None
         tenant = ctx.principal.tenant
+        tm = gw.metrics.tenant(tenant.name, tenant.qos_class)
         try:
             usage = ctx.usage or {}
             p_tok = int(usage.get("prompt_tokens") or 0)
@@ -404,7 +420,7 @@ class OpenAIHandler:
             if ctx.admitted is not None:
                 known = bool(usage) and ctx.status == 200 and ctx.req.endpoint != "embeddings"
                 await gw.scheduler.complete(ctx.admitted, c_tok if known else None)
-                gw.metrics.in_flight.labels(tenant.name).dec()
+                tm.in_flight.dec()
             if ctx.lease is not None:
                 await gw.shaper.release(tenant.name, ctx.lease)
                 actual = p_tok + c_tok if ctx.upstream_reached else 0
@@ -416,22 +432,26 @@ class OpenAIHandler:
                 errors=0 if ctx.status == 200 else 1, tokens_in=p_tok, tokens_out=c_tok,
             )
             if p_tok:
-                gw.metrics.prompt_tokens.labels(tenant.name).inc(p_tok)
+                tm.prompt_tokens.inc(p_tok)
             if c_tok:
-                gw.metrics.completion_tokens.labels(tenant.name).inc(c_tok)
+                tm.completion_tokens.inc(c_tok)
         except Exception:
             errlog.exception("accounting failed", extra={"request_id": ctx.rid})
         now = gw.clock.monotonic()
-        cls = tenant.qos_class
         if ctx.status == 200:
             if ctx.first_byte_at is not None:
-                gw.metrics.ttft.labels(tenant.name, cls).observe(ctx.first_byte_at - ctx.t0)
-            gw.metrics.e2e.labels(tenant.name, cls).observe(now - ctx.t0)
+                tm.ttft.observe(ctx.first_byte_at - ctx.t0)
+            tm.e2e.observe(now - ctx.t0)
         self._finish_log(ctx)
 
     def _finish_log(self, ctx: Ctx) -> None:
-        tenant = ctx.principal.tenant.name if ctx.principal else "-"
-        self.gw.metrics.requests.labels(tenant, ctx.endpoint, str(ctx.status)).inc()
+        if ctx.principal is not None:
+            t = ctx.principal.tenant
+            tenant = t.name
+            self.gw.metrics.tenant(tenant, t.qos_class).requests(ctx.endpoint, ctx.status).inc()
+        else:
+            tenant = "-"
+            self.gw.metrics.requests.labels(tenant, ctx.endpoint, str(ctx.status)).inc()
         if not self.gw.settings.server.access_log:
             return
         usage = ctx.usage or {}
@@ -465,11 +485,13 @@ class OpenAIHandler:
         ]
         ctx.response_started = True
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        ctx.ended = True
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _stream_error(self, send: Send, ctx: Ctx, err: GatewayError) -> None:
         """An error after the SSE headers went out: an error event, then end of stream."""
         ctx.status = err.status
+        ctx.ended = True
         with contextlib.suppress(Exception):
             await send({"type": "http.response.body", "body": error_event(err.to_dict()),
                         "more_body": False})

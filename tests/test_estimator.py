@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import doctest
+import json
 import math
 import pickle
 import random
@@ -89,6 +90,24 @@ def test_deterministic() -> None:
     fx1, fx2 = RequestFeatures(), RequestFeatures(cache_size=1)
     req = {"prompt": "Explain the tides, please. Explain!", "prompt_tokens": 9}
     assert fx1.transform_one(req) == fx2.transform_one(req) == fx2.transform_one(req)
+
+
+def test_features_survive_json() -> None:
+    """Completion events may travel as JSON (a Redis Stream): same dict, same estimate."""
+    est = OutputTokenEstimator()
+    prequential(est, make_requests(300, seed=8))
+    req = {
+        "prompt": "a detailed answer",
+        "prompt_tokens": 4,
+        "tenant": "chat",
+        "model": "m",
+        "n_messages": 3,
+        "max_tokens": 512,
+    }
+    x = RequestFeatures().transform_one(req)
+    y = json.loads(json.dumps(x))
+    assert y == x
+    assert est.estimate_one(y) == est.estimate_one(x)
 
 
 def test_learning_beats_prior_and_tenant_ewma() -> None:
