@@ -54,6 +54,7 @@ class QueuedRequest:
     predicted_output_p90: float
     qos_class: str = "standard"
     level: int = 1
+    #: the tenant's weight (> 0) when the request was enqueued; fairness charges divide by it
     weight: float = 1.0
     max_tokens: int | None = None
     ttft_slo_s: float | None = None

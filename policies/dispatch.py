@@ -16,7 +16,8 @@ Each candidate is put to ``policy.admission``:
 * ``Wait("tenant_limit")``: the tenant is skipped for this step (its later requests too) —
   a tenant at its limit must not block other tenants;
 * ``Wait("seqs" | "tokens")``: the step ends with ``None``: capacity is released in order,
-  so a large request at the head is never starved by smaller ones behind it.
+  so a large request at the head is never starved by smaller ones behind it. (One model;
+  with several, a store may block only the engines that serve the head's model.)
 
 An empty queue gives ``None``. Requests not at the head time out through their waiter's own
 timer (the caller), not here. Pure functions; nothing is mutated.

@@ -42,7 +42,8 @@ SERVED_NAME = "tiny"
 BLOCK_SIZE = 32         # CPU default is 128; the CPU kernel takes any multiple of 32
 NUM_BLOCKS = 32         # --num-gpu-blocks-override: 32 x 32 = 1024 tokens of KV cache
 MAX_NUM_SEQS = 8
-MAX_MODEL_LEN = 1024    # must fit in the shrunken KV cache, or vLLM refuses to start
+MAX_MODEL_LEN = 512     # must be <= (NUM_BLOCKS - 1) * BLOCK_SIZE (one block is reserved), or
+                        # vLLM refuses to start ("estimated maximum model length is 992")
 
 SETUP_TIMEOUT_S = float(os.environ.get("DRIFTSCHED_VLLM_SETUP_TIMEOUT", "1500"))
 START_TIMEOUT_S = float(os.environ.get("DRIFTSCHED_VLLM_START_TIMEOUT", "240"))
