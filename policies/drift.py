@@ -1,8 +1,9 @@
 """The drift controller: per-tenant AIMD on concurrency, driven by output-length drift.
 
-Per tenant: the drift ratio ``sum(actual) / sum(predicted)`` output tokens over the last
-``window`` completions, and a River change detector (``adwin``, or ``page-hinkley`` in mode
-``up``) fed with each completion's ratio. From ``min_samples`` completions on, each
+Per tenant: the drift ratio, the geometric mean of ``(1 + actual) / (1 + predicted)`` output
+tokens over the last ``window`` completions (robust to a cold estimator's wild first
+predictions, which a ratio of sums lets dominate the window), and a River change detector
+(``adwin``, or ``page-hinkley`` in mode ``up``) fed with each completion's log ratio. From ``min_samples`` completions on, each
 completion (:meth:`DriftController.observe`) may act:
 
 * ratio > ``threshold`` (drifting): limit <- ``max(min_limit, floor(limit * beta))``, at once
@@ -37,7 +38,10 @@ from policies.registry import check
 
 @dataclass(frozen=True, slots=True)
 class DriftParams:
-    window: int = 50
+    window: int = 20
+    #: a tenant's first completions only train the estimator (its cold-start errors are
+    #: not drift): the controller starts watching after this many
+    warmup: int = 20
     min_samples: int = 10
     threshold: float = 1.5
     recover_below: float = 1.2
@@ -55,6 +59,7 @@ class DriftParams:
     def __post_init__(self) -> None:
         for name in ("window", "min_samples", "increase", "cooldown", "min_limit", "unlimited_as"):
             check(name, getattr(self, name))
+        check("warmup", self.warmup, strict=False)
         check("recover_below", self.recover_below)
         check("threshold", self.threshold, self.recover_below)
         check("attainment_hold_s", self.attainment_hold_s, strict=False)
@@ -96,10 +101,12 @@ class _Track:
     def __init__(self, p: DriftParams, level: int, base: int | None) -> None:
         self.level, self.base, self.ceiling = level, base, base or p.unlimited_as
         self.limit = self.ceiling
-        self.window: deque[tuple[float, float]] = deque()
-        self.sum_pred = self.sum_act = 0.0
+        #: per completion: log((1 + actual) / (1 + predicted)), clipped to +-log(16)
+        self.window: deque[float] = deque()
+        self.sum_log = 0.0
         self.detector = _DETECTORS[p.detector]()
         self.detections = self.decreases = self.increases = self.since_change = 0
+        self.seen = 0
         self.boost = self.overflow = False
         self.last_action: DriftAction = "none"
         self.last_action_at: float | None = None
@@ -128,16 +135,19 @@ class DriftController:
         """A completion of ``tenant``: predicted (median) vs actual output tokens. Returns
         the action taken now. ``KeyError`` for a tenant never configured."""
         p, t = self.params, self._tracks[tenant]
+        t.seen += 1
+        if t.seen <= p.warmup:
+            return "none"
         pred, act = max(float(predicted), 1.0), max(float(actual), 0.0)
-        t.window.append((pred, act))
-        t.sum_pred, t.sum_act = t.sum_pred + pred, t.sum_act + act
-        t.detector.update(min(act / pred, 16.0))
+        lr = min(_MAX_LOG, max(-_MAX_LOG, math.log((1.0 + act) / (1.0 + pred))))
+        t.window.append(lr)
+        t.sum_log += lr
+        t.detector.update(lr)
         detected = bool(t.detector.drift_detected)
         t.detections += detected
         keep = p.min_samples if detected else p.window
         while len(t.window) > keep:
-            old_pred, old_act = t.window.popleft()
-            t.sum_pred, t.sum_act = t.sum_pred - old_pred, t.sum_act - old_act
+            t.sum_log -= t.window.popleft()
         t.since_change += 1
         if len(t.window) < p.min_samples:
             return "none"
@@ -221,5 +231,10 @@ class DriftController:
         return action
 
 
+_MAX_LOG = math.log(16.0)
+
+
 def _ratio(t: _Track) -> float:
-    return t.sum_act / t.sum_pred if t.window else 1.0
+    """Geometric mean of (1 + actual) / (1 + predicted) over the window: robust to a few
+    wild predictions (a cold estimator's prior), symmetric in over/under-prediction."""
+    return math.exp(t.sum_log / len(t.window)) if t.window else 1.0

@@ -23,16 +23,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.base import BackendPool
 from adapters.upstream import UpstreamClients
+from policies.base import Policy
+from policies.drift import DriftController
+from policies.registry import build_policy
 from proxy.auth import Authenticator
 from proxy.clock import Clock, SystemClock
 from proxy.config import Settings
-from proxy.errors import UpstreamUnavailable
+from proxy.errors import ConfigError, UpstreamUnavailable
+from proxy.estimation import load_estimator, save_estimator, save_estimator_periodically
 from proxy.gateway import Gateway, seed_tenants
 from proxy.metrics import GatewayMetrics
 from proxy.openai_api import OpenAIHandler
-from policies.drift import DriftController
-from policies.registry import build_policy
-from proxy.estimation import load_estimator, save_estimator, save_estimator_periodically
 from proxy.scheduler import Scheduler
 from proxy.shaping import Shaper
 from proxy.store import build_store
@@ -104,7 +105,7 @@ class DriftSchedApp:
         pool = self.pool_factory(settings)
         clients = UpstreamClients()
         shaper = Shaper(store, clock, settings.store.lease_ttl_s, settings.store.fail_open)
-        policy = build_policy(settings.scheduler.policy.model_dump())
+        policy = build_scheduling_policy(settings)
         estimator = load_estimator(settings.scheduler.estimator)
         drift = DriftController(policy.drift, clock=clock) if policy.drift is not None else None
         scheduler = Scheduler(settings=settings, clock=clock, queue=queue, pool=pool,
@@ -157,6 +158,21 @@ class DriftSchedApp:
             await queue.aclose()
             await store.aclose()
             log.info("gateway stopped")
+
+
+def build_scheduling_policy(settings: Settings) -> Policy:
+    """The configured policy. The shared admission queue is one sorted set, so ``fair``
+    runs in its ``queue: global`` form (virtual finish-time tags) unless told otherwise."""
+    cfg = settings.scheduler.policy.model_dump()
+    if cfg["type"] == "fair":
+        cfg["parameters"] = {"queue": "global", **cfg["parameters"]}
+    policy = build_policy(cfg)
+    if policy.selector is not None:
+        raise ConfigError(
+            "scheduler.policy.parameters.queue: the shared admission queue needs a global "
+            "order; use queue: global"
+        )
+    return policy
 
 
 def _install_routes(app: DriftSchedApp) -> None:

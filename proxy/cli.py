@@ -208,6 +208,17 @@ def _run_admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_policy(settings: Any) -> None:
+    """Build the scheduling policy once, so a bad ``scheduler.policy`` stops start-up with a
+    message naming the key instead of a traceback from the lifespan."""
+    from proxy.app import build_scheduling_policy
+
+    try:
+        build_scheduling_policy(settings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -221,6 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides.setdefault("server", {})["port"] = args.port
     settings = load_settings(args.config, overrides=overrides)
+    check_policy(settings)
     configure_logging(settings.server.log_level)
     app = create_app(settings)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, access_log=False,
@@ -248,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             from proxy.config import load_settings
 
             s = load_settings(args.config)
+            check_policy(s)
             print(json.dumps(s.model_dump(mode="json"), indent=2))
             print("configuration OK", file=sys.stderr)
             return 0

@@ -34,8 +34,8 @@ from policies.features import RequestFeatures
 from proxy.clock import Clock
 from proxy.config import Settings
 from proxy.errors import QueueTimeout, StoreUnavailable
-from proxy.store.base import StoreUnavailable as StoreDown
 from proxy.requests import ParsedRequest
+from proxy.store.base import StoreUnavailable as StoreDown
 from proxy.store.base import Tenant
 from proxy.store.queue_base import AdmissionQueue, EngineCapacity, EngineLoad, Grant, QueueItem
 
@@ -81,6 +81,9 @@ class Scheduler:
         self._lease_ttl = settings.store.lease_ttl_s
         #: per-tenant policy state on this replica (virtual tags for fair share)
         self._states: dict[str, TenantState] = {}
+        #: requests of each tenant queued on this replica (its backlogged tenants)
+        self._queued: dict[str, int] = {}
+        self._last_drained = 0.0
         self._held: dict[str, Admitted] = {}
         self._learn: deque[tuple[dict[str, Any], float]] = deque(maxlen=10_000)
         self._learn_wake = asyncio.Event()
@@ -127,28 +130,48 @@ class Scheduler:
         if st is None or st.level != level:
             st = TenantState(name=tenant.name, level=level, limit=tenant.max_concurrency,
                              queue_timeout_s=tenant.queue_timeout_s,
-                             virtual_counter=st.virtual_counter if st else self._floor())
+                             virtual_counter=st.virtual_counter if st else
+                             self._floor(self._backlogged()))
             self._states[tenant.name] = st
         if self.drift is not None:
             self.drift.configure(tenant.name, level, tenant.max_concurrency)
             st = self.drift.annotate(st)
         return st
 
-    def _floor(self) -> float:
-        return min((s.virtual_counter for s in self._states.values()), default=0.0)
+    def _backlogged(self) -> dict[str, TenantState]:
+        return {t: self._states[t] for t, n in self._queued.items() if n > 0 and t in self._states}
 
-    def _score(self, qreq: QueuedRequest, state: TenantState, now: float) -> float:
+    def _floor(self, backlogged: dict[str, TenantState]) -> float:
+        """System virtual time: min counter over backlogged tenants, else the counter of the
+        tenant whose queue drained last (VTC's lift target)."""
+        return min((s.virtual_counter for s in backlogged.values()), default=self._last_drained)
+
+    def _enqueue_state(self, qreq: QueuedRequest, state: TenantState, now: float) -> float:
+        """Apply the policy's enqueue accounting and return the request's queue key."""
         acc = self.policy.accounting
-        if self.policy.selector is None or acc is None:
-            return self.policy.ordering.key(qreq, state, now)
-        # Fair share on one global sorted set: start-time fair queueing tags. The tenant's
-        # tag is lifted to the floor (no banked credit after idling) and advanced by the
-        # request's predicted charge, so backlogged tenants interleave in weight ratio.
-        tag = max(state.virtual_counter, self._floor())
-        charged = acc.on_admit(replace(state, virtual_counter=tag), qreq, now)
-        self._states[state.name] = replace(self._states[state.name],
-                                           virtual_counter=charged.virtual_counter)
-        return tag
+        backlogged = self._backlogged()
+        state = replace(state, virtual_floor=self._floor(backlogged))
+        if acc is not None:
+            state = acc.on_enqueue(state, qreq, backlogged, now)
+        self._states[state.name] = _persisted(state, self._states[state.name])
+        self._queued[state.name] = self._queued.get(state.name, 0) + 1
+        return self.policy.ordering.key(qreq, state, now)
+
+    def _dequeued(self, qreq: QueuedRequest, admitted: bool) -> None:
+        name = qreq.tenant
+        left = self._queued.get(name, 1) - 1
+        if left <= 0:
+            self._queued.pop(name, None)
+            if name in self._states:
+                self._last_drained = self._states[name].virtual_counter
+        else:
+            self._queued[name] = left
+        acc, st = self.policy.accounting, self._states.get(name)
+        if acc is None or st is None:
+            return
+        now = self.clock.time()
+        new = acc.on_admit(st, qreq, now) if admitted else acc.on_cancel(st, qreq, now)
+        self._states[name] = _persisted(new, st)
 
     async def admit(
         self, tenant: Tenant, req: ParsedRequest, rid: str, x: dict[str, Any], est: Estimate
@@ -173,13 +196,14 @@ class Scheduler:
         )
         item = QueueItem(
             id=rid, tenant=tenant.name, replica=self.replica_id, model=req.model,
-            score=self._score(qreq, state, now), footprint=qreq.footprint,
+            score=self._enqueue_state(qreq, state, now), footprint=qreq.footprint,
             concurrency_limit=state.limit, deadline=now + tenant.queue_timeout_s,
         )
         granted = False
         try:
             await self.queue.enqueue(item, now)
         except StoreDown as e:
+            self._dequeued(qreq, admitted=False)
             if not self.settings.store.fail_open:
                 raise StoreUnavailable("The admission queue's store is unavailable.") from e
             log.warning("queue unavailable, admitting without scheduling (fail_open): %s", e)
@@ -198,11 +222,13 @@ class Scheduler:
                     retry_after_s=max(1.0, tenant.queue_timeout_s / 4),
                 )
             granted = True
+            self._dequeued(qreq, admitted=True)
             adm = Admitted(res, qreq, est, self.clock.time() - now, x)
             self._held[rid] = adm
             return adm
         finally:
             if not granted:
+                self._dequeued(qreq, admitted=False)
                 await asyncio.shield(self._withdraw(rid))
 
     async def _withdraw(self, rid: str) -> None:
@@ -231,10 +257,16 @@ class Scheduler:
         st = self._states.get(adm.qreq.tenant)
         acc = self.policy.accounting
         if st is not None and acc is not None:
-            self._states[st.name] = acc.on_complete(st, adm.qreq, actual_output, self.clock.time())
+            new = acc.on_complete(st, adm.qreq, actual_output, self.clock.time())
+            self._states[st.name] = _persisted(new, st)
         if self.drift is not None:
             with contextlib.suppress(KeyError):
-                self.drift.observe(adm.qreq.tenant, adm.estimate.p50, actual_output)
+                action = self.drift.observe(adm.qreq.tenant, adm.estimate.p50, actual_output)
+                if action != "none":
+                    st_d = self.drift.status(adm.qreq.tenant)
+                    log.info("drift controller acted", extra={
+                        "tenant": adm.qreq.tenant, "action": action, "ratio": round(st_d.ratio, 3),
+                        "limit": st_d.limit})
         if x:
             self._learn.append((x, float(actual_output)))
             self._learn_wake.set()
@@ -299,3 +331,9 @@ class Scheduler:
                 n += 1
                 if n % 64 == 0:
                     await asyncio.sleep(0)
+
+
+def _persisted(new: TenantState, old: TenantState) -> TenantState:
+    """Keep what accounting owns (counters); the drift fields are re-annotated per use."""
+    return replace(old, virtual_counter=new.virtual_counter, queued_charge=new.queued_charge,
+                   virtual_floor=new.virtual_floor)

@@ -15,6 +15,7 @@ N_REACT = 10  # a 4x drift must lower the limit within this many completions
 
 
 def controller(clock: FakeClock, **params: object) -> DriftController:
+    params = {"warmup": 0, **params}  # these tests drive the controller from the first sample
     return DriftController(DriftParams(**params), clock=clock)  # type: ignore[arg-type]
 
 
@@ -128,3 +129,19 @@ def test_statuses_and_annotate() -> None:
 def test_params_are_validated(params: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DriftParams(**params)  # type: ignore[arg-type]
+
+
+def test_warmup_ignores_the_estimators_cold_start() -> None:
+    clock = FakeClock()
+    c = DriftController(DriftParams(warmup=20), clock=clock)
+    c.configure("t", level=1, base_limit=8)
+    # a cold estimator over- and under-predicts wildly at first: not drift
+    for i in range(20):
+        c.observe("t", predicted=256 if i < 10 else 5, actual=20)
+    assert c.status("t").samples == 0 and c.limit("t") == 8
+    for _ in range(20):
+        c.observe("t", predicted=20, actual=20)
+    assert c.limit("t") == 8
+    for _ in range(10):
+        c.observe("t", predicted=20, actual=80)
+    assert c.limit("t") is not None and c.limit("t") < 8  # type: ignore[operator]
