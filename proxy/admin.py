@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from proxy.config import UpstreamConfig
+from proxy.config import TenantFields, UpstreamConfig
 from proxy.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -47,18 +47,8 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TenantIn(_Body):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    qos_class: str = "standard"
-    weight: float = Field(1.0, gt=0)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    max_concurrency: int | None = Field(None, ge=1)
-    daily_token_quota: int | None = Field(None, ge=1)
-    ttft_slo_ms: float | None = Field(None, gt=0)
-    tpot_slo_ms: float | None = Field(None, gt=0)
-    queue_timeout_s: float = Field(30.0, ge=0)
-    allowed_models: list[str] = Field(default_factory=list)
+class TenantIn(TenantFields):
+    """Body of ``POST /admin/tenants``: the same fields as a tenant in the YAML file."""
 
 
 class TenantPatch(_Body):

@@ -81,7 +81,9 @@ def default_classes() -> dict[str, ClassConfig]:
     }
 
 
-class TenantConfig(_Strict):
+class TenantFields(_Strict):
+    """A tenant's settings, as the YAML file and the admin API take them."""
+
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     qos_class: str = "standard"
     weight: float = Field(1.0, gt=0)
@@ -94,6 +96,9 @@ class TenantConfig(_Strict):
     queue_timeout_s: float = Field(30.0, ge=0)
     #: empty = every model served by the backends
     allowed_models: list[str] = Field(default_factory=list)
+
+
+class TenantConfig(TenantFields):
     #: plaintext keys to seed (hashed on load; never stored in clear). Prefer the admin API.
     api_keys: list[str] = Field(default_factory=list)
 
