@@ -35,10 +35,10 @@ test-vllm-cpu: $(STAMP)  ## real vLLM on CPU with a tiny local model (installs .
 check: lint typecheck  ## ruff + mypy, as CI runs them
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy adapters policies tests bench prompts_dataset.py
+	$(BIN)/ruff check proxy adapters policies experiments tests bench prompts_dataset.py
 
 typecheck: $(STAMP)
-	$(BIN)/mypy proxy adapters policies
+	$(BIN)/mypy proxy adapters policies experiments prompts_dataset.py
 
 bench: $(STAMP)  ## gateway overhead vs direct vs LiteLLM (prints a table; not a test)
 	$(BIN)/python bench/gateway_bench.py

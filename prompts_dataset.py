@@ -40,6 +40,7 @@ from experiments.assemble import (
     build_from_trace,
     build_sharegpt,
     parse_tenants,
+    recount,
 )
 from experiments.describe import describe, estimate_capacity
 from experiments.scenario import SpecError, build_synthetic, load_spec, parse_spec
@@ -91,32 +92,61 @@ def _max_tokens_arg(v: str) -> int | None:
 
 
 def _common(p: argparse.ArgumentParser, build: bool = True) -> None:
-    p.add_argument("--data", default=None, help="shared data dir (default: $DRIFTSCHED_SHARED_DATA "
-                   "or ../shared/data beside the checkout)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="shared data dir (default: $DRIFTSCHED_SHARED_DATA "
+        "or ../shared/data beside the checkout)",
+    )
     if not build:
         return
     p.add_argument("-o", "--out", default="-", help="output JSONL (default: stdout)")
     p.add_argument("--seed", type=int, default=0, help="seed (default %(default)s)")
-    p.add_argument("--duration", type=float, default=120.0,
-                   help="seconds of arrivals to produce (default %(default)s)")
-    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT,
-                   help="engine max_model_len: prompt + output must fit (default %(default)s)")
-    p.add_argument("--max-tokens", type=_max_tokens_arg, default=None,
-                   help="max_tokens each request sends (default none: no cap is sent)")
-    p.add_argument("--ignore-eos", action="store_true",
-                   help="for real engines: send ignore_eos and max_tokens = output_tokens")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=120.0,
+        help="seconds of arrivals to produce (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=DEFAULT_MAX_CONTEXT,
+        help="engine max_model_len: prompt + output must fit (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_max_tokens_arg,
+        default=None,
+        help="max_tokens each request sends (default none: no cap is sent)",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="for real engines: send ignore_eos and max_tokens = output_tokens",
+    )
     p.add_argument("--limit", type=int, default=None, help="keep at most this many requests")
     p.add_argument("--name", default=None, help="workload name in the header")
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rate-scale", type=float, default=1.0,
-                   help="compress time by this factor: 2 = twice the trace's rate")
-    p.add_argument("--start-s", type=float, default=0.0,
-                   help="offset into the trace where the window starts (s)")
-    p.add_argument("--tenants", default="default:standard",
-                   help="name[:class[:weight]],...: requests are shared out by weight "
-                   "(default %(default)s)")
+    p.add_argument(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        help="compress time by this factor: 2 = twice the trace's rate",
+    )
+    p.add_argument(
+        "--start-s",
+        type=float,
+        default=0.0,
+        help="offset into the trace where the window starts (s)",
+    )
+    p.add_argument(
+        "--tenants",
+        default="default:standard",
+        help="name[:class[:weight]],...: requests are shared out by weight (default %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,12 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", choices=["conv", "code"], default="conv")
     _common(p)
     _trace_args(p)
-    p.add_argument("--filler", choices=["sharegpt", "words"], default="sharegpt",
-                   help="text the synthesized prompts are cut from")
-    p.add_argument("--long-prompts", choices=["clip", "drop"], default="clip",
-                   help="prompt + output over --max-context: clip the prompt or drop it")
-    p = sub.add_parser("mooncake", help="Mooncake conversation trace (long context; 3 s "
-                       "buckets jittered; shared 512-token prefix blocks share text)")
+    p.add_argument(
+        "--filler",
+        choices=["sharegpt", "words"],
+        default="sharegpt",
+        help="text the synthesized prompts are cut from",
+    )
+    p.add_argument(
+        "--long-prompts",
+        choices=["clip", "drop"],
+        default="clip",
+        help="prompt + output over --max-context: clip the prompt or drop it",
+    )
+    p = sub.add_parser(
+        "mooncake",
+        help="Mooncake conversation trace (long context; 3 s "
+        "buckets jittered; shared 512-token prefix blocks share text)",
+    )
     _common(p)
     _trace_args(p)
     p.add_argument("--filler", choices=["sharegpt", "words"], default="sharegpt")
@@ -153,8 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _trace_args(p)
     p.add_argument("--rate", type=float, default=None, help="Poisson arrivals at this req/s")
-    p.add_argument("--arrivals", choices=TRACES, default=None,
-                   help="use a trace's arrival times instead (with --rate-scale/--start-s)")
+    p.add_argument(
+        "--arrivals",
+        choices=TRACES,
+        default=None,
+        help="use a trace's arrival times instead (with --rate-scale/--start-s)",
+    )
     p.add_argument("--order", choices=["shuffle", "file"], default="shuffle")
     p = sub.add_parser("synthetic", help="multi-tenant mix from a YAML/JSON spec")
     p.add_argument("spec", help="spec file, e.g. experiments/scenarios/overload.yaml")
@@ -162,18 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     for a in p._actions:  # the spec's values win unless given on the command line
         if a.dest in ("seed", "duration", "max_context", "max_tokens"):
             a.default = None
-    p.add_argument("--rate-scale", type=float, default=1.0,
-                   help="multiply every tenant's rate (traces: their rate_scale)")
+    p.add_argument(
+        "--rate-scale",
+        type=float,
+        default=1.0,
+        help="multiply every tenant's rate (traces: their rate_scale)",
+    )
     p = sub.add_parser("validate", help="check a workload file; exit 1 on errors")
     p.add_argument("file")
-    p.add_argument("--max-context", type=int, default=None,
-                   help="engine max_model_len to check against (default: the header's)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="engine max_model_len to check against (default: the header's)",
+    )
     p.add_argument("--strict", action="store_true", help="warnings are errors")
     p = sub.add_parser("stats", help="rates, burstiness, lengths per tenant; drift before/after")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--capacity", action="store_true",
-                   help="also estimate a simulated pool's saturation throughput for this mix")
+    p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="also estimate a simulated pool's saturation throughput for this mix",
+    )
     p.add_argument("--engines", type=int, default=2)
     p.add_argument("--profile", default="llama3-8b-a100")
     p.add_argument("--kv-capacity-tokens", type=int, default=None)
@@ -184,10 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _opts(a: argparse.Namespace) -> Options:
-    return Options(seed=a.seed or 0, max_context=a.max_context or DEFAULT_MAX_CONTEXT,
-                   max_tokens=a.max_tokens, ignore_eos=a.ignore_eos,
-                   long_prompts=getattr(a, "long_prompts", "clip"),
-                   filler=getattr(a, "filler", "sharegpt"))
+    return Options(
+        seed=a.seed or 0,
+        max_context=a.max_context or DEFAULT_MAX_CONTEXT,
+        max_tokens=a.max_tokens,
+        ignore_eos=a.ignore_eos,
+        long_prompts=getattr(a, "long_prompts", "clip"),
+        filler=getattr(a, "filler", "sharegpt"),
+    )
 
 
 def _emit(a: argparse.Namespace, header: dict[str, Any], reqs: list[Request]) -> None:
@@ -198,14 +258,25 @@ def _emit(a: argparse.Namespace, header: dict[str, Any], reqs: list[Request]) ->
         with open(a.out, "w", encoding="utf-8") as f:
             write_workload(f, header, reqs)
     who = ", ".join(f"{t['name']}({t['qos_class']})={t['n']}" for t in header["tenants"])
-    print(f"{header['name']}: {len(reqs)} requests over {header['duration_s']:g} s [{who}]; "
-          f"clipped {header['clipped']}, dropped {header['dropped']}"
-          + ("" if a.out == "-" else f" -> {a.out}"), file=sys.stderr)
+    print(
+        f"{header['name']}: {len(reqs)} requests over {header['duration_s']:g} s [{who}]; "
+        f"clipped {header['clipped']}, dropped {header['dropped']}"
+        + ("" if a.out == "-" else f" -> {a.out}"),
+        file=sys.stderr,
+    )
 
 
 def _print_stats(s: dict[str, Any], cap: dict[str, float] | None) -> None:
-    cols = ("n", "rate_req_s", "interarrival_cv", "max_req_in_1s", "prompt_p50_p90_p99",
-            "output_mean", "output_p50_p90_p99", "output_tok_s")
+    cols = (
+        "n",
+        "rate_req_s",
+        "interarrival_cv",
+        "max_req_in_1s",
+        "prompt_p50_p90_p99",
+        "output_mean",
+        "output_p50_p90_p99",
+        "output_tok_s",
+    )
     print(f"workload {s['name']!r}, {s['duration_s']:g} s")
     print("| tenant | class | " + " | ".join(cols) + " |")
     print("|" + "---|" * (len(cols) + 2))
@@ -213,12 +284,16 @@ def _print_stats(s: dict[str, Any], cap: dict[str, float] | None) -> None:
     for name, cls, t in rows:
         print(f"| {name} | {cls} | " + " | ".join(str(t[c]) for c in cols) + " |")
     for d in s["drift"]:
-        print(f"drift at {d['at_s']:g} s, tenant {d['tenant']}: output x{d['output_scale']:g}, "
-              f"mean {d['output_mean_before']} -> {d['output_mean_after']}")
+        print(
+            f"drift at {d['at_s']:g} s, tenant {d['tenant']}: output x{d['output_scale']:g}, "
+            f"mean {d['output_mean_before']} -> {d['output_mean_after']}"
+        )
     if cap:
         load = s["all"]["rate_req_s"] / cap["req_s"] if cap["req_s"] else float("nan")
-        print(f"capacity ({cap['engines']} engines, saturated, this mix): {cap['req_s']} req/s, "
-              f"{cap['output_tok_s']} output tok/s; offered load = {load:.2f} x capacity")
+        print(
+            f"capacity ({cap['engines']} engines, saturated, this mix): {cap['req_s']} req/s, "
+            f"{cap['output_tok_s']} output tok/s; offered load = {load:.2f} x capacity"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             if len(w.problems) > 50:
                 print(f"... and {len(w.problems) - 50} more", file=sys.stderr)
             n_err = len(bad)
-            print(f"{a.file}: {len(w.requests)} valid requests, {len(w.errors)} error(s), "
-                  f"{len(w.problems) - len(w.errors)} warning(s)"
-                  + (" -- INVALID" if n_err else " -- OK"))
+            print(
+                f"{a.file}: {len(w.requests)} valid requests, {len(w.errors)} error(s), "
+                f"{len(w.problems) - len(w.errors)} warning(s)"
+                + (" -- INVALID" if n_err else " -- OK")
+            )
             return 1 if n_err else 0
         if a.cmd == "stats":
             w = load_workload(a.file)
@@ -244,9 +321,17 @@ def main(argv: list[str] | None = None) -> int:
                 end = min(hi, float(w.header.get("duration_s") or hi))
                 w.header = {**w.header, "duration_s": end - lo}
             s = describe(w)
-            cap = (estimate_capacity(w.requests, engines=a.engines, profile=a.profile,
-                                     kv_capacity_tokens=a.kv_capacity_tokens,
-                                     max_num_seqs=a.max_num_seqs) if a.capacity else None)
+            cap = (
+                estimate_capacity(
+                    w.requests,
+                    engines=a.engines,
+                    profile=a.profile,
+                    kv_capacity_tokens=a.kv_capacity_tokens,
+                    max_num_seqs=a.max_num_seqs,
+                )
+                if a.capacity
+                else None
+            )
             if a.json:
                 print(json.dumps({**s, "capacity": cap}, indent=2))
             else:
@@ -264,28 +349,45 @@ def main(argv: list[str] | None = None) -> int:
                 opts.max_context = a.max_context
             if a.max_tokens is not None:
                 opts.max_tokens = a.max_tokens
-                spec = replace(spec, tenants=[replace(t, max_tokens=a.max_tokens)
-                                              for t in spec.tenants])
+                spec = replace(
+                    spec, tenants=[replace(t, max_tokens=a.max_tokens) for t in spec.tenants]
+                )
             opts.ignore_eos = opts.ignore_eos or a.ignore_eos
             if a.duration is not None:
                 spec = replace(spec, duration_s=a.duration)
             header, reqs = build_synthetic(spec, opts, data, rate_scale=a.rate_scale)
             if a.limit is not None:
                 reqs = reqs[: a.limit]
+                header = recount(header, reqs)
             if a.name:
                 header["name"] = a.name
         elif a.cmd in ("azure", "mooncake"):
             trace = f"azure-{a.trace}" if a.cmd == "azure" else "mooncake"
             header, reqs = build_from_trace(
-                trace, duration_s=a.duration, rate_scale=a.rate_scale, start_s=a.start_s,
-                tenants=parse_tenants(a.tenants), opts=_opts(a), data=data, limit=a.limit,
-                name=a.name)
+                trace,
+                duration_s=a.duration,
+                rate_scale=a.rate_scale,
+                start_s=a.start_s,
+                tenants=parse_tenants(a.tenants),
+                opts=_opts(a),
+                data=data,
+                limit=a.limit,
+                name=a.name,
+            )
         else:
             header, reqs = build_sharegpt(
-                duration_s=a.duration, rate=a.rate, arrivals=a.arrivals,
-                rate_scale=a.rate_scale, start_s=a.start_s, order=a.order,
-                tenants=parse_tenants(a.tenants), opts=_opts(a), data=data, limit=a.limit,
-                name=a.name)
+                duration_s=a.duration,
+                rate=a.rate,
+                arrivals=a.arrivals,
+                rate_scale=a.rate_scale,
+                start_s=a.start_s,
+                order=a.order,
+                tenants=parse_tenants(a.tenants),
+                opts=_opts(a),
+                data=data,
+                limit=a.limit,
+                name=a.name,
+            )
         _emit(a, header, reqs)
         return 0
     except (WorkloadError, SpecError, ValueError, FileNotFoundError) as e:
@@ -295,4 +397,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -316,6 +316,20 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._give_back()
 
 
+class _BufferedStream(httpx.AsyncByteStream):
+    """A body received whole before the response was returned."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._body:
+            yield self._body
+
+
+_EXTENSIONS = {"http_version": b"HTTP/1.1"}
+
+
 def _timeouts(request: httpx.Request) -> tuple[float | None, float | None, float | None]:
     t: dict[str, float | None] = request.extensions.get("timeout", {})
     return t.get("connect"), t.get("read"), t.get("pool")
@@ -361,15 +375,40 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return pool
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._closed:
-            raise RuntimeError("LeanTransport is closed")
-        pool = self._pool(request.url)
-        connect_t, read_t, pool_t = _timeouts(request)
         try:
             body = request.content
         except httpx.RequestNotRead:
             body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
-        data = _render(request, body)
+        connect_t, read_t, pool_t = _timeouts(request)
+        return await self._send(request.url, _render(request, body), request.method == "HEAD",
+                                connect_t, read_t, pool_t)
+
+    async def post(
+        self,
+        url: httpx.URL,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        timeouts: dict[str, float | None],
+    ) -> httpx.Response:
+        """POST without building an ``httpx.Request`` (the gateway's hot path).
+
+        ``headers`` must not carry ``Host`` or ``Content-Length`` (they are added);
+        ``timeouts`` is ``httpx.Timeout.as_dict()``. Same response and errors as
+        :meth:`handle_async_request`; the response has no ``request`` attached.
+        """
+        head = [b"POST ", url.raw_path, b" HTTP/1.1\r\nHost: ", url.netloc,
+                b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
+        for name, value in headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"\r\n", body]
+        return await self._send(url, b"".join(head), False, timeouts.get("connect"),
+                                timeouts.get("read"), timeouts.get("pool"))
+
+    async def _send(self, url: httpx.URL, data: bytes, head_only: bool, connect_t: float | None,
+                    read_t: float | None, pool_t: float | None) -> httpx.Response:
+        if self._closed:
+            raise RuntimeError("LeanTransport is closed")
+        pool = self._pool(url)
         for attempt in (0, 1):
             conn = await pool.acquire(connect_t, pool_t)
             try:
@@ -383,14 +422,20 @@ class LeanTransport(httpx.AsyncBaseTransport):
             except BaseException:
                 conn.close()
                 raise
-            if request.method == "HEAD":  # no body follows; the parser cannot know that
+            if head_only:  # no body follows; the parser cannot know that
                 conn.complete = conn.must_close = True
-            return httpx.Response(
-                conn.status,
-                headers=conn.headers,
-                stream=_ResponseStream(pool, conn, read_t),
-                extensions={"http_version": b"HTTP/1.1"},
-            )
+            if conn.complete and conn.error is None:
+                # the whole body came with the head (the usual small JSON answer): hand the
+                # connection back now, and let aread() skip httpx's decoder chain
+                body = b"".join(conn.chunks)
+                resp = httpx.Response(conn.status, headers=conn.headers,
+                                      stream=_BufferedStream(body), extensions=_EXTENSIONS)
+                pool.release(conn)
+                resp._content = body
+                return resp
+            return httpx.Response(conn.status, headers=conn.headers,
+                                  stream=_ResponseStream(pool, conn, read_t),
+                                  extensions=_EXTENSIONS)
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:

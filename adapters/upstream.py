@@ -103,7 +103,9 @@ class UpstreamClients:
         """POST ``body``; the response comes back with its body not yet read.
 
         Goes straight to the transport (no cookies, auth or redirect layers, and a cached
-        URL per path) unless the client uses httpx's default transport. Raises httpx errors.
+        URL per path) unless the client uses httpx's default transport; to
+        :meth:`LeanTransport.post <adapters.transport.LeanTransport.post>` without even an
+        ``httpx.Request``. Raises httpx errors.
         """
         up = self._upstream(backend)
         if up.transport is None:
@@ -112,6 +114,9 @@ class UpstreamClients:
         url = up.urls.get(path)
         if url is None:
             url = up.urls[path] = httpx.URL(backend.url + path)
+        if isinstance(up.transport, LeanTransport):
+            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            return await up.transport.post(url, body, raw, up.timeout)
         req = httpx.Request("POST", url, content=body, headers=headers,
                             extensions={"timeout": up.timeout})
         resp = await up.transport.handle_async_request(req)

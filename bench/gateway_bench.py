@@ -48,6 +48,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import Result, closed_loop, open_loop, render_request
 
+ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 MODEL = "stub"
 TENANT_KEY = "sk-bench-" + "k" * 24
@@ -96,11 +97,12 @@ class Server:
     ready_path: str
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = ROOT
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         fh = self.log.open("wb")
-        self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, cwd=self.cwd,
                                      env={**os.environ, **self.env}, start_new_session=True)
 
     def wait_ready(self, timeout: float) -> None:
@@ -415,10 +417,15 @@ def main(argv: list[str] | None = None) -> int:
                         "keep other work on the machine from preempting them)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     p.add_argument("--json", help="also write every cell to this JSON file")
+    p.add_argument("--compare", action="append", default=[], metavar="LABEL=DIR",
+                   help="also run DriftSched (memory store) from another source tree, e.g. a "
+                        "`git worktree` of an older commit, as target LABEL (repeatable)")
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
     a = p.parse_args(argv)
 
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    compare = dict(c.split("=", 1) for c in a.compare)
+    targets += [label for label in compare if label not in targets]
     concs = [int(x) for x in a.concurrency.split(",") if x]
     rates = [float(x) for x in a.rates.split(",") if x]
     modes = [m.strip() == "stream" for m in a.modes.split(",") if m.strip()]
@@ -444,13 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     tmap: dict[str, tuple[Target, int]] = {"direct": (Target("direct", None, {}), stub_port)}
     prefix = f"gwbench-{uuid.uuid4().hex[:8]}"
     for t in targets:
-        if t in ("memory", "redis"):
-            store = {"type": "memory"} if t == "memory" else {
-                "type": "redis", "url": a.redis_url, "prefix": prefix}
+        if t in ("memory", "redis") or t in compare:
+            store = {"type": "redis", "url": a.redis_url, "prefix": prefix} if t == "redis" else {
+                "type": "memory"}
             port = free_port()
             cfg = driftsched_config(tmp, t, port, stub_url, store)
             srv = Server(t, [*pin(core_gw, a.nice), py, "-m", "proxy.cli", "serve", "-c", str(cfg),
-                             "--port", str(port)], port, "/readyz", tmp / f"{t}.log")
+                             "--port", str(port)], port, "/readyz", tmp / f"{t}.log",
+                         cwd=Path(compare[t]).resolve() if t in compare else ROOT)
             servers.append(srv)
             tmap[t] = (Target(t, srv, {"authorization": f"Bearer {TENANT_KEY}"}), port)
         elif t == "litellm":

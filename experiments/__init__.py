@@ -1,0 +1,14 @@
+"""Experiments: replayable workloads and the open-loop load generator.
+
+- :mod:`experiments.workload_file` -- the JSONL workload format, its validation and loader;
+- :mod:`experiments.traces` -- readers of the real traces in ``../shared/data``;
+- :mod:`experiments.generators` -- seeded arrival processes, length profiles, prompt text;
+- :mod:`experiments.assemble` -- drafts to requests, and the Azure/Mooncake/ShareGPT builders;
+- :mod:`experiments.scenario` -- synthetic multi-tenant mixes from a YAML spec
+  (``experiments/scenarios/*.yaml``);
+- :mod:`experiments.describe` -- per-tenant statistics and a simulated pool's capacity;
+- :mod:`experiments.loadgen` (with :mod:`~experiments.clients` and
+  :mod:`~experiments.record`) -- open-loop streaming replay, one CSV row per request.
+
+``prompts_dataset.py`` at the repository root is the command line for the workload side.
+"""

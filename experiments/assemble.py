@@ -75,67 +75,108 @@ class Assembler:
     def build(self, drafts: list[Draft]) -> list[Request]:
         drafts = sorted(drafts, key=lambda d: d.arrival_s)  # stable: ties keep draft order
         out: list[Request] = []
-        seen: dict[str, int] = {}
+        seen: set[str] = set()
         ctx = self.opts.max_context
         salt = stable_hash(self.opts.seed, "blocks")
         for d in drafts:
             s = d.sample
             cap = d.max_tokens
             p_target, out_tokens = max(1, s.prompt_tokens), max(1, s.output_tokens)
+            clipped = False
             if s.text is None and p_target + min(out_tokens, cap or out_tokens) > ctx:
                 if self.opts.long_prompts == "drop":
                     self.dropped += 1
                     continue
-                self.clipped += 1
+                clipped = True  # keep room for the output (at most half the context)
                 p_target = min(p_target, ctx - min(out_tokens, ctx // 2))
             n = len(out)
-            tag = f" [{d.tenant} #{n:x}]"
             if s.text is not None:
                 messages = [{"role": "user", "content": s.text}]
             else:
                 offset = stable_hash(self.opts.seed, "filler", n)
-                messages = synth_messages(p_target, tag, self.filler(), offset, s.blocks, salt)
+                messages = synth_messages(
+                    p_target, f" [{d.tenant} #{n:x}]", self.filler(), offset, s.blocks, salt
+                )
             key = prompt_key(messages)
-            if key in seen:  # a repeated real prompt: make it unique so its length is its own
-                seen[key] += 1
-                messages = [{"role": "user", "content": f"{s.text} #{seen[key]}"}]
+            k = 1
+            while key in seen:  # a repeated real prompt: make it unique, its length its own
+                k += 1
+                messages = [{"role": "user", "content": f"{s.text} #{k}"}]
                 key = prompt_key(messages)
-            seen[key] = seen.get(key, 1)
+            seen.add(key)
             p_tokens = count_prompt_tokens(messages)
             room = ctx - p_tokens
             if room < 1:
                 self.dropped += 1
                 continue
             if out_tokens > room or (cap is not None and out_tokens > cap):
-                self.clipped += 1
+                clipped = True
                 out_tokens = min(out_tokens, room, cap or room)
+            self.clipped += clipped
             mt = min(cap, room) if cap is not None else None
             params = {**self.opts.params, **d.params}
             if self.opts.ignore_eos:
                 mt, params["ignore_eos"] = out_tokens, True
-            out.append(Request(
-                id=f"r{n:06d}", arrival_s=round(d.arrival_s, 6), tenant=d.tenant,
-                qos_class=d.qos_class, messages=messages, prompt=None, max_tokens=mt,
-                output_tokens=out_tokens, prompt_tokens=p_tokens, source=s.source,
-                params=params,
-            ))
+            out.append(
+                Request(
+                    id=f"r{n:06d}",
+                    arrival_s=round(d.arrival_s, 6),
+                    tenant=d.tenant,
+                    qos_class=d.qos_class,
+                    messages=messages,
+                    prompt=None,
+                    max_tokens=mt,
+                    output_tokens=out_tokens,
+                    prompt_tokens=p_tokens,
+                    source=s.source,
+                    params=params,
+                )
+            )
         return out
 
 
-def make_header(name: str, source: str, opts: Options, duration_s: float,
-            tenants: list[dict[str, Any]], reqs: list[Request], asm: Assembler,
-            params: dict[str, Any], drift: list[dict[str, Any]] | None = None,
-            assumes: dict[str, Any] | None = None) -> dict[str, Any]:
-    for t in tenants:
-        t["n"] = sum(1 for r in reqs if r.tenant == t["name"])
-        t["rate_req_s"] = round(t["n"] / duration_s, 4) if duration_s > 0 else 0.0
-    return {
-        "format": FORMAT, "version": VERSION, "name": name, "source": source,
-        "seed": opts.seed, "duration_s": duration_s, "max_context": opts.max_context,
-        "n_requests": len(reqs), "tenants": tenants, "drift": drift or [],
-        "clipped": asm.clipped, "dropped": asm.dropped, "params": params,
-        "assumes": assumes or {},
-    }
+def recount(header: dict[str, Any], reqs: list[Request]) -> dict[str, Any]:
+    """``header`` with ``n_requests`` and each tenant's ``n`` / ``rate_req_s`` redone."""
+    duration = float(header.get("duration_s") or 0.0)
+    tenants = []
+    for t in header.get("tenants", []):
+        n = sum(1 for r in reqs if r.tenant == t["name"])
+        tenants.append({**t, "n": n, "rate_req_s": round(n / duration, 4) if duration else 0.0})
+    return {**header, "n_requests": len(reqs), "tenants": tenants}
+
+
+def make_header(
+    name: str,
+    source: str,
+    opts: Options,
+    duration_s: float,
+    tenants: list[dict[str, Any]],
+    reqs: list[Request],
+    asm: Assembler,
+    params: dict[str, Any],
+    drift: list[dict[str, Any]] | None = None,
+    assumes: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``_workload`` header (see :mod:`experiments.workload_file`)."""
+    return recount(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "name": name,
+            "source": source,
+            "seed": opts.seed,
+            "duration_s": duration_s,
+            "max_context": opts.max_context,
+            "n_requests": len(reqs),
+            "tenants": tenants,
+            "drift": drift or [],
+            "clipped": asm.clipped,
+            "dropped": asm.dropped,
+            "params": params,
+            "assumes": assumes or {},
+        },
+        reqs,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,43 +207,89 @@ def _assign(rng: np.random.Generator, tenants: list[TenantShare], n: int) -> Int
     return rng.choice(len(tenants), size=n, p=w / w.sum()).astype(np.int64)
 
 
-def build_from_trace(trace: str, *, duration_s: float, rate_scale: float = 1.0,
-                     start_s: float = 0.0, tenants: list[TenantShare], opts: Options,
-                     data: Data, limit: int | None = None, name: str | None = None,
-                     ) -> tuple[dict[str, Any], list[Request]]:
+def build_from_trace(
+    trace: str,
+    *,
+    duration_s: float,
+    rate_scale: float = 1.0,
+    start_s: float = 0.0,
+    tenants: list[TenantShare],
+    opts: Options,
+    data: Data,
+    limit: int | None = None,
+    name: str | None = None,
+) -> tuple[dict[str, Any], list[Request]]:
     """Azure or Mooncake arrivals and token counts; synthesized prompt text of those lengths."""
     tr = data.trace(trace)
     jitter = MOONCAKE_BUCKET_S if trace == "mooncake" else 0.0
-    t, rows = window_trace(tr, start_s, rate_scale, duration_s, jitter,
-                           rng_for(opts.seed, "jitter", trace))
+    t, rows = window_trace(
+        tr, start_s, rate_scale, duration_s, jitter, rng_for(opts.seed, "jitter", trace)
+    )
     if limit is not None:
         t, rows = t[:limit], rows[:limit]
     who = _assign(rng_for(opts.seed, "assign", trace), tenants, len(t))
-    samples = Lengths("trace", trace=trace).sample(rng_for(opts.seed), len(t), data,
-                                                   opts.max_context, rows)
-    drafts = [Draft(float(t[i]), tenants[who[i]].name, tenants[who[i]].qos_class, samples[i],
-                    opts.max_tokens, {}) for i in range(len(t))]
+    samples = Lengths("trace", trace=trace).sample(
+        rng_for(opts.seed), len(t), data, opts.max_context, rows
+    )
+    drafts = [
+        Draft(
+            float(t[i]),
+            tenants[who[i]].name,
+            tenants[who[i]].qos_class,
+            samples[i],
+            opts.max_tokens,
+            {},
+        )
+        for i in range(len(t))
+    ]
     asm = Assembler(opts, data)
     reqs = asm.build(drafts)
-    params = {"trace": trace, "start_s": start_s, "rate_scale": rate_scale,
-              "max_tokens": opts.max_tokens, "filler": opts.filler, "limit": limit}
-    header = make_header(name or trace, trace, opts, duration_s,
-                     [{"name": x.name, "qos_class": x.qos_class, "weight": x.weight}
-                      for x in tenants], reqs, asm, params)
+    params = {
+        "trace": trace,
+        "start_s": start_s,
+        "rate_scale": rate_scale,
+        "max_tokens": opts.max_tokens,
+        "filler": opts.filler,
+        "limit": limit,
+    }
+    header = make_header(
+        name or trace,
+        trace,
+        opts,
+        duration_s,
+        [{"name": x.name, "qos_class": x.qos_class, "weight": x.weight} for x in tenants],
+        reqs,
+        asm,
+        params,
+    )
     return header, reqs
 
 
-def build_sharegpt(*, duration_s: float, rate: float | None, arrivals: str | None = None,
-                   rate_scale: float = 1.0, start_s: float = 0.0, order: str = "shuffle",
-                   tenants: list[TenantShare], opts: Options, data: Data,
-                   limit: int | None = None, name: str | None = None,
-                   ) -> tuple[dict[str, Any], list[Request]]:
+def build_sharegpt(
+    *,
+    duration_s: float,
+    rate: float | None,
+    arrivals: str | None = None,
+    rate_scale: float = 1.0,
+    start_s: float = 0.0,
+    order: str = "shuffle",
+    tenants: list[TenantShare],
+    opts: Options,
+    data: Data,
+    limit: int | None = None,
+    name: str | None = None,
+) -> tuple[dict[str, Any], list[Request]]:
     """Real ShareGPT prompts with their real response lengths; Poisson arrivals at ``rate``
     or a trace's arrival times (``arrivals``)."""
     if arrivals:
-        t, _ = window_trace(data.trace(arrivals), start_s, rate_scale, duration_s,
-                            MOONCAKE_BUCKET_S if arrivals == "mooncake" else 0.0,
-                            rng_for(opts.seed, "jitter", arrivals))
+        t, _ = window_trace(
+            data.trace(arrivals),
+            start_s,
+            rate_scale,
+            duration_s,
+            MOONCAKE_BUCKET_S if arrivals == "mooncake" else 0.0,
+            rng_for(opts.seed, "jitter", arrivals),
+        )
     else:
         if not rate or rate <= 0:
             raise ValueError("sharegpt: give --rate (req/s) or --arrivals TRACE")
@@ -225,11 +312,23 @@ def build_sharegpt(*, duration_s: float, rate: float | None, arrivals: str | Non
         drafts.append(Draft(float(t[i]), tn.name, tn.qos_class, s, opts.max_tokens, {}))
     asm = Assembler(opts, data)
     reqs = asm.build(drafts)
-    params = {"rate": rate, "arrivals": arrivals, "rate_scale": rate_scale, "start_s": start_s,
-              "order": order, "max_tokens": opts.max_tokens, "limit": limit}
-    header = make_header(name or "sharegpt", "sharegpt", opts, duration_s,
-                     [{"name": x.name, "qos_class": x.qos_class, "weight": x.weight}
-                      for x in tenants], reqs, asm, params)
+    params = {
+        "rate": rate,
+        "arrivals": arrivals,
+        "rate_scale": rate_scale,
+        "start_s": start_s,
+        "order": order,
+        "max_tokens": opts.max_tokens,
+        "limit": limit,
+    }
+    header = make_header(
+        name or "sharegpt",
+        "sharegpt",
+        opts,
+        duration_s,
+        [{"name": x.name, "qos_class": x.qos_class, "weight": x.weight} for x in tenants],
+        reqs,
+        asm,
+        params,
+    )
     return header, reqs
-
-

@@ -170,9 +170,13 @@ class RawClient:
         req.wire = self.render(req)
 
     def render(self, req: Prepared) -> bytes:
-        head = [f"POST {req.path} HTTP/1.1", f"host: {self.host}:{self.port}",
-                "content-type: application/json", "accept: text/event-stream",
-                f"content-length: {len(req.raw)}"]
+        head = [
+            f"POST {req.path} HTTP/1.1",
+            f"host: {self.host}:{self.port}",
+            "content-type: application/json",
+            "accept: text/event-stream",
+            f"content-length: {len(req.raw)}",
+        ]
         head += [f"{k}: {v}" for k, v in req.headers.items()]
         return ("\r\n".join(head) + "\r\n\r\n").encode() + req.raw
 
@@ -215,8 +219,9 @@ class HttpxClient:
     def __init__(self, base_url: str) -> None:
         self._c = httpx.AsyncClient(
             base_url=base_url,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                                keepalive_expiry=IDLE_REUSE_S),
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=256, keepalive_expiry=IDLE_REUSE_S
+            ),
             timeout=httpx.Timeout(None),
         )
 
@@ -254,7 +259,8 @@ class OpenAIClient:
     def _client(self, key: str) -> Any:
         if key not in self._clients:  # the SDK's own HTTP client (its pool: 1000 connections)
             self._clients[key] = self._openai.AsyncOpenAI(
-                api_key=key, base_url=self._base, max_retries=0, timeout=None)
+                api_key=key, base_url=self._base, max_retries=0, timeout=None
+            )
         return self._clients[key]
 
     def prepare(self, req: Prepared) -> None:
@@ -263,16 +269,36 @@ class OpenAIClient:
     async def send(self, req: Prepared, rec: Record, t0: float) -> None:
         openai = self._openai
         body = dict(req.body)
-        known = {k: body.pop(k) for k in ("model", "messages", "prompt", "max_tokens", "stream",
-                                          "stream_options", "temperature", "top_p", "seed",
-                                          "stop", "presence_penalty", "frequency_penalty")
-                 if k in body}
-        api = (self._client(req.key).chat.completions if "messages" in known
-               else self._client(req.key).completions)
+        known = {
+            k: body.pop(k)
+            for k in (
+                "model",
+                "messages",
+                "prompt",
+                "max_tokens",
+                "stream",
+                "stream_options",
+                "temperature",
+                "top_p",
+                "seed",
+                "stop",
+                "presence_penalty",
+                "frequency_penalty",
+            )
+            if k in body
+        }
+        api = (
+            self._client(req.key).chat.completions
+            if "messages" in known
+            else self._client(req.key).completions
+        )
         try:
             rec.sent_s = perf() - t0
-            stream = await api.create(**known, extra_body=body or None,
-                                      extra_headers={"x-request-id": req.headers["x-request-id"]})
+            stream = await api.create(
+                **known,
+                extra_body=body or None,
+                extra_headers={"x-request-id": req.headers["x-request-id"]},
+            )
             rec.status = 200
             async for chunk in stream:
                 now = perf() - t0

@@ -28,7 +28,8 @@ def _group_stats(reqs: Sequence[Request], duration_s: float) -> dict[str, Any]:
         "n": len(reqs),
         "rate_req_s": round(len(reqs) / duration_s, 3) if duration_s else None,
         "interarrival_cv": round(float(gaps.std() / gaps.mean()), 3)
-        if len(gaps) > 1 and gaps.mean() > 0 else None,
+        if len(gaps) > 1 and gaps.mean() > 0
+        else None,
         "max_req_in_1s": int(per_s.max()),
         "prompt_p50_p90_p99": [round(_pct(p, q)) for q in (50, 90, 99)] if len(p) else [],
         "output_mean": round(float(o.mean()), 1) if len(o) else None,
@@ -41,8 +42,12 @@ def describe(w: Workload) -> dict[str, Any]:
     """Per-tenant and overall rates, burstiness and length percentiles; drift before/after."""
     reqs = w.requests
     duration = float(w.header.get("duration_s") or (reqs[-1].arrival_s if reqs else 0.0))
-    out: dict[str, Any] = {"name": w.header.get("name"), "duration_s": duration,
-                           "all": _group_stats(reqs, duration), "tenants": {}}
+    out: dict[str, Any] = {
+        "name": w.header.get("name"),
+        "duration_s": duration,
+        "all": _group_stats(reqs, duration),
+        "tenants": {},
+    }
     for name in w.tenants:
         mine = [r for r in reqs if r.tenant == name]
         out["tenants"][name] = {"qos_class": mine[0].qos_class, **_group_stats(mine, duration)}
@@ -51,17 +56,27 @@ def describe(w: Workload) -> dict[str, Any]:
         mine = [r for r in reqs if r.tenant == ev.get("tenant")]
         before = [r.output_tokens for r in mine if r.arrival_s < ev["at_s"]]
         after = [r.output_tokens for r in mine if r.arrival_s >= ev["at_s"]]
-        drift.append({**ev, "output_mean_before": round(float(np.mean(before)), 1)
-                      if before else None,
-                      "output_mean_after": round(float(np.mean(after)), 1) if after else None})
+        drift.append(
+            {
+                **ev,
+                "output_mean_before": round(float(np.mean(before)), 1) if before else None,
+                "output_mean_after": round(float(np.mean(after)), 1) if after else None,
+            }
+        )
     out["drift"] = drift
     return out
 
 
-def estimate_capacity(reqs: Sequence[Request], *, engines: int = 2,
-                      profile: str = "llama3-8b-a100", kv_capacity_tokens: int | None = None,
-                      max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                      n_requests: int = 3000) -> dict[str, float]:
+def estimate_capacity(
+    reqs: Sequence[Request],
+    *,
+    engines: int = 2,
+    profile: str = "llama3-8b-a100",
+    kv_capacity_tokens: int | None = None,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int | None = None,
+    n_requests: int = 3000,
+) -> dict[str, float]:
     """Saturation throughput of ``engines`` simulated engines for this file's length mix.
 
     The pure :class:`adapters.sim.engine.Engine` runs on a fake clock with a standing queue
@@ -76,8 +91,13 @@ def estimate_capacity(reqs: Sequence[Request], *, engines: int = 2,
     if not reqs:
         raise ValueError("no requests")
     now = [0.0]
-    eng = Engine(PROFILES[profile], clock=lambda: now[0], kv_capacity_tokens=kv_capacity_tokens,
-                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    eng = Engine(
+        PROFILES[profile],
+        clock=lambda: now[0],
+        kv_capacity_tokens=kv_capacity_tokens,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+    )
     lo, hi = n_requests // 5, 7 * n_requests // 10
     fed = done = tokens = tok_lo = 0
     t_lo = 0.0
@@ -95,6 +115,9 @@ def estimate_capacity(reqs: Sequence[Request], *, engines: int = 2,
                 if done == lo:
                     t_lo, tok_lo = now[0], tokens
     span = max(now[0] - t_lo, 1e-9)
-    return {"engines": engines, "req_s": round(engines * (done - lo) / span, 2),
-            "output_tok_s": round(engines * (tokens - tok_lo) / span, 1),
-            "preemptions": eng.stats.num_preemptions}
+    return {
+        "engines": engines,
+        "req_s": round(engines * (done - lo) / span, 2),
+        "output_tok_s": round(engines * (tokens - tok_lo) / span, 1),
+        "preemptions": eng.stats.num_preemptions,
+    }

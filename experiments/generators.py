@@ -26,6 +26,7 @@ CHAT_OVERHEAD = 7  # one user message: 3 (assistant header) + 4 (per message)
 CHARS_PER_TOKEN = 4
 MIN_CHAT_TOKENS = CHAT_OVERHEAD + 1
 MOONCAKE_BLOCK_TOKENS = 512
+FILLERS = ("sharegpt", "words")
 
 
 def stable_hash(*parts: object) -> int:
@@ -37,11 +38,13 @@ def rng_for(seed: int, *stream: object) -> np.random.Generator:
     return np.random.default_rng([seed, stable_hash(*stream)])
 
 
-_WORDS = ("the of and to in is for on that with as this it be are by from at or an was not "
-          "can data model time system user request value list code file function error set "
-          "table query server page text number string result output input type name test "
-          "example write explain please help make create how what why when which use need "
-          "first new more other some each into also than then them these only over such").split()
+_WORDS = (
+    "the of and to in is for on that with as this it be are by from at or an was not "
+    "can data model time system user request value list code file function error set "
+    "table query server page text number string result output input type name test "
+    "example write explain please help make create how what why when which use need "
+    "first new more other some each into also than then them these only over such"
+).split()
 
 
 class Filler:
@@ -81,7 +84,7 @@ class Filler:
         c, out = self.corpus, []
         offset %= len(c)
         while n > 0:
-            piece = c[offset:offset + n]
+            piece = c[offset : offset + n]
             out.append(piece)
             n -= len(piece)
             offset = 0
@@ -89,7 +92,11 @@ class Filler:
 
 
 def synth_messages(
-    tokens: int, tag: str, filler: Filler, offset: int, blocks: Sequence[int] | None = None,
+    tokens: int,
+    tag: str,
+    filler: Filler,
+    offset: int,
+    blocks: Sequence[int] | None = None,
     block_salt: int = 0,
 ) -> list[dict[str, Any]]:
     """One user message that counts ``max(tokens, 8)`` prompt tokens (more only if ``tag``
@@ -99,16 +106,22 @@ def synth_messages(
     body_chars = max(0, n_chars - len(tag))
     if blocks:
         per = MOONCAKE_BLOCK_TOKENS * CHARS_PER_TOKEN
-        text = "".join(filler.take(per, stable_hash(block_salt, b))
-                       for b in blocks[: body_chars // per + 1])[:body_chars]
+        text = "".join(
+            filler.take(per, stable_hash(block_salt, b)) for b in blocks[: body_chars // per + 1]
+        )[:body_chars]
         text += filler.take(body_chars - len(text), offset)
     else:
         text = filler.take(body_chars, offset)
     return [{"role": "user", "content": text + tag}]
 
 
-def renewal(rng: np.random.Generator, rate: float, start: float, end: float,
-            draw: Callable[[int], FloatArray]) -> FloatArray:
+def renewal(
+    rng: np.random.Generator,
+    rate: float,
+    start: float,
+    end: float,
+    draw: Callable[[int], FloatArray],
+) -> FloatArray:
     """Arrival times in ``[start, end)`` of a renewal process whose gaps come from ``draw``."""
     out: list[FloatArray] = []
     t = start
@@ -134,14 +147,20 @@ class Arrival:
     offset_s: float = 0.0
     rate_scale: float = 1.0
 
-    def times(self, rng: np.random.Generator, start: float, end: float, data: Data,
-              ) -> tuple[FloatArray, IntArray | None]:
+    def times(
+        self,
+        rng: np.random.Generator,
+        start: float,
+        end: float,
+        data: Data,
+    ) -> tuple[FloatArray, IntArray | None]:
         """Arrival times in ``[start, end)``, and trace rows for ``process: trace``."""
         if self.process == "trace":
             assert self.trace is not None
             jitter = MOONCAKE_BUCKET_S if self.trace == "mooncake" else 0.0
-            t, rows = window_trace(data.trace(self.trace), self.offset_s, self.rate_scale,
-                                   end - start, jitter, rng)
+            t, rows = window_trace(
+                data.trace(self.trace), self.offset_s, self.rate_scale, end - start, jitter, rng
+            )
             return t + start, rows
         rate = self.rate or 0.0
         if rate <= 0 or end <= start:
@@ -153,13 +172,19 @@ class Arrival:
             return renewal(rng, rate, start, end, lambda n: rng.gamma(k, 1 / (rate * k), n)), None
         if self.process == "constant":
             phase = rng.uniform(0, 1 / rate)
-            return start + phase + np.arange(int((end - start - phase) * rate) + 1) / rate, None
+            t = start + phase + np.arange(int((end - start - phase) * rate) + 1) / rate
+            return t[t < end], None
         # onoff: Poisson at rate * (on + off) / on during on-periods, silent during off;
         # the first on-period starts at `start`.
         period = self.on_s + self.off_s
         on_rate = rate * period / self.on_s
-        busy = renewal(rng, on_rate, 0.0, (end - start) * self.on_s / period + 1e-9,
-                       lambda n: rng.exponential(1 / on_rate, n))
+        busy = renewal(
+            rng,
+            on_rate,
+            0.0,
+            (end - start) * self.on_s / period + 1e-9,
+            lambda n: rng.exponential(1 / on_rate, n),
+        )
         cycles = np.floor(busy / self.on_s)
         t = start + busy + cycles * self.off_s
         return t[t < end], None
@@ -199,20 +224,40 @@ class Lengths:
     prompt_range: tuple[int, int] | None = None  # sharegpt filter (simulator token count)
     output_range: tuple[int, int] | None = None  # sharegpt filter (response tokens)
 
-    def sample(self, rng: np.random.Generator, n: int, data: Data, max_context: int,
-               rows: IntArray | None = None) -> list[Sample]:
+    def sample(
+        self,
+        rng: np.random.Generator,
+        n: int,
+        data: Data,
+        max_context: int,
+        rows: IntArray | None = None,
+    ) -> list[Sample]:
         """``n`` draws; ``rows`` aligns a trace profile with trace arrivals (same trace)."""
         if self.profile == "sharegpt":
             pool = sharegpt_pool(data, max_context, self.prompt_range, self.output_range)
             pick = rng.integers(0, len(pool), n)
-            return [Sample(pool[i].prompt_tokens, pool[i].response_tokens,
-                           f"sharegpt:{pool[i].id}", pool[i].prompt) for i in pick]
+            return [
+                Sample(
+                    pool[i].prompt_tokens,
+                    pool[i].response_tokens,
+                    f"sharegpt:{pool[i].id}",
+                    pool[i].prompt,
+                )
+                for i in pick
+            ]
         if self.profile == "trace":
             assert self.trace is not None
             tr = data.trace(self.trace)
             idx = rows if rows is not None else rng.integers(0, len(tr.t), n)
-            return [Sample(int(tr.prompt[i]), int(tr.output[i]), f"{tr.name}:{i}",
-                           blocks=tr.blocks[i] if tr.blocks else None) for i in idx]
+            return [
+                Sample(
+                    int(tr.prompt[i]),
+                    int(tr.output[i]),
+                    f"{tr.name}:{i}",
+                    blocks=tr.blocks[i] if tr.blocks else None,
+                )
+                for i in idx
+            ]
         p, o = _draw(self.prompt, rng, n), _draw(self.output, rng, n)
         return [Sample(int(p[i]), int(o[i]), self.profile) for i in range(n)]
 
@@ -223,17 +268,23 @@ def _draw(d: LogNormal | int | None, rng: np.random.Generator, n: int) -> IntArr
     return np.full(n, d or 1, dtype=np.int64)
 
 
-def sharegpt_pool(data: Data, max_context: int, prompt_range: tuple[int, int] | None = None,
-                  output_range: tuple[int, int] | None = None) -> list[ShareGPTRow]:
+def sharegpt_pool(
+    data: Data,
+    max_context: int,
+    prompt_range: tuple[int, int] | None = None,
+    output_range: tuple[int, int] | None = None,
+) -> list[ShareGPTRow]:
     """ShareGPT rows whose prompt fits in half the context (and the ranges, if given)."""
     plo, phi = prompt_range or (1, max_context // 2)
     olo, ohi = output_range or (1, 1 << 30)
-    pool = [r for r in data.sharegpt()
-            if plo <= r.prompt_tokens <= min(phi, max_context // 2)
-            and olo <= r.response_tokens <= ohi]
+    pool = [
+        r
+        for r in data.sharegpt()
+        if plo <= r.prompt_tokens <= min(phi, max_context // 2) and olo <= r.response_tokens <= ohi
+    ]
     if not pool:
-        raise ValueError(f"no ShareGPT prompt with prompt tokens in [{plo}, {phi}] and "
-                         f"response tokens in [{olo}, {ohi}]")
+        raise ValueError(
+            f"no ShareGPT prompt with prompt tokens in [{plo}, {phi}] and "
+            f"response tokens in [{olo}, {ohi}]"
+        )
     return pool
-
-

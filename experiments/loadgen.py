@@ -6,10 +6,13 @@ sender. Each request is streamed with ``stream_options.include_usage`` under its
 key, with ``x-request-id`` = the workload's ``id``, and recorded in one CSV row
 (:data:`experiments.record.COLUMNS`):
 
-``request_id, tenant, qos_class`` -- from the workload; ``intended_s`` / ``sent_s`` /
-``first_token_s`` / ``done_s`` -- seconds from the replay's start (``t0``; its Unix time is
-in the summary); ``lag_s = sent_s - intended_s`` (the generator's own lateness);
-``ttft_s = first_token_s - sent_s``; ``e2e_s = done_s - sent_s`` (successes only);
+``request_id, tenant, qos_class`` -- from the workload; ``intended_s`` (arrival_s / speedup),
+``dispatched_s`` (the generator started the request), ``sent_s`` (its bytes were written,
+after connecting), ``first_token_s``, ``done_s`` -- seconds from the replay's start (``t0``;
+its Unix time is in the summary); ``lag_s = dispatched_s - intended_s`` (the generator's own
+lateness); ``connect_s = sent_s - dispatched_s`` (getting a connection: long when the server
+accepts late); ``ttft_s = first_token_s - dispatched_s`` and ``e2e_s = done_s -
+dispatched_s`` (successes only) -- latency as the client sees it, connecting included;
 ``status`` (HTTP, 0: no answer); ``error`` (empty on success; else the server's OpenAI error
 ``code`` such as ``rate_limit_exceeded`` or ``queue_timeout``, or ``timeout``,
 ``connect_error``, ``stream_broken``, ``incomplete``, ``cancelled``, ``loadgen_overflow``);
@@ -86,8 +89,9 @@ def check_loopback(base_url: str) -> None:
     raise ValueError(f"--base-url {base_url}: loopback only (127.0.0.0/8, ::1, localhost)")
 
 
-def select(requests: Sequence[Request], max_requests: int | None,
-           duration_s: float | None) -> list[Request]:
+def select(
+    requests: Sequence[Request], max_requests: int | None, duration_s: float | None
+) -> list[Request]:
     out = [r for r in requests if duration_s is None or r.arrival_s < duration_s]
     return out[:max_requests] if max_requests is not None else out
 
@@ -99,9 +103,16 @@ def _pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-def summarize(records: Sequence[Record], *, wall_s: float, cpu_s: float, max_inflight: int,
-              extra: Mapping[str, Any]) -> dict[str, Any]:
+def summarize(
+    records: Sequence[Record],
+    *,
+    wall_s: float,
+    cpu_s: float,
+    max_inflight: int,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
     lags = [r.lag_s for r in records if r.lag_s is not None]
+    connects = [r.connect_s for r in records if r.connect_s is not None]
     ok = [r for r in records if r.ok]
     out_tokens = sum(r.completion_tokens or 0 for r in ok)
     return {
@@ -112,9 +123,13 @@ def summarize(records: Sequence[Record], *, wall_s: float, cpu_s: float, max_inf
         "errors": dict(Counter(r.error for r in records if r.error).most_common()),
         "statuses": {str(k): v for k, v in sorted(Counter(r.status for r in records).items())},
         "wall_s": round(wall_s, 3),
-        "lag_s": {"p50": _pct(lags, 50), "p99": _pct(lags, 99),
-                  "max": max(lags) if lags else None},
+        "lag_s": {"p50": _pct(lags, 50), "p99": _pct(lags, 99), "max": max(lags) if lags else None},
         "late_over_10ms": sum(1 for x in lags if x > 0.010),
+        "connect_s": {
+            "p50": _pct(connects, 50),
+            "p99": _pct(connects, 99),
+            "max": max(connects) if connects else None,
+        },
         "max_inflight": max_inflight,
         "loadgen_cpu_s": round(cpu_s, 3),
         "loadgen_cpu_share": round(cpu_s / wall_s, 3) if wall_s > 0 else None,
@@ -158,20 +173,34 @@ async def replay(
         p = Prepared(r.path, r.body(model), keys[r.tenant], request_id_prefix + r.id)
         cl.prepare(p)
         prepared.append(p)
-        records.append(Record(r.id, r.tenant, r.qos_class, r.arrival_s / speedup,
-                              expected_prompt_tokens=r.prompt_tokens,
-                              expected_output_tokens=r.output_tokens))
+        records.append(
+            Record(
+                r.id,
+                r.tenant,
+                r.qos_class,
+                r.arrival_s / speedup,
+                expected_prompt_tokens=r.prompt_tokens,
+                expected_output_tokens=r.output_tokens,
+            )
+        )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     inflight: set[asyncio.Task[None]] = set()
-    bar = tqdm(total=len(records), unit="req", disable=not progress, mininterval=0.5,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=len(records),
+        unit="req",
+        disable=not progress,
+        mininterval=0.5,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     peak = 0
     t0 = perf() + START_LEAD_S
     t0_unix = time.time() + START_LEAD_S
     c0, q0 = cpu_seconds(), runqueue_wait_seconds()
 
     async def one(p: Prepared, rec: Record) -> None:
+        rec.dispatched_s = perf() - t0
         try:
             async with asyncio.timeout(request_timeout_s):
                 await cl.send(p, rec, t0)
@@ -187,9 +216,13 @@ async def replay(
         while True:
             await asyncio.sleep(1.0)
             errs = sum(1 for r in records if r.error)
-            lags = [r.lag_s for r in records[-500:] if r.lag_s is not None]
-            bar.set_postfix(inflight=len(inflight), errors=errs,
-                            lag_ms=f"{1000 * (max(lags) if lags else 0):.1f}", refresh=False)
+            lags = [r.lag_s for r in records[max(0, sent - 200) : sent] if r.lag_s is not None]
+            bar.set_postfix(
+                inflight=len(inflight),
+                errors=errs,
+                lag_ms=f"{1000 * (max(lags) if lags else 0):.1f}",
+                refresh=False,
+            )
 
     drained = asyncio.Event()
 
@@ -199,6 +232,7 @@ async def replay(
             drained.set()
 
     tick = loop.create_task(ticker()) if progress else None
+    sent = 0
     try:
         for rec, p in zip(records, prepared, strict=True):
             delay = t0 + rec.intended_s - perf()
@@ -213,15 +247,19 @@ async def replay(
                 bar.update(1)
                 continue
             task = loop.create_task(one(p, rec))
+            sent += 1
             drained.clear()
             inflight.add(task)
             task.add_done_callback(_done)
             peak = max(peak, len(inflight))
         if inflight and not stop.is_set():
-            waiters: set[asyncio.Task[bool]] = {loop.create_task(drained.wait()),
-                                                loop.create_task(stop.wait())}
-            await asyncio.wait(waiters, timeout=drain_timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Task[bool]] = {
+                loop.create_task(drained.wait()),
+                loop.create_task(stop.wait()),
+            }
+            await asyncio.wait(
+                waiters, timeout=drain_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
             for w in waiters:
                 w.cancel()
     finally:
@@ -230,18 +268,28 @@ async def replay(
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         for rec in records:
-            if rec.sent_s is None and not rec.error:
+            if rec.dispatched_s is None and not rec.error:
                 rec.fail(CANCELLED, perf() - t0)
         if tick is not None:
             tick.cancel()
         bar.close()
         await cl.aclose()
     wall = perf() - t0
-    summary = summarize(records, wall_s=wall, cpu_s=cpu_seconds() - c0, max_inflight=peak,
-                        extra={"t0_unix": round(t0_unix, 6), "client": client,
-                               "loadgen_runqueue_wait_s": round(runqueue_wait_seconds() - q0, 3),
-                               "base_url": base_url, "model": model, "speedup": speedup,
-                               "workload": workload.header.get("name")})
+    summary = summarize(
+        records,
+        wall_s=wall,
+        cpu_s=cpu_seconds() - c0,
+        max_inflight=peak,
+        extra={
+            "t0_unix": round(t0_unix, 6),
+            "client": client,
+            "loadgen_runqueue_wait_s": round(runqueue_wait_seconds() - q0, 3),
+            "base_url": base_url,
+            "model": model,
+            "speedup": speedup,
+            "workload": workload.header.get("name"),
+        },
+    )
     return records, summary
 
 
@@ -254,8 +302,9 @@ def write_csv(path: str | Path, records: Sequence[Record]) -> None:
             w.writerow(csv_row(r))
 
 
-def load_keys(keys: str | None, keys_file: str | None, key: str | None,
-              tenants: Sequence[str]) -> dict[str, str]:
+def load_keys(
+    keys: str | None, keys_file: str | None, key: str | None, tenants: Sequence[str]
+) -> dict[str, str]:
     """tenant -> API key: ``--keys a=k1,b=k2``, then ``--keys-file`` (JSON object), then
     ``--key`` for every tenant still without one."""
     out: dict[str, str] = {}
@@ -296,18 +345,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model to ask for (default: first of /v1/models)")
     p.add_argument("--out", required=True, help="per-request CSV")
     p.add_argument("--summary", default=None, help="summary JSON (default: OUT.summary.json)")
-    p.add_argument("--client", choices=["raw", "httpx", "openai"], default="raw",
-                   help="raw: httptools HTTP/1.1, the fastest (default)")
-    p.add_argument("--speedup", type=float, default=1.0,
-                   help="send at arrival_s / SPEEDUP (match the simulator's --time-scale)")
+    p.add_argument(
+        "--client",
+        choices=["raw", "httpx", "openai"],
+        default="raw",
+        help="raw: httptools HTTP/1.1, the fastest (default)",
+    )
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=1.0,
+        help="send at arrival_s / SPEEDUP (match the simulator's --time-scale)",
+    )
     p.add_argument("--max-requests", type=int, default=None)
-    p.add_argument("--duration", type=float, default=None,
-                   help="only requests arriving before this many seconds")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="only requests arriving before this many seconds",
+    )
     p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument("--drain-timeout", type=float, default=120.0,
-                   help="after the last send, wait this long for answers, then cancel")
-    p.add_argument("--max-inflight", type=int, default=10000,
-                   help="requests beyond this many in flight are not sent (loadgen_overflow)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=120.0,
+        help="after the last send, wait this long for answers, then cancel",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=10000,
+        help="requests beyond this many in flight are not sent (loadgen_overflow)",
+    )
     p.add_argument("--request-id-prefix", default="")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
@@ -330,11 +399,21 @@ async def _main(a: argparse.Namespace) -> tuple[list[Record], dict[str, Any]]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     records, summary = await replay(
-        w, base_url=a.base_url, keys=keys, model=model, client=a.client, speedup=a.speedup,
-        max_requests=a.max_requests, duration_s=a.duration,
-        request_timeout_s=a.request_timeout, drain_timeout_s=a.drain_timeout,
-        max_inflight=a.max_inflight, request_id_prefix=a.request_id_prefix,
-        progress=not a.no_progress, stop=stop)
+        w,
+        base_url=a.base_url,
+        keys=keys,
+        model=model,
+        client=a.client,
+        speedup=a.speedup,
+        max_requests=a.max_requests,
+        duration_s=a.duration,
+        request_timeout_s=a.request_timeout,
+        drain_timeout_s=a.drain_timeout,
+        max_inflight=a.max_inflight,
+        request_id_prefix=a.request_id_prefix,
+        progress=not a.no_progress,
+        stop=stop,
+    )
     summary["interrupted"] = stop.is_set()
     return records, summary
 
@@ -345,10 +424,13 @@ def _report(a: argparse.Namespace, records: list[Record], summary: dict[str, Any
     Path(spath).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     lag = summary["lag_s"]
     ms = {k: (None if v is None else round(1000 * v, 2)) for k, v in lag.items()}
-    print(f"loadgen: {summary['sent']}/{summary['requests']} sent, {summary['ok']} ok, errors "
-          f"{summary['errors'] or '{}'}; lag ms p50 {ms['p50']} p99 {ms['p99']} max {ms['max']}; "
-          f"max in flight {summary['max_inflight']}; CPU {summary['loadgen_cpu_share']} of a "
-          f"core; -> {a.out}, {spath}", file=sys.stderr)
+    print(
+        f"loadgen: {summary['sent']}/{summary['requests']} sent, {summary['ok']} ok, errors "
+        f"{summary['errors'] or '{}'}; lag ms p50 {ms['p50']} p99 {ms['p99']} max {ms['max']}; "
+        f"max in flight {summary['max_inflight']}; CPU {summary['loadgen_cpu_share']} of a "
+        f"core; -> {a.out}, {spath}",
+        file=sys.stderr,
+    )
     return 130 if summary["interrupted"] else 0
 
 

@@ -39,6 +39,9 @@ class Record:
     tenant: str
     qos_class: str
     intended_s: float
+    #: when the generator started this request (before getting a connection)
+    dispatched_s: float | None = None
+    #: when the request's bytes were written (after connecting, if it had to)
     sent_s: float | None = None
     first_token_s: float | None = None
     done_s: float | None = None
@@ -59,7 +62,15 @@ class Record:
 
     @property
     def lag_s(self) -> float | None:
-        return None if self.sent_s is None else self.sent_s - self.intended_s
+        """The generator's own lateness: dispatched - intended."""
+        return None if self.dispatched_s is None else self.dispatched_s - self.intended_s
+
+    @property
+    def connect_s(self) -> float | None:
+        """Time to get a connection and write the request (a busy server accepts late)."""
+        if self.sent_s is None or self.dispatched_s is None:
+            return None
+        return self.sent_s - self.dispatched_s
 
     # -- filling it in -------------------------------------------------------------------
     def on_headers(self, status: int, headers: dict[str, str]) -> None:
@@ -94,8 +105,10 @@ class Record:
         if payload == b"[DONE]":
             self.saw_done = True
             return
-        if self.first_token_s is None and any(m in payload for m in _NON_EMPTY) and not any(
-            m in payload for m in _EMPTY
+        if (
+            self.first_token_s is None
+            and any(m in payload for m in _NON_EMPTY)
+            and not any(m in payload for m in _EMPTY)
         ):
             self.first_token_s = now
         if b'"usage":{' in payload or b'"finish_reason":"' in payload or b'"error":' in payload:
@@ -138,8 +151,10 @@ COLUMNS = [
     "tenant",
     "qos_class",
     "intended_s",
+    "dispatched_s",
     "sent_s",
     "lag_s",
+    "connect_s",
     "first_token_s",
     "done_s",
     "ttft_s",
@@ -167,14 +182,14 @@ def _fmt(v: Any) -> Any:
 
 def csv_row(r: Record) -> list[Any]:
     """The record as CSV cells in :data:`COLUMNS` order (empty cell: unknown)."""
+    start = r.dispatched_s
     derived = {
         "lag_s": r.lag_s,
-        "ttft_s": None if r.first_token_s is None or r.sent_s is None
-        else r.first_token_s - r.sent_s,
-        "e2e_s": None if r.done_s is None or r.sent_s is None or not r.ok
-        else r.done_s - r.sent_s,
+        "connect_s": r.connect_s,
+        "ttft_s": None if r.first_token_s is None or start is None else r.first_token_s - start,
+        "e2e_s": None if r.done_s is None or start is None or not r.ok else r.done_s - start,
     }
     return [_fmt(derived[c] if c in derived else getattr(r, c)) for c in COLUMNS]
 
 
-assert set(COLUMNS) - {"lag_s", "ttft_s", "e2e_s"} <= _FIELDS
+assert set(COLUMNS) - {"lag_s", "connect_s", "ttft_s", "e2e_s"} <= _FIELDS

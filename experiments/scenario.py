@@ -50,7 +50,7 @@ import numpy as np
 import yaml
 
 from experiments.assemble import Assembler, Draft, Options, make_header
-from experiments.generators import Arrival, Lengths, LogNormal, Sample, rng_for
+from experiments.generators import FILLERS, Arrival, Lengths, LogNormal, Sample, rng_for
 from experiments.traces import TRACES, Data
 from experiments.workload_file import GEN_PARAMS, TENANT_RE, Request, is_int, is_num
 
@@ -59,7 +59,9 @@ class SpecError(ValueError):
     """A scenario spec that does not validate; the message names the key."""
 
 
-def _keys(d: Any, where: str, allowed: Iterable[str], required: Iterable[str] = ()) -> dict[str, Any]:
+def _keys(
+    d: Any, where: str, allowed: Iterable[str], required: Iterable[str] = ()
+) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise SpecError(f"{where}: expected a mapping, got {type(d).__name__}")
     allowed = set(allowed)
@@ -72,8 +74,15 @@ def _keys(d: Any, where: str, allowed: Iterable[str], required: Iterable[str] = 
     return d
 
 
-def _number(d: dict[str, Any], key: str, where: str, default: float | None = None, *,
-            positive: bool = False, minimum: float | None = None) -> float:
+def _number(
+    d: dict[str, Any],
+    key: str,
+    where: str,
+    default: float | None = None,
+    *,
+    positive: bool = False,
+    minimum: float | None = None,
+) -> float:
     raw: Any = d.get(key, default)
     if not is_num(raw):
         raise SpecError(f"{where}.{key}: {raw!r} must be a number")
@@ -109,8 +118,12 @@ def _trace_name(v: Any, where: str) -> str:
 def parse_arrival(v: Any, where: str) -> Arrival:
     if isinstance(v, str):
         v = {"process": v}
-    d = _keys(v, where, ("process", "cv", "on_s", "off_s", "trace", "offset_s", "rate_scale"),
-              ("process",))
+    d = _keys(
+        v,
+        where,
+        ("process", "cv", "on_s", "off_s", "trace", "offset_s", "rate_scale"),
+        ("process",),
+    )
     p = d["process"]
     if p in ("poisson", "constant"):
         _keys(d, where, ("process",))
@@ -120,13 +133,19 @@ def parse_arrival(v: Any, where: str) -> Arrival:
         return Arrival(p, cv=_number(d, "cv", where, positive=True))
     if p == "onoff":
         _keys(d, where, ("process", "on_s", "off_s"), ("on_s", "off_s"))
-        return Arrival(p, on_s=_number(d, "on_s", where, positive=True),
-                       off_s=_number(d, "off_s", where, minimum=0.0))
+        return Arrival(
+            p,
+            on_s=_number(d, "on_s", where, positive=True),
+            off_s=_number(d, "off_s", where, minimum=0.0),
+        )
     if p == "trace":
         _keys(d, where, ("process", "trace", "offset_s", "rate_scale"), ("trace",))
-        return Arrival(p, trace=_trace_name(d["trace"], f"{where}.trace"),
-                       offset_s=_number(d, "offset_s", where, 0.0, minimum=0.0),
-                       rate_scale=_number(d, "rate_scale", where, 1.0, positive=True))
+        return Arrival(
+            p,
+            trace=_trace_name(d["trace"], f"{where}.trace"),
+            offset_s=_number(d, "offset_s", where, 0.0, minimum=0.0),
+            rate_scale=_number(d, "rate_scale", where, 1.0, positive=True),
+        )
     raise SpecError(f"{where}.process: {p!r}; choose poisson, gamma, onoff, constant or trace")
 
 
@@ -134,22 +153,31 @@ def _dist(v: Any, where: str) -> LogNormal | int:
     if is_int(v) and v >= 1:
         return int(v)
     d = _keys(v, where, ("median", "sigma", "min", "max"), ("median", "sigma"))
-    return LogNormal(_number(d, "median", where, positive=True),
-                     _number(d, "sigma", where, minimum=0.0),
-                     int(_number(d, "min", where, 1, minimum=1)),
-                     int(_number(d, "max", where, 1 << 20, minimum=1)))
+    return LogNormal(
+        _number(d, "median", where, positive=True),
+        _number(d, "sigma", where, minimum=0.0),
+        int(_number(d, "min", where, 1, minimum=1)),
+        int(_number(d, "max", where, 1 << 20, minimum=1)),
+    )
 
 
 def parse_lengths(v: Any, where: str) -> Lengths:
     if isinstance(v, str):
         v = {"profile": v}
-    d = _keys(v, where, ("profile", "prompt", "output", "trace", "prompt_tokens",
-                         "output_tokens"), ("profile",))
+    d = _keys(
+        v,
+        where,
+        ("profile", "prompt", "output", "trace", "prompt_tokens", "output_tokens"),
+        ("profile",),
+    )
     p = d["profile"]
     if p == "sharegpt":
         _keys(d, where, ("profile", "prompt_tokens", "output_tokens"))
-        return Lengths(p, prompt_range=_range(d.get("prompt_tokens"), f"{where}.prompt_tokens"),
-                       output_range=_range(d.get("output_tokens"), f"{where}.output_tokens"))
+        return Lengths(
+            p,
+            prompt_range=_range(d.get("prompt_tokens"), f"{where}.prompt_tokens"),
+            output_range=_range(d.get("output_tokens"), f"{where}.output_tokens"),
+        )
     if p == "trace":
         _keys(d, where, ("profile", "trace"), ("trace",))
         return Lengths(p, trace=_trace_name(d["trace"], f"{where}.trace"))
@@ -197,10 +225,32 @@ class Spec:
     assumes: dict[str, Any]
 
 
-SPEC_KEYS = ("name", "description", "seed", "duration_s", "max_context", "max_tokens",
-             "ignore_eos", "filler", "params", "tenants", "drift", "assumes")
-TENANT_KEYS = ("name", "qos_class", "weight", "rate", "arrival", "lengths", "max_tokens",
-               "params", "start_s", "end_s")
+SPEC_KEYS = (
+    "name",
+    "description",
+    "seed",
+    "duration_s",
+    "max_context",
+    "max_tokens",
+    "ignore_eos",
+    "filler",
+    "params",
+    "tenants",
+    "drift",
+    "assumes",
+)
+TENANT_KEYS = (
+    "name",
+    "qos_class",
+    "weight",
+    "rate",
+    "arrival",
+    "lengths",
+    "max_tokens",
+    "params",
+    "start_s",
+    "end_s",
+)
 
 
 def parse_spec(raw: Any, opts: Options) -> Spec:
@@ -209,8 +259,12 @@ def parse_spec(raw: Any, opts: Options) -> Spec:
     opts.seed = int(_number(d, "seed", "spec", opts.seed))
     opts.max_context = int(_number(d, "max_context", "spec", opts.max_context, positive=True))
     opts.max_tokens = _int_or_null(d, "max_tokens", "spec", opts.max_tokens)
-    opts.ignore_eos = bool(d.get("ignore_eos", opts.ignore_eos))
-    opts.filler = str(d.get("filler", opts.filler))
+    opts.ignore_eos = d.get("ignore_eos", opts.ignore_eos)
+    if not isinstance(opts.ignore_eos, bool):
+        raise SpecError(f"spec.ignore_eos: {opts.ignore_eos!r} must be true or false")
+    opts.filler = d.get("filler", opts.filler)
+    if opts.filler not in FILLERS:
+        raise SpecError(f"spec.filler: {opts.filler!r}; choose {' or '.join(FILLERS)}")
     opts.params = dict(_keys(d.get("params", {}), "spec.params", GEN_PARAMS))
     tenants: list[TenantSpec] = []
     if not isinstance(d["tenants"], list) or not d["tenants"]:
@@ -227,13 +281,19 @@ def parse_spec(raw: Any, opts: Options) -> Spec:
         else:
             arrival = replace(arrival, rate=_number(t, "rate", w, positive=True))
         end = t.get("end_s")
-        tenants.append(TenantSpec(
-            t["name"], str(t["qos_class"]), _number(t, "weight", w, 1.0, positive=True),
-            arrival, parse_lengths(t["lengths"], f"{w}.lengths"),
-            _int_or_null(t, "max_tokens", w, opts.max_tokens),
-            dict(_keys(t.get("params", {}), f"{w}.params", GEN_PARAMS)),
-            _number(t, "start_s", w, 0.0, minimum=0.0),
-            None if end is None else _number(t, "end_s", w, positive=True)))
+        tenants.append(
+            TenantSpec(
+                t["name"],
+                str(t["qos_class"]),
+                _number(t, "weight", w, 1.0, positive=True),
+                arrival,
+                parse_lengths(t["lengths"], f"{w}.lengths"),
+                _int_or_null(t, "max_tokens", w, opts.max_tokens),
+                dict(_keys(t.get("params", {}), f"{w}.params", GEN_PARAMS)),
+                _number(t, "start_s", w, 0.0, minimum=0.0),
+                None if end is None else _number(t, "end_s", w, positive=True),
+            )
+        )
     names = [t.name for t in tenants]
     if len(set(names)) != len(names):
         raise SpecError("spec.tenants: tenant names must be unique")
@@ -245,16 +305,26 @@ def parse_spec(raw: Any, opts: Options) -> Spec:
             raise SpecError(f"{w}.tenant: {e['tenant']!r} is not a tenant ({', '.join(names)})")
         if "output_scale" not in e and "lengths" not in e:
             raise SpecError(f"{w}: give output_scale and/or lengths")
-        drift.append(DriftSpec(_number(e, "at_s", w, minimum=0.0), e["tenant"],
-                               _number(e, "output_scale", w, 1.0, positive=True),
-                               parse_lengths(e["lengths"], f"{w}.lengths")
-                               if "lengths" in e else None))
+        drift.append(
+            DriftSpec(
+                _number(e, "at_s", w, minimum=0.0),
+                e["tenant"],
+                _number(e, "output_scale", w, 1.0, positive=True),
+                parse_lengths(e["lengths"], f"{w}.lengths") if "lengths" in e else None,
+            )
+        )
     assumes = d.get("assumes", {})
     if not isinstance(assumes, dict):
         raise SpecError("spec.assumes: must be a mapping")
-    return Spec(str(d["name"]), str(d.get("description", "")),
-                _number(d, "duration_s", "spec", positive=True), tenants,
-                sorted(drift, key=lambda e: e.at_s), raw, assumes)
+    return Spec(
+        str(d["name"]),
+        str(d.get("description", "")),
+        _number(d, "duration_s", "spec", positive=True),
+        tenants,
+        sorted(drift, key=lambda e: e.at_s),
+        raw,
+        assumes,
+    )
 
 
 def load_spec(path: str | Path) -> Any:
@@ -262,14 +332,22 @@ def load_spec(path: str | Path) -> Any:
         return yaml.safe_load(f) if str(path).endswith((".yaml", ".yml")) else json.load(f)
 
 
-def build_synthetic(spec: Spec, opts: Options, data: Data, *, rate_scale: float = 1.0,
-                    ) -> tuple[dict[str, Any], list[Request]]:
+def build_synthetic(
+    spec: Spec,
+    opts: Options,
+    data: Data,
+    *,
+    rate_scale: float = 1.0,
+) -> tuple[dict[str, Any], list[Request]]:
     """Every tenant's arrivals and lengths, drift applied, merged in arrival order."""
     drafts: list[Draft] = []
     for t in spec.tenants:
         arr = t.arrival
-        arr = (replace(arr, rate_scale=arr.rate_scale * rate_scale) if arr.process == "trace"
-               else replace(arr, rate=(arr.rate or 0.0) * rate_scale))
+        arr = (
+            replace(arr, rate_scale=arr.rate_scale * rate_scale)
+            if arr.process == "trace"
+            else replace(arr, rate=(arr.rate or 0.0) * rate_scale)
+        )
         end = min(spec.duration_s, t.end_s or spec.duration_s)
         times, rows = arr.times(rng_for(opts.seed, "arrival", t.name), t.start_s, end, data)
         events = [e for e in spec.drift if e.tenant == t.name]
@@ -282,32 +360,56 @@ def build_synthetic(spec: Spec, opts: Options, data: Data, *, rate_scale: float 
             scale *= e.output_scale
             pops.append(lengths)
             scales.append(scale)
-        aligned = (rows if arr.process == "trace" and t.lengths.profile == "trace"
-                   and t.lengths.trace == arr.trace else None)
+        aligned = (
+            rows
+            if arr.process == "trace"
+            and t.lengths.profile == "trace"
+            and t.lengths.trace == arr.trace
+            else None
+        )
         samples: list[Sample | None] = [None] * len(times)
         for k, pop in enumerate(pops):
             where = np.nonzero(phase == k)[0]
             if not len(where):
                 continue
             same = aligned is not None and pop is t.lengths
-            got = pop.sample(rng_for(opts.seed, "lengths", t.name, k), len(where), data,
-                             opts.max_context, aligned[where] if same and aligned is not None
-                             else None)
+            got = pop.sample(
+                rng_for(opts.seed, "lengths", t.name, k),
+                len(where),
+                data,
+                opts.max_context,
+                aligned[where] if same and aligned is not None else None,
+            )
             for j, got_one in zip(where.tolist(), got, strict=True):
                 out = max(1, round(got_one.output_tokens * scales[k]))
-                samples[j] = (replace(got_one, output_tokens=out) if scales[k] != 1.0
-                              else got_one)
+                samples[j] = replace(got_one, output_tokens=out) if scales[k] != 1.0 else got_one
         for j, maybe in enumerate(samples):
             assert maybe is not None
-            drafts.append(Draft(float(times[j]), t.name, t.qos_class, maybe, t.max_tokens,
-                                t.params))
+            drafts.append(
+                Draft(float(times[j]), t.name, t.qos_class, maybe, t.max_tokens, t.params)
+            )
     asm = Assembler(opts, data)
     reqs = asm.build(drafts)
     tenants = [{"name": t.name, "qos_class": t.qos_class, "weight": t.weight} for t in spec.tenants]
-    drift = [{"at_s": e.at_s, "tenant": e.tenant, "output_scale": e.output_scale,
-              **({"lengths": e.lengths.profile} if e.lengths else {})} for e in spec.drift]
+    drift = [
+        {
+            "at_s": e.at_s,
+            "tenant": e.tenant,
+            "output_scale": e.output_scale,
+            **({"lengths": e.lengths.profile} if e.lengths else {}),
+        }
+        for e in spec.drift
+    ]
     params = {"spec": spec.raw, "rate_scale": rate_scale}
-    return make_header(spec.name, "synthetic", opts, spec.duration_s, tenants, reqs, asm, params,
-                   drift, spec.assumes), reqs
-
-
+    return make_header(
+        spec.name,
+        "synthetic",
+        opts,
+        spec.duration_s,
+        tenants,
+        reqs,
+        asm,
+        params,
+        drift,
+        spec.assumes,
+    ), reqs

@@ -79,8 +79,9 @@ class Data:
         if name not in TRACES:
             raise ValueError(f"unknown trace {name!r}; choose from {', '.join(TRACES)}")
         if name not in self._traces:
-            self._traces[name] = (self._mooncake() if name == "mooncake"
-                                  else self._azure(name.split("-", 1)[1]))
+            self._traces[name] = (
+                self._mooncake() if name == "mooncake" else self._azure(name.split("-", 1)[1])
+            )
         return self._traces[name]
 
     def _azure(self, kind: str) -> Trace:
@@ -100,7 +101,9 @@ class Data:
                 ctx.append(int(row[1]))
                 gen.append(int(row[2]))
         t = np.asarray(ts, dtype=np.float64)
-        return Trace(f"azure-{kind}", t - t[0], np.asarray(ctx, np.int64), np.asarray(gen, np.int64))
+        return Trace(
+            f"azure-{kind}", t - t[0], np.asarray(ctx, np.int64), np.asarray(gen, np.int64)
+        )
 
     def _mooncake(self) -> Trace:
         path = self._file("mooncake/conversation_trace.jsonl")
@@ -117,8 +120,9 @@ class Data:
                     out.append(d["output_length"])
                     blocks.append(d["hash_ids"])
         t = np.asarray(ts, dtype=np.float64)
-        return Trace("mooncake", t - t[0], np.asarray(inp, np.int64), np.asarray(out, np.int64),
-                     blocks)
+        return Trace(
+            "mooncake", t - t[0], np.asarray(inp, np.int64), np.asarray(out, np.int64), blocks
+        )
 
     def sharegpt(self) -> list[ShareGPTRow]:
         if self._sharegpt is None:
@@ -128,18 +132,26 @@ class Data:
                     if line.strip():
                         d = json.loads(line)
                         prompt = d["prompt"]
-                        rows.append(ShareGPTRow(d["id"], prompt, int(d["response_tokens"]),
-                                                count_prompt_tokens([{"content": prompt}])))
+                        rows.append(
+                            ShareGPTRow(
+                                d["id"],
+                                prompt,
+                                int(d["response_tokens"]),
+                                count_prompt_tokens([{"content": prompt}]),
+                            )
+                        )
             self._sharegpt = rows
         return self._sharegpt
 
 
-
-
-
-def window_trace(tr: Trace, offset_s: float, rate_scale: float, duration_s: float,
-                 jitter_s: float = 0.0, rng: np.random.Generator | None = None,
-                 ) -> tuple[FloatArray, IntArray]:
+def window_trace(
+    tr: Trace,
+    offset_s: float,
+    rate_scale: float,
+    duration_s: float,
+    jitter_s: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> tuple[FloatArray, IntArray]:
     """Arrivals of ``tr`` in ``[offset_s, offset_s + duration_s * rate_scale)``, compressed by
     ``rate_scale`` (2 = twice the rate) onto ``[0, duration_s)``, with the row of each. The
     trace loops when the window runs past its end. ``jitter_s`` spreads each arrival uniformly
@@ -165,5 +177,3 @@ def window_trace(tr: Trace, offset_s: float, rate_scale: float, duration_s: floa
     idx = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     order = np.argsort(at, kind="stable")
     return (at[order] - offset_s) / rate_scale, idx[order]
-
-

@@ -67,6 +67,7 @@ GEN_PARAMS: dict[str, tuple[type, ...]] = {
 }
 KNOWN = {*REQUIRED, "messages", "prompt", "max_tokens", "source", *GEN_PARAMS}
 
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One line of a workload file (see the module docstring for each field)."""
@@ -235,26 +236,40 @@ def parse_row(row: Any, lineno: int) -> tuple[Request | None, list[Problem]]:
     if "source" in row and not isinstance(row["source"], str):
         err("source", "must be a string")
     for k, types in GEN_PARAMS.items():
-        if k in row and ((isinstance(row[k], bool) and bool not in types) or
-                         not isinstance(row[k], types)):
+        if k in row and (
+            (isinstance(row[k], bool) and bool not in types) or not isinstance(row[k], types)
+        ):
             err(k, f"{row[k]!r} must be {' or '.join(t.__name__ for t in types)}")
     if probs:
         return None, probs
     source = row.get("messages", row.get("prompt"))
     expected = count_prompt_tokens(source)
     if row["prompt_tokens"] != expected:
-        err("prompt_tokens", f"{row['prompt_tokens']!r} but the prompt counts {expected} tokens "
-            "(adapters.sim.workload.count_prompt_tokens)")
+        err(
+            "prompt_tokens",
+            f"{row['prompt_tokens']!r} but the prompt counts {expected} tokens "
+            "(adapters.sim.workload.count_prompt_tokens)",
+        )
         return None, probs
     if mt is not None and ot > mt:
         err("output_tokens", f"{ot} > max_tokens {mt}: the engine stops at max_tokens", "warning")
     if row.get("ignore_eos") and mt != ot:
-        err("ignore_eos", f"with ignore_eos the engine generates max_tokens ({mt}), "
-            f"not output_tokens ({ot})", "warning")
+        err(
+            "ignore_eos",
+            f"with ignore_eos the engine generates max_tokens ({mt}), not output_tokens ({ot})",
+            "warning",
+        )
     req = Request(
-        id=rid, arrival_s=float(arr), tenant=ten, qos_class=cls,
-        messages=row.get("messages"), prompt=row.get("prompt"), max_tokens=mt,
-        output_tokens=ot, prompt_tokens=row["prompt_tokens"], source=row.get("source"),
+        id=rid,
+        arrival_s=float(arr),
+        tenant=ten,
+        qos_class=cls,
+        messages=row.get("messages"),
+        prompt=row.get("prompt"),
+        max_tokens=mt,
+        output_tokens=ot,
+        prompt_tokens=row["prompt_tokens"],
+        source=row.get("source"),
         params={k: row[k] for k in GEN_PARAMS if k in row},
     )
     return req, probs
@@ -267,8 +282,13 @@ def _check_header(h: Any, lineno: int) -> list[Problem]:
     if h.get("format") != FORMAT:
         probs.append(Problem(lineno, f"{HEADER_KEY}.format", f"must be {FORMAT!r}"))
     if h.get("version") != VERSION:
-        probs.append(Problem(lineno, f"{HEADER_KEY}.version",
-                             f"{h.get('version')!r}: this reader knows version {VERSION}"))
+        probs.append(
+            Problem(
+                lineno,
+                f"{HEADER_KEY}.version",
+                f"{h.get('version')!r}: this reader knows version {VERSION}",
+            )
+        )
     mc = h.get("max_context")
     if mc is not None and not (is_int(mc) and mc > 1):
         probs.append(Problem(lineno, f"{HEADER_KEY}.max_context", "must be an int > 1"))
@@ -308,8 +328,11 @@ def check_lines(lines: Iterable[str], max_context: int | None = None) -> Workloa
                 header = row[HEADER_KEY] if isinstance(row[HEADER_KEY], dict) else {}
                 declared = header.get("tenants")
                 if isinstance(declared, list):
-                    classes = {t["name"]: t.get("qos_class") for t in declared
-                               if isinstance(t, dict) and isinstance(t.get("name"), str)}
+                    classes = {
+                        t["name"]: t.get("qos_class")
+                        for t in declared
+                        if isinstance(t, dict) and isinstance(t.get("name"), str)
+                    }
             first = False
             continue
         first = False
@@ -319,28 +342,56 @@ def check_lines(lines: Iterable[str], max_context: int | None = None) -> Workloa
             continue
         limit = max_context or header.get("max_context") or None
         if req.arrival_s < last_arrival:
-            probs.append(Problem(lineno, "arrival_s", f"{req.arrival_s} is before the previous "
-                                 f"request's {last_arrival}; lines must be sorted by arrival_s"))
+            probs.append(
+                Problem(
+                    lineno,
+                    "arrival_s",
+                    f"{req.arrival_s} is before the previous "
+                    f"request's {last_arrival}; lines must be sorted by arrival_s",
+                )
+            )
         last_arrival = max(last_arrival, req.arrival_s)
         if req.id in seen_ids:
-            probs.append(Problem(lineno, "id", f"{req.id!r} already used on line {seen_ids[req.id]}"))
+            probs.append(
+                Problem(lineno, "id", f"{req.id!r} already used on line {seen_ids[req.id]}")
+            )
         seen_ids.setdefault(req.id, lineno)
         key = prompt_key(req.messages if req.chat else req.prompt)
         if key in seen_keys and seen_keys[key][1] != req.output_tokens:
-            probs.append(Problem(lineno, "output_tokens", f"same prompt as line {seen_keys[key][0]} "
-                                 f"with a different output_tokens ({seen_keys[key][1]}): the "
-                                 "simulator keys lengths by prompt and keeps only the last"))
+            probs.append(
+                Problem(
+                    lineno,
+                    "output_tokens",
+                    f"same prompt as line {seen_keys[key][0]} "
+                    f"with a different output_tokens ({seen_keys[key][1]}): the "
+                    "simulator keys lengths by prompt and keeps only the last",
+                )
+            )
         seen_keys[key] = (lineno, req.output_tokens)
         if classes and req.tenant not in classes:
-            probs.append(Problem(lineno, "tenant", f"{req.tenant!r} is not in the header's tenants"))
+            probs.append(
+                Problem(lineno, "tenant", f"{req.tenant!r} is not in the header's tenants")
+            )
         elif classes and classes[req.tenant] not in (None, req.qos_class):
-            probs.append(Problem(lineno, "qos_class", f"{req.qos_class!r} but the header gives "
-                                 f"{req.tenant!r} class {classes[req.tenant]!r}"))
+            probs.append(
+                Problem(
+                    lineno,
+                    "qos_class",
+                    f"{req.qos_class!r} but the header gives "
+                    f"{req.tenant!r} class {classes[req.tenant]!r}",
+                )
+            )
         need = req.prompt_tokens + (req.max_tokens or req.output_tokens)
         if limit and need > limit:
             what = "max_tokens" if req.max_tokens else "output_tokens"
-            probs.append(Problem(lineno, what, f"prompt_tokens + {what} = {need} > max_context "
-                                 f"{limit}: the engine would refuse it (400)"))
+            probs.append(
+                Problem(
+                    lineno,
+                    what,
+                    f"prompt_tokens + {what} = {need} > max_context "
+                    f"{limit}: the engine would refuse it (400)",
+                )
+            )
         reqs.append(req)
     if not reqs and not any(p.severity == "error" for p in probs):
         probs.append(Problem(0, "-", "no requests"))
@@ -365,5 +416,3 @@ def write_workload(out: TextIO, header: dict[str, Any], requests: Sequence[Reque
     out.write(json.dumps({HEADER_KEY: header}, ensure_ascii=False, separators=(",", ":")) + "\n")
     for r in requests:
         out.write(json.dumps(r.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
-
-

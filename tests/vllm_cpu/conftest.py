@@ -76,6 +76,10 @@ def vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
         # process to reap. Without this env var vLLM's CPU platform silently turns
         # `--distributed-executor-backend uni` back into `mp`.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        # ...and then the model runs in a process whose torch.set_num_threads vLLM has
+        # disabled, so torch keeps one OpenMP thread per core; on 2 shared cores their
+        # spin-waits make decoding 3-10x slower. One thread: ~300-450 tok/s for one stream.
+        "OMP_NUM_THREADS": "1",
         # Nothing may be fetched from anywhere.
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

@@ -209,6 +209,9 @@ async def test_priority_field_orders_the_queue(vllm_server: VllmServer, client: 
         assert len(results[-2]["token_ids"]) == len(results[-1]["token_ids"]) == 5
         if held:  # both extra requests were queued together: the order is the policy's
             assert high_marks["first"] < low_marks["first"], (high_marks, low_marks)
+            print(f"\n[vllm_cpu] priority: high first by "
+                  f"{(low_marks['first'] - high_marks['first']) * 1000:.0f} ms "
+                  f"(blockers of {blocker_tokens} tokens)")
             return
     pytest.fail("the blockers finished before both extra requests were queued, twice")
 

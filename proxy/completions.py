@@ -1,0 +1,285 @@
+"""Completion events shared by the gateway replicas, so every estimator learns from all.
+
+One question: *which completions does this replica's estimator learn from?* Its own (the
+scheduler learns from them directly, with no delay) plus, through this bus, every other
+replica's. Without the bus N replicas hold N estimators, each trained on 1/N of the traffic
+and each drifting apart from the others.
+
+* ``memory`` (:class:`LocalCompletions`, one process): :meth:`publish` does nothing; the
+  scheduler's own completions are all there is.
+* ``redis`` (:class:`RedisCompletions`): :meth:`publish` appends ``(features, output
+  tokens)`` to an in-process buffer and returns at once; a sender task XADDs the buffer in
+  pipelined batches to one capped stream ``<prefix>:completions`` (``MAXLEN ~ max_len``). A
+  reader task per replica XREADs (blocking) from its own last id and hands the events of the
+  *other* replicas to ``learn(features, y)``; its own events carry its replica id and are
+  skipped, because the scheduler already learned from them.
+
+Delivery is best effort and at most once. Requests never wait on the bus: when Redis is
+down, events are dropped (counted in :attr:`RedisCompletions.dropped`) and the reader retries
+with backoff, so replicas keep learning from their own completions and converge again
+afterwards. A reader that falls more than ``max_len`` events behind skips the trimmed ones.
+A replica that starts (or restarts) reads the stream's backlog first (``replay``), so a new
+replica's estimator starts from the last ``max_len`` completions instead of from the prior.
+
+Event fields: ``r`` replica id, ``y`` output tokens, ``x`` the estimator features as JSON
+(:class:`policies.features.RequestFeatures` makes every value a ``str`` or ``float``, so
+they survive the round trip unchanged). An event is about 1-4 KB, so the stream holds at
+most ``max_len`` x 4 KB (8 MB at the default).
+
+Not thread-safe: call every method on the event loop that ran :meth:`start`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
+
+if TYPE_CHECKING:
+    from proxy.config import StoreConfig
+
+__all__ = [
+    "CompletionBus",
+    "Learn",
+    "LocalCompletions",
+    "RedisCompletions",
+    "build_completion_bus",
+]
+
+log = logging.getLogger("driftsched.completions")
+
+#: ``learn(features, output_tokens)``: called on the event loop for other replicas' events
+Learn = Callable[[dict[str, Any], float], None]
+
+_MAX_BACKOFF_S = 5.0
+
+
+class CompletionBus(Protocol):
+    """Shares completions between replicas. Safe to call from any task of one event loop."""
+
+    async def start(self, learn: Learn) -> None:
+        """Begin delivering other replicas' completions to ``learn``. Does no I/O itself."""
+
+    def publish(self, x: Mapping[str, Any], y: float) -> None:
+        """Offer one completion of this replica to the others. Never blocks, never raises."""
+
+    async def aclose(self) -> None:
+        """Stop delivering; send what is buffered (best effort, bounded wait)."""
+
+
+class LocalCompletions:
+    """One process: nothing to share (the scheduler learns from its own completions)."""
+
+    async def start(self, learn: Learn) -> None:
+        return None
+
+    def publish(self, x: Mapping[str, Any], y: float) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RedisCompletions:
+    """:class:`CompletionBus` on a capped Redis Stream (see the module docstring).
+
+    ``client``: an already configured ``redis.asyncio.Redis`` (``decode_responses=True``) to
+    use instead of opening a pool from ``url``; not closed by :meth:`aclose`. ``max_len``:
+    approximate cap of the stream. ``replay``: read the stream's backlog at start.
+    ``buffer``: events kept while Redis is slow or down (older ones are dropped first).
+    """
+
+    def __init__(
+        self,
+        replica_id: str,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "driftsched",
+        client: Redis | None = None,
+        max_len: int = 2000,
+        replay: bool = True,
+        batch: int = 256,
+        buffer: int = 10_000,
+        block_ms: int = 1000,
+        socket_timeout_s: float = 5.0,
+    ) -> None:
+        if max_len < 1 or batch < 1 or buffer < 1:
+            raise ValueError("max_len, batch and buffer must be >= 1")
+        self.replica_id = replica_id
+        self.key = f"{prefix}:completions"
+        self._url = url
+        self._client = client
+        self._owns_client = client is None
+        self._max_len = max_len
+        self._replay = replay
+        self._batch = batch
+        self._block_ms = block_ms
+        self._socket_timeout_s = max(socket_timeout_s, block_ms / 1000 + 1.0)
+        self._buf: deque[tuple[Mapping[str, Any], float]] = deque(maxlen=buffer)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._learn: Learn | None = None
+        #: counters (this replica): events offered, written, lost, read from others, learned
+        self.published = 0
+        self.sent = 0
+        self.dropped = 0
+        self.received = 0
+        self.learned = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self, learn: Learn) -> None:
+        if self._tasks:
+            raise RuntimeError("RedisCompletions already started")
+        if self._client is None:
+            pool = BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=4,
+                timeout=self._socket_timeout_s,
+                decode_responses=True,
+                socket_timeout=self._socket_timeout_s,
+                socket_connect_timeout=self._socket_timeout_s,
+            )
+            self._client = Redis.from_pool(pool)
+        self._learn = learn
+        self._tasks = [
+            asyncio.create_task(self._send_loop(self._client), name="completions-sender"),
+            asyncio.create_task(self._read_loop(self._client), name="completions-reader"),
+        ]
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        if self._client is not None:
+            if self._buf:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._flush(self._client)
+            if self._owns_client:
+                await self._client.aclose()
+            self._client = None
+
+    # -- publishing ----------------------------------------------------------------------
+    def publish(self, x: Mapping[str, Any], y: float) -> None:
+        if len(self._buf) == self._buf.maxlen:
+            self.dropped += 1  # the deque drops its oldest entry
+        self._buf.append((x, y))
+        self.published += 1
+        self._wake.set()
+
+    def _fields(self, x: Mapping[str, Any], y: float) -> dict[str, str]:
+        return {
+            "r": self.replica_id,
+            "y": repr(float(y)),
+            "x": json.dumps(x, separators=(",", ":")),
+        }
+
+    async def _flush(self, r: Redis) -> None:
+        """Write the buffer in pipelined batches; a failed batch is dropped, then raised."""
+        while self._buf:
+            n = min(len(self._buf), self._batch)
+            batch = [self._buf.popleft() for _ in range(n)]
+            pipe = r.pipeline(transaction=False)
+            for x, y in batch:
+                pipe.xadd(
+                    self.key,
+                    self._fields(x, y),  # type: ignore[arg-type]
+                    maxlen=self._max_len,
+                    approximate=True,
+                )
+            try:
+                await pipe.execute()
+            except BaseException:
+                self.dropped += n
+                raise
+            self.sent += n
+
+    async def _send_loop(self, r: Redis) -> None:
+        failing, delay = False, 0.1
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush(r)
+            except (RedisError, OSError) as e:
+                if not failing:
+                    log.warning("completion events not shared (dropped) while redis fails: %s", e)
+                failing = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF_S)
+                self._wake.set()
+                continue
+            if failing:
+                log.info("completion events shared again")
+            failing, delay = False, 0.1
+
+    # -- reading -------------------------------------------------------------------------
+    async def _read_loop(self, r: Redis) -> None:
+        last: str | None = None
+        failing, delay = False, 0.1
+        while True:
+            try:
+                if last is None:
+                    last = "0-0" if self._replay else await self._tail_id(r)
+                resp: Any = await r.xread({self.key: last}, count=self._batch, block=self._block_ms)
+            except (RedisError, OSError) as e:
+                if not failing:
+                    log.warning("reading other replicas' completions failed: %s", e)
+                failing = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF_S)
+                continue
+            if failing:
+                log.info("reading other replicas' completions again")
+            failing, delay = False, 0.1
+            for _stream, entries in resp or ():
+                for event_id, fields in entries:
+                    last = str(event_id)
+                    self._consume(cast("dict[str, str]", fields))
+            await asyncio.sleep(0)  # a long backlog must not starve the request path
+
+    async def _tail_id(self, r: Redis) -> str:
+        """The id of the newest event (start after it), or ``0-0`` for an empty stream."""
+        newest = await r.xrevrange(self.key, "+", "-", count=1)
+        return str(newest[0][0]) if newest else "0-0"
+
+    def _consume(self, fields: Mapping[str, str]) -> None:
+        if fields.get("r") == self.replica_id:
+            return  # learned locally when it completed
+        self.received += 1
+        try:
+            x = json.loads(fields["x"])
+            y = float(fields["y"])
+            if not isinstance(x, dict):
+                raise TypeError("features are not a JSON object")
+        except (KeyError, ValueError, TypeError) as e:
+            log.warning("ignoring a malformed completion event: %r", e)
+            return
+        assert self._learn is not None
+        try:
+            self._learn(x, y)
+        except Exception:
+            log.exception("learning from another replica's completion failed")
+            return
+        self.learned += 1
+
+
+def build_completion_bus(
+    cfg: StoreConfig, replica_id: str, *, redis_client: Redis | None = None
+) -> CompletionBus:
+    """A new, not started bus for ``cfg.type`` (``memory``: local learning only)."""
+    if cfg.type == "memory":
+        return LocalCompletions()
+    if cfg.type == "redis":
+        return RedisCompletions(replica_id, cfg.url, prefix=cfg.prefix, client=redis_client)
+    raise ValueError(f"store.type: unknown store {cfg.type!r}; known: ['memory', 'redis']")
