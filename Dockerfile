@@ -50,7 +50,9 @@ WORKDIR /var/lib/driftsched
 USER 10001:10001
 EXPOSE 8000
 
-# liveness of the HTTP server (readiness, /readyz, also needs Redis and one healthy engine)
+# liveness of the HTTP server (readiness, /readyz, also needs Redis and one healthy engine).
+# `sim-engine` containers answer /health instead: override the check there, as
+# deploy/docker-compose.yml does.
 HEALTHCHECK --interval=10s --timeout=4s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('DRIFTSCHED_SERVER__PORT', '8000'), timeout=3)"]
 

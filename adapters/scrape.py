@@ -6,7 +6,11 @@ Names are vLLM's (0.8 and later, still current in 0.32)::
     vllm:num_requests_waiting    gauge    summed
     vllm:kv_cache_usage_perc     gauge    averaged (a fraction 0..1 per engine core)
     vllm:num_preemptions_total   counter  summed
-    vllm:cache_config_info       info     num_gpu_blocks * block_size = KV capacity in tokens
+    vllm:cache_config_info       info     (num_gpu_blocks - 1) * block_size = KV capacity in tokens
+
+vLLM reserves one block of each engine's cache (the null block), so the usable capacity is
+``(num_gpu_blocks - 1) * block_size``; ``kv_cache_usage_perc`` is a fraction of those blocks
+(``kv_cache_size_tokens`` in the same info metric counts the reserved block too).
 
 Missing names read as 0 (a fresh engine exports nothing until its first request on some
 versions); the old ``vllm:gpu_cache_usage_perc`` is used only when ``kv_cache_usage_perc``
@@ -42,7 +46,8 @@ class Sample:
 @dataclass(frozen=True, slots=True)
 class Scrape:
     metrics: EngineMetrics
-    #: ``num_gpu_blocks * block_size`` from ``vllm:cache_config_info``; None if not exported
+    #: usable ``(num_gpu_blocks - 1) * block_size`` from ``vllm:cache_config_info``, summed
+    #: over engines; None if not exported
     kv_capacity_tokens: int | None
 
 
@@ -114,7 +119,7 @@ def parse_metrics(text: str, now: float | None = None) -> Scrape:
                 block = int(float(s.labels.get("block_size", "16")))
             except (KeyError, ValueError):
                 continue
-            kv_tokens = (kv_tokens or 0) + blocks * block
+            kv_tokens = (kv_tokens or 0) + max(blocks - 1, 0) * block
             continue
         if math.isnan(s.value):
             continue

@@ -90,8 +90,11 @@ class _Connection(asyncio.Protocol):
             if not self.got_bytes:
                 self._wake(_Stale())
             elif not self.head_done:
-                self._wake(httpx.RemoteProtocolError("server disconnected before the end of the "
-                                                     "response headers"))
+                self._wake(
+                    httpx.RemoteProtocolError(
+                        "server disconnected before the end of the response headers"
+                    )
+                )
             else:
                 self._wake(httpx.ReadError(f"connection lost mid-response: {exc or 'closed'}"))
 
@@ -175,8 +178,13 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return (self.complete and not self.closed and self.error is None
-                and not self.must_close and self.keep_alive)
+        return (
+            self.complete
+            and not self.closed
+            and self.error is None
+            and not self.must_close
+            and self.keep_alive
+        )
 
     def _mark_closed(self) -> None:
         self.closed = True
@@ -198,8 +206,14 @@ def _expire(w: asyncio.Future[None]) -> None:
 class _Pool:
     """Keep-alive connections to one origin: a LIFO of idle ones, a FIFO of waiters."""
 
-    def __init__(self, host: str, port: int, max_connections: int, keepalive_expiry: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        max_connections: int,
+        keepalive_expiry: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.host, self.port = host, port
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
@@ -221,7 +235,9 @@ class _Pool:
                 w.set_result(None)
                 return
 
-    async def acquire(self, connect_timeout: float | None, pool_timeout: float | None) -> _Connection:
+    async def acquire(
+        self, connect_timeout: float | None, pool_timeout: float | None
+    ) -> _Connection:
         now = time.monotonic()
         idle = self.idle
         while idle and (idle[0].closed or now - idle[0].idle_since > self.keepalive_expiry):
@@ -247,8 +263,9 @@ class _Pool:
                     else:
                         self._wake_one()
                 if isinstance(e, TimeoutError):
-                    raise httpx.PoolTimeout(f"no free connection to {self.host}:{self.port} "
-                                            f"within {pool_timeout}s") from None
+                    raise httpx.PoolTimeout(
+                        f"no free connection to {self.host}:{self.port} within {pool_timeout}s"
+                    ) from None
                 raise
             if handed is not None:
                 return handed
@@ -256,7 +273,8 @@ class _Pool:
         try:
             async with asyncio.timeout(connect_timeout):
                 _, proto = await self.loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port)
+                    lambda: _Connection(self), self.host, self.port
+                )
         except TimeoutError:
             self.forget()
             raise httpx.ConnectTimeout(f"connect to {self.host}:{self.port} timed out") from None
@@ -370,8 +388,13 @@ class LeanTransport(httpx.AsyncBaseTransport):
         key = (url.host, url.port or 80)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _Pool(key[0], key[1], self.max_connections,
-                                             self.keepalive_expiry, asyncio.get_running_loop())
+            pool = self._pools[key] = _Pool(
+                key[0],
+                key[1],
+                self.max_connections,
+                self.keepalive_expiry,
+                asyncio.get_running_loop(),
+            )
         return pool
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -380,8 +403,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except httpx.RequestNotRead:
             body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]
         connect_t, read_t, pool_t = _timeouts(request)
-        return await self._send(request.url, _render(request, body), request.method == "HEAD",
-                                connect_t, read_t, pool_t)
+        return await self._send(
+            request.url, _render(request, body), request.method == "HEAD", connect_t, read_t, pool_t
+        )
 
     async def post(
         self,
@@ -396,16 +420,36 @@ class LeanTransport(httpx.AsyncBaseTransport):
         ``timeouts`` is ``httpx.Timeout.as_dict()``. Same response and errors as
         :meth:`handle_async_request`; the response has no ``request`` attached.
         """
-        head = [b"POST ", url.raw_path, b" HTTP/1.1\r\nHost: ", url.netloc,
-                b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
+        head = [
+            b"POST ",
+            url.raw_path,
+            b" HTTP/1.1\r\nHost: ",
+            url.netloc,
+            b"\r\nContent-Length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+        ]
         for name, value in headers:
             head += [name, b": ", value, b"\r\n"]
         head += [b"\r\n", body]
-        return await self._send(url, b"".join(head), False, timeouts.get("connect"),
-                                timeouts.get("read"), timeouts.get("pool"))
+        return await self._send(
+            url,
+            b"".join(head),
+            False,
+            timeouts.get("connect"),
+            timeouts.get("read"),
+            timeouts.get("pool"),
+        )
 
-    async def _send(self, url: httpx.URL, data: bytes, head_only: bool, connect_t: float | None,
-                    read_t: float | None, pool_t: float | None) -> httpx.Response:
+    async def _send(
+        self,
+        url: httpx.URL,
+        data: bytes,
+        head_only: bool,
+        connect_t: float | None,
+        read_t: float | None,
+        pool_t: float | None,
+    ) -> httpx.Response:
         if self._closed:
             raise RuntimeError("LeanTransport is closed")
         pool = self._pool(url)
@@ -418,7 +462,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 if attempt == 0 and conn.reused:
                     continue
                 raise httpx.RemoteProtocolError(
-                    "server disconnected without sending a response") from None
+                    "server disconnected without sending a response"
+                ) from None
             except BaseException:
                 conn.close()
                 raise
@@ -428,14 +473,21 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 # the whole body came with the head (the usual small JSON answer): hand the
                 # connection back now, and let aread() skip httpx's decoder chain
                 body = b"".join(conn.chunks)
-                resp = httpx.Response(conn.status, headers=conn.headers,
-                                      stream=_BufferedStream(body), extensions=_EXTENSIONS)
+                resp = httpx.Response(
+                    conn.status,
+                    headers=conn.headers,
+                    stream=_BufferedStream(body),
+                    extensions=_EXTENSIONS,
+                )
                 pool.release(conn)
                 resp._content = body
                 return resp
-            return httpx.Response(conn.status, headers=conn.headers,
-                                  stream=_ResponseStream(pool, conn, read_t),
-                                  extensions=_EXTENSIONS)
+            return httpx.Response(
+                conn.status,
+                headers=conn.headers,
+                stream=_ResponseStream(pool, conn, read_t),
+                extensions=_EXTENSIONS,
+            )
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
@@ -446,5 +498,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
     def stats(self) -> dict[str, Any]:
         """Open and idle connections per origin (for tests and debugging)."""
-        return {f"{h}:{p}": {"open": pool.n_open, "idle": sum(not c.closed for c in pool.idle)}
-                for (h, p), pool in self._pools.items()}
+        return {
+            f"{h}:{p}": {"open": pool.n_open, "idle": sum(not c.closed for c in pool.idle)}
+            for (h, p), pool in self._pools.items()
+        }

@@ -38,8 +38,12 @@ def cpu_self() -> float:
 
 
 def render_request(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    head = [f"POST {path} HTTP/1.1", f"host: {host}:{port}", "content-type: application/json",
-            f"content-length: {len(body)}"]
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"host: {host}:{port}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+    ]
     head += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
@@ -173,9 +177,16 @@ def _no_probe(_which: str) -> None:
     return None
 
 
-async def closed_loop(host: str, port: int, raw: bytes, concurrency: int, duration_s: float,
-                      warmup_s: float = 0.5, timeout_s: float = 30.0,
-                      probe: Probe = _no_probe) -> Result:
+async def closed_loop(
+    host: str,
+    port: int,
+    raw: bytes,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 0.5,
+    timeout_s: float = 30.0,
+    probe: Probe = _no_probe,
+) -> Result:
     """``probe("start")`` / ``probe("end")`` are called at the edges of the window."""
     res = Result(max_connections=concurrency)
     win = _Window(res)
@@ -215,9 +226,18 @@ async def closed_loop(host: str, port: int, raw: bytes, concurrency: int, durati
     return res
 
 
-async def open_loop(host: str, port: int, raw: bytes, rate: float, duration_s: float,
-                    warmup_s: float = 0.5, max_connections: int = 1024, timeout_s: float = 10.0,
-                    prewarm: int = 8, probe: Probe = _no_probe) -> Result:
+async def open_loop(
+    host: str,
+    port: int,
+    raw: bytes,
+    rate: float,
+    duration_s: float,
+    warmup_s: float = 0.5,
+    max_connections: int = 1024,
+    timeout_s: float = 10.0,
+    prewarm: int = 8,
+    probe: Probe = _no_probe,
+) -> Result:
     """Send at ``rate`` req/s for ``warmup_s + duration_s``; wait up to ``timeout_s`` for the tail.
 
     The window is the requests *sent* after the warm-up; ``probe("start")`` is called when the

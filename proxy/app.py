@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -28,6 +29,7 @@ from policies.drift import DriftController
 from policies.registry import build_policy
 from proxy.auth import Authenticator
 from proxy.clock import Clock, SystemClock
+from proxy.completions import build_completion_bus
 from proxy.config import Settings
 from proxy.errors import ConfigError, UpstreamUnavailable
 from proxy.estimation import load_estimator, save_estimator, save_estimator_periodically
@@ -110,7 +112,8 @@ class DriftSchedApp:
         drift = DriftController(policy.drift, clock=clock) if policy.drift is not None else None
         scheduler = Scheduler(settings=settings, clock=clock, queue=queue, pool=pool,
                               policy=policy, estimator=estimator, drift=drift,
-                              replica_id=self.replica_id)
+                              replica_id=self.replica_id,
+                              completions=build_completion_bus(settings.store, self.replica_id))
         saver: asyncio.Task[None] | None = None
         try:
             await seed_tenants(settings, store, clock.time())
@@ -138,6 +141,10 @@ class DriftSchedApp:
                 estimator, settings.scheduler.estimator))
             self.gateway = gw
             self._handler = OpenAIHandler(gw)
+            # everything built so far lives as long as the app: move it out of the cyclic
+            # GC's reach, so gen-2 collections under load stay short (tail latency)
+            gc.collect()
+            gc.freeze()
             log.info("gateway started", extra={
                 "store": settings.store.type,
                 "backends": [b.name for b in pool.backends()],

@@ -236,7 +236,8 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.server.log_level)
     app = create_app(settings)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, access_log=False,
-                log_config=None, log_level=settings.server.log_level, lifespan="on")
+                log_config=None, log_level=settings.server.log_level, lifespan="on",
+                proxy_headers=False)
     return 0
 
 

@@ -162,7 +162,7 @@ class RedisCompletions:
         self._tasks = []
         if self._client is not None:
             if self._buf:
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(TimeoutError, RedisError, OSError):
                     async with asyncio.timeout(1.0):
                         await self._flush(self._client)
             if self._owns_client:

@@ -252,7 +252,12 @@ class OpenAIHandler:
             else:
                 await self._send_error(send, ctx, err)
         finally:
-            await asyncio.shield(self._complete(ctx))
+            if ctx.ended:
+                # the response is out: a disconnect no longer cancels us (see __call__),
+                # so accounting runs inline, without a shielding task per request
+                await self._complete(ctx)
+            else:
+                await asyncio.shield(self._complete(ctx))
 
     async def _forward(self, ctx: Ctx, send: Send, footprint: int) -> None:
         gw = self.gw

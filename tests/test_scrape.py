@@ -34,7 +34,7 @@ def test_sums_across_label_sets_and_averages_usage() -> None:
     assert m.kv_cache_usage_perc == 0.375
     assert m.num_preemptions_total == 7.0
     assert m.scraped_at == 42.0
-    assert s.kv_capacity_tokens == 2048 * 16
+    assert s.kv_capacity_tokens == (2048 - 1) * 16  # one block is vLLM's null block
 
 
 def test_missing_metrics_read_as_zero() -> None:

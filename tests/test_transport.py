@@ -72,8 +72,15 @@ class Server:
 
 
 def response(body: bytes, status: int = 200, extra: bytes = b"") -> bytes:
-    return (f"HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n").encode() + extra + b"\r\n" + body
+    return (
+        (
+            f"HTTP/1.1 {status} OK\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n"
+        ).encode()
+        + extra
+        + b"\r\n"
+        + body
+    )
 
 
 def echo(srv: Server) -> Handler:
@@ -81,6 +88,7 @@ def echo(srv: Server) -> Handler:
         while (body := await srv.read_request(r)) is not None:
             w.write(response(b'{"echo":' + (body or b"null") + b"}"))
             await w.drain()
+
     return handle
 
 
@@ -117,6 +125,7 @@ async def test_concurrency_is_bounded_and_connections_are_reused() -> None:
                 await asyncio.sleep(0.005)
                 w.write(response(body))
                 await w.drain()
+
         return handle
 
     async with server(slow) as srv:
@@ -138,14 +147,17 @@ async def test_streamed_body_arrives_whole_and_in_order() -> None:
     def chunked(srv: Server) -> Handler:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             while await srv.read_request(r) is not None:
-                w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                        b"transfer-encoding: chunked\r\n\r\n")
+                w.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
                 for i in range(32):
                     data = bytes([65 + i % 26]) + piece
                     w.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                     await w.drain()
                 w.write(b"0\r\n\r\n")
                 await w.drain()
+
         return handle
 
     async with server(chunked) as srv:
@@ -159,6 +171,28 @@ async def test_streamed_body_arrives_whole_and_in_order() -> None:
                         await asyncio.sleep(0.001)
                 assert len(got) == 32 * (len(piece) + 1)
                 assert got[:: len(piece) + 1] == bytes(65 + i % 26 for i in range(32))
+        assert srv.connections == 1
+
+
+async def test_small_stream_received_whole_iterates_once_and_frees_the_connection() -> None:
+    """A short SSE answer that arrives with its head (the stub's, often) is still a stream."""
+    events = b"data: 1\n\ndata: [DONE]\n\n"
+
+    def sse(srv: Server) -> Handler:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while await srv.read_request(r) is not None:
+                w.write(response(events))
+                await w.drain()
+
+        return handle
+
+    async with server(sse) as srv:
+        t = LeanTransport()
+        async with client(t, srv.url) as c:
+            for _ in range(3):
+                async with c.stream("POST", "/", content=b"{}") as r:
+                    assert [chunk async for chunk in r.aiter_raw()] == [events]
+            assert next(iter(t.stats().values())) == {"open": 1, "idle": 1}
         assert srv.connections == 1
 
 
@@ -178,8 +212,9 @@ async def test_upstream_clients_use_the_lean_transport_for_http() -> None:
         clients = UpstreamClients()
         b = Backend(name="e", url=srv.url, models=("m",))
         try:
-            resp = await open_request(clients, b, "/v1/chat/completions", b'{"x":1}',
-                                      {"content-type": "application/json"})
+            resp = await open_request(
+                clients, b, "/v1/chat/completions", b'{"x":1}', {"content-type": "application/json"}
+            )
             assert resp.status_code == 200
             assert await resp.aread() == b'{"echo":{"x":1}}'
             await resp.aclose()
@@ -204,6 +239,7 @@ async def test_no_answer_is_read_timeout() -> None:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             await srv.read_request(r)
             await r.read()  # until the client gives up
+
         return handle
 
     async with server(hang) as srv:
@@ -225,6 +261,7 @@ async def test_all_connections_busy_is_pool_timeout() -> None:
                 await release.wait()
                 w.write(response(body))
                 await w.drain()
+
         return handle
 
     async with server(held) as srv:
@@ -250,6 +287,7 @@ async def test_waiters_get_connections_in_turn() -> None:
                 await asyncio.sleep(0.01)
                 w.write(response(body))
                 await w.drain()
+
         return handle
 
     async with server(slow) as srv:
@@ -266,6 +304,7 @@ async def test_connection_dropped_mid_body_is_read_error() -> None:
             await srv.read_request(r)
             w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
             await w.drain()
+
         return handle
 
     async with server(drop) as srv:
@@ -287,6 +326,7 @@ async def test_no_valid_response_is_remote_protocol_error(reply: bytes) -> None:
             await srv.read_request(r)
             w.write(reply)
             await w.drain()
+
         return handle
 
     async with server(bad) as srv:
@@ -301,11 +341,13 @@ async def test_no_valid_response_is_remote_protocol_error(reply: bytes) -> None:
 
 async def test_engine_closing_an_idle_connection_is_noticed() -> None:
     """The engine closes idle keep-alive connections (uvicorn after 5 s): a new one is used."""
+
     def close_when_idle(srv: Server) -> Handler:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             body = await srv.read_request(r)
             w.write(response(body or b""))
             await w.drain()
+
         return handle  # returning closes the connection
 
     async with server(close_when_idle) as srv:
@@ -320,6 +362,7 @@ async def test_engine_closing_an_idle_connection_is_noticed() -> None:
 async def test_stale_reused_connection_is_retried_once() -> None:
     """A reused connection that dies before answering (the engine closed it as we sent) is
     retried on a new connection; the engine never saw the request on the old one."""
+
     def one_per_connection(srv: Server) -> Handler:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             body = await srv.read_request(r)
@@ -327,6 +370,7 @@ async def test_stale_reused_connection_is_retried_once() -> None:
             await w.drain()
             # keep the socket open but answer nothing more: close on the next request
             await r.readuntil(b"\r\n\r\n")
+
         return handle
 
     async with server(one_per_connection) as srv:
@@ -364,11 +408,13 @@ async def test_cancelling_a_request_closes_its_connection() -> None:
             except ConnectionError:
                 gone.set()
                 raise
+
         return handle
 
     async with server(stream_forever) as srv:
         t = LeanTransport()
         async with client(t, srv.url) as c:
+
             async def consume() -> None:
                 async with c.stream("POST", "/", content=b"{}") as r:
                     async for _ in r.aiter_raw():

@@ -144,7 +144,9 @@ class _EngineCollector(Collector):
             "Information of the LLMEngine CacheConfig",
             labels=["block_size", "num_gpu_blocks", "engine"],
         )
-        info.add_metric([str(BLOCK_SIZE), str(eng.num_blocks), "0"], 1.0)
+        # vLLM counts its reserved null block in num_gpu_blocks; so does the simulator, so
+        # that (num_gpu_blocks - 1) * block_size is the usable capacity for both
+        info.add_metric([str(BLOCK_SIZE), str(eng.num_blocks + 1), "0"], 1.0)
         yield info
         yield counter(
             "sim:lag_seconds",

@@ -11,7 +11,7 @@
 * ``vllm_server``: ONE ``python -m vllm.entrypoints.openai.api_server`` for the session
   (the machine has 2 cores: never more than one at a time), configured so that every
   behaviour the tests need shows up on it: priority scheduling, a KV cache shrunk to
-  ``NUM_BLOCKS`` x ``BLOCK_SIZE`` = 1024 tokens (preemption under load), ``max_num_seqs`` 8.
+  ``NUM_BLOCKS`` x ``BLOCK_SIZE`` = 4096 tokens (preemption under load), ``max_num_seqs`` 8.
 
 ``vllm_command`` / ``vllm_env`` build exactly the command line and environment that the pool
 manager uses (``<python> -m vllm.entrypoints.openai.api_server --host H --port P --model M
@@ -40,10 +40,10 @@ BUILD_MODEL = Path(__file__).with_name("build_tiny_model.py")
 
 SERVED_NAME = "tiny"
 BLOCK_SIZE = 32         # CPU default is 128; the CPU kernel takes any multiple of 32
-NUM_BLOCKS = 32         # --num-gpu-blocks-override: 32 x 32 = 1024 tokens of KV cache
+NUM_BLOCKS = 128        # --num-gpu-blocks-override: 128 x 32 = 4096 tokens (127 usable blocks)
 MAX_NUM_SEQS = 8
-MAX_MODEL_LEN = 512     # must be <= (NUM_BLOCKS - 1) * BLOCK_SIZE (one block is reserved), or
-                        # vLLM refuses to start ("estimated maximum model length is 992")
+MAX_MODEL_LEN = 1024    # must be <= (NUM_BLOCKS - 1) * BLOCK_SIZE (one block is reserved), or
+                        # vLLM refuses to start ("estimated maximum model length is ...")
 
 SETUP_TIMEOUT_S = float(os.environ.get("DRIFTSCHED_VLLM_SETUP_TIMEOUT", "1500"))
 START_TIMEOUT_S = float(os.environ.get("DRIFTSCHED_VLLM_START_TIMEOUT", "240"))
@@ -252,8 +252,10 @@ def stop_vllm(server: VllmServer, grace: float = 20.0) -> None:
 @pytest.fixture(scope="session")
 def vllm_server(vllm_python: str, tiny_model_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    log = tmp_path_factory.mktemp("vllm-server") / "vllm.log"
-    server = start_vllm(vllm_python, tiny_model_dir, log, TEST_SERVER_EXTRA_ARGS)
+    workdir = tmp_path_factory.mktemp("vllm-server")
+    # vLLM caches model info (and torch.compile output) under ~/.cache/vllm by default.
+    server = start_vllm(vllm_python, tiny_model_dir, workdir / "vllm.log", TEST_SERVER_EXTRA_ARGS,
+                        env_extra={"VLLM_CACHE_ROOT": str(workdir / "vllm-cache")})
     try:
         yield server
     finally:

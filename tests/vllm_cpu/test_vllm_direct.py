@@ -97,7 +97,8 @@ async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any],
                 if ch.get("finish_reason"):
                     res["finish_reason"] = ch["finish_reason"]
         assert done, "stream ended without [DONE]"
-    res["elapsed"] = time.monotonic() - t0
+    res["done_at"] = time.monotonic()
+    res["elapsed"] = res["done_at"] - t0
     return res
 
 
@@ -173,57 +174,58 @@ async def test_metrics_names_and_labels(vllm_server: VllmServer, client: httpx.A
     assert after - before == 7
 
 
-async def _wait_for_waiting(base_url: str, n: int, blockers: list[asyncio.Task[Any]]) -> bool:
-    """Until vLLM reports >= n waiting requests; False if the blockers finish first."""
-    while not all(b.done() for b in blockers):
-        m = await asyncio.to_thread(scrape, base_url)
-        if value(m, "vllm:num_requests_waiting") >= n:
-            return True
-        await asyncio.sleep(0.02)
-    return False
-
-
 async def test_priority_field_orders_the_queue(vllm_server: VllmServer, client: httpx.AsyncClient) -> None:
     """Fill all MAX_NUM_SEQS slots, queue a low-priority request, then a high-priority one:
     with --scheduling-policy priority (lower value first) the later, high-priority request
-    gets a slot, and its first token, before the low-priority one. Blockers that get
-    preempted (KV pressure) go back to the queue at priority 0: still behind "high"."""
-    for blocker_tokens in (120, 400):  # a longer second try if the machine outran the setup
-        await wait_idle(vllm_server.base_url)
-        marks = [dict[str, float]() for _ in range(MAX_NUM_SEQS)]
-        blockers = [asyncio.create_task(stream_chat(
-            client, chat_body(f"blocker {i}", blocker_tokens, priority=0), marks[i]))
-            for i in range(MAX_NUM_SEQS)]
-        deadline = time.monotonic() + 120
-        while not all("first" in mk for mk in marks):
-            assert time.monotonic() < deadline, "blockers never started"
-            await asyncio.sleep(0.01)
-        low_marks: dict[str, float] = {}
-        high_marks: dict[str, float] = {}
-        low = asyncio.create_task(stream_chat(client, chat_body("low", 5, priority=10), low_marks))
-        held = await _wait_for_waiting(vllm_server.base_url, 1, blockers)
-        high = asyncio.create_task(stream_chat(client, chat_body("high", 5, priority=-10), high_marks))
-        held = held and await _wait_for_waiting(vllm_server.base_url, 2, blockers)
-        results = await asyncio.gather(*blockers, low, high)
-        assert all(len(r["token_ids"]) == blocker_tokens for r in results[:MAX_NUM_SEQS])
-        assert len(results[-2]["token_ids"]) == len(results[-1]["token_ids"]) == 5
-        if held:  # both extra requests were queued together: the order is the policy's
-            assert high_marks["first"] < low_marks["first"], (high_marks, low_marks)
-            print(f"\n[vllm_cpu] priority: high first by "
-                  f"{(low_marks['first'] - high_marks['first']) * 1000:.0f} ms "
-                  f"(blockers of {blocker_tokens} tokens)")
-            return
-    pytest.fail("the blockers finished before both extra requests were queued, twice")
+    gets a slot, and its first token, before the low-priority one (FCFS would do the
+    opposite).
+
+    The blockers have staggered lengths (300..370 tokens), so slots free up one at a time
+    (equal blockers would free all 8 in one step and admit both extra requests in the same
+    step), and the first one frees only after >= 300 decode steps, long after "low" and
+    "high" (sent 0.1 s apart) are queued. They fit in the KV cache (<= 12 blocks each, 88
+    in all, of 127), so nothing is preempted. /metrics is not polled to check the queue:
+    under load one scrape takes 0.2-0.5 s."""
+    blocker_tokens = [300 + 10 * i for i in range(MAX_NUM_SEQS)]
+    await wait_idle(vllm_server.base_url)
+    preempt0 = value(await asyncio.to_thread(scrape, vllm_server.base_url), COUNTER)
+    marks = [dict[str, float]() for _ in range(MAX_NUM_SEQS)]
+    blockers = [asyncio.create_task(stream_chat(
+        client, chat_body(f"blocker {i}", blocker_tokens[i], priority=0), marks[i]))
+        for i in range(MAX_NUM_SEQS)]
+    deadline = time.monotonic() + 120
+    while not all("first" in mk for mk in marks):
+        assert time.monotonic() < deadline, "blockers never started"
+        await asyncio.sleep(0.005)
+    all_running_at = time.monotonic()
+    low_marks: dict[str, float] = {}
+    high_marks: dict[str, float] = {}
+    low = asyncio.create_task(stream_chat(client, chat_body("low", 5, priority=10), low_marks))
+    await asyncio.sleep(0.1)
+    high = asyncio.create_task(stream_chat(client, chat_body("high", 5, priority=-10), high_marks))
+    high_sent_at = time.monotonic()
+    results = await asyncio.gather(*blockers, low, high)
+    assert [len(r["token_ids"]) for r in results[:MAX_NUM_SEQS]] == blocker_tokens
+    assert len(results[-2]["token_ids"]) == len(results[-1]["token_ids"]) == 5
+    preempted = value(await asyncio.to_thread(scrape, vllm_server.base_url), COUNTER) - preempt0
+    assert preempted == 0, "the blockers were meant to fit in the KV cache"
+    first_blocker_done = min(r["done_at"] for r in results[:MAX_NUM_SEQS])
+    assert high_marks["first"] < low_marks["first"], (
+        f"low before high: high sent {high_sent_at - all_running_at:.3f}s after the blockers "
+        f"all ran; marks high={high_marks} low={low_marks}; first blocker done (as seen "
+        f"by the client) at {first_blocker_done - all_running_at:.3f}s")
+    print(f"\n[vllm_cpu] priority: high first by "
+          f"{(low_marks['first'] - high_marks['first']) * 1000:.0f} ms")
 
 
 async def test_real_preemption_with_shrunken_kv_cache(vllm_server: VllmServer,
                                                       client: httpx.AsyncClient) -> None:
-    """8 concurrent requests that each grow to 7 blocks need 56 blocks; the cache has 32.
+    """8 concurrent requests that each grow to 20 blocks need 160 blocks; the cache has 127.
     vLLM must preempt (by recompute) some of them, count it in vllm:num_preemptions_total,
     and still deliver every token."""
     await wait_idle(vllm_server.base_url)
     before = value(await asyncio.to_thread(scrape, vllm_server.base_url), COUNTER)
-    n_out = 200
+    n_out = 600
     peak = {"kv": 0.0, "waiting": 0.0, "running": 0.0}
     stop = asyncio.Event()
 
@@ -260,8 +262,8 @@ async def test_throughput_1_and_8_streams(vllm_server: VllmServer, client: httpx
                                           record_property: Any) -> None:
     """Informational (printed, recorded as junit properties); asserts only a sane floor.
     The machine is shared: expect wide variation (see docs/vllm-cpu.md)."""
-    # 8 x (prompt + 80) tokens = 8 x 3 blocks: fits in the 32 blocks, so no preemption here.
-    for conc, n_out in ((1, 100), (8, 80)):
+    # 8 x (prompt + 200) tokens = 8 x 7 blocks: fits in the cache, so no preemption here.
+    for conc, n_out in ((1, 200), (8, 200)):
         await wait_idle(vllm_server.base_url)
         t0 = time.monotonic()
         results = await asyncio.gather(*[stream_chat(client, chat_body(f"speed {i}", n_out))

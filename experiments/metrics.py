@@ -1,0 +1,437 @@
+"""Experiment metrics, per tenant, per class and per run (definitions: :data:`DEFINITIONS`).
+
+Every function is pure and takes plain data (:class:`experiments.rundata.Req` and friends,
+in simulated seconds); :func:`compute` assembles one policy's numbers into a JSON-able dict
+that :mod:`experiments.report` renders. Percentiles are linear-interpolated
+(``numpy.percentile``) over the successful requests only; attainment and goodput count every
+request sent, failures as misses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import kendalltau
+
+from experiments.rundata import Access, DriftAction, Req, RunData
+
+ROLLING_WINDOW_S = 10.0
+VTC_WINDOW_S = 60.0
+RECOVERY_TARGET = 0.95
+#: what the estimator baseline predicts before it has seen a tenant (the gateway's prior)
+PRIOR_TOKENS = 256.0
+INPUT_WEIGHT, OUTPUT_WEIGHT = 1.0, 2.0
+
+DEFINITIONS: dict[str, str] = {
+    "TTFT": "first streamed token - request dispatch, as the client measures it",
+    "TPOT": "(completion - first token) / (output tokens - 1); 0 for a one-token answer",
+    "e2e": "completion - dispatch (successful requests)",
+    "normalised latency": "e2e / output tokens",
+    "SLO met": (
+        "the request succeeded, TTFT <= its class's TTFT SLO and TPOT <= its TPOT SLO "
+        "(a class without SLO: succeeded)"
+    ),
+    "attainment": "requests meeting their SLO / requests sent (rejected, timed-out, failed "
+    "and cancelled requests are misses)",
+    "throughput": "output tokens of successful requests / makespan (first dispatch to last "
+    "completion of the run)",
+    "in-window throughput": "output tokens streamed while arrivals last (each request's "
+    "tokens spread evenly between its first token and its completion) / the arrival window",
+    "goodput": "requests meeting their SLO / makespan",
+    "service": f"{INPUT_WEIGHT:g} x prompt + {OUTPUT_WEIGHT:g} x output tokens (VTC's cost)",
+    "fair-share Jain": "Jain's index over x_i = served service_i / max-min fair share_i, the "
+    "fair shares from weighted water-filling of the service the group received over the "
+    "tenants' demands (their requests' true prompt + output lengths); 1 = every tenant got "
+    "exactly its fair share",
+    "VTC service difference": "per 60 s window, max - min of weighted service (service / "
+    "weight) among the group's tenants with arrivals in the window; max and mean over windows",
+    "estimator MAE / tau": "mean |predicted p50 - actual output tokens| and Kendall's tau-b "
+    "between them, over successful requests (gateway access log); the baseline is a "
+    "per-tenant running mean (River's StatisticRegressor(Mean), prequential)",
+    "p90 coverage": "share of requests whose output was <= the predicted p90",
+    "drift: limit reaction": "drift onset -> first action of the drift controller on the "
+    "drifting tenant (decrease, SLO decrease or compensation)",
+    "drift: premium recovery": "drift onset -> start of the last stretch in which the top "
+    "class's rolling 10 s attainment (requests by arrival) stays >= 0.95 until the end of "
+    "arrivals (0 if it never fell below); 'first' is the first return above 0.95",
+    "queue time": "gateway access log queue_ms (arrival to admission); a request shed from "
+    "the queue counts its whole wait",
+    "preemptions": "sum of the engines' vllm:num_preemptions_total at the end of the run",
+}
+
+
+def pct(xs: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(xs, dtype=float), q)) if xs else None
+
+
+def slo_met(r: Req, slo: Mapping[str, Any]) -> bool:
+    if not r.ok:
+        return False
+    ttft, tpot = slo.get("ttft_slo_s"), slo.get("tpot_slo_s")
+    if ttft is not None and (r.ttft_s is None or r.ttft_s > ttft):
+        return False
+    return not (tpot is not None and (r.tpot_s is None or r.tpot_s > tpot))
+
+
+def makespan(reqs: Sequence[Req]) -> float:
+    starts = [r.dispatched_s for r in reqs if r.dispatched_s is not None]
+    ends = [r.done_s for r in reqs if r.done_s is not None]
+    if not starts or not ends:
+        return 0.0
+    return max(1e-9, max(ends) - min(starts))
+
+
+def spread_tokens(r: Req, lo: float, hi: float) -> float:
+    """Output tokens of ``r`` streamed within [lo, hi] (evenly over first token..done)."""
+    if not r.ok or r.first_token_s is None or r.done_s is None or not r.completion_tokens:
+        return 0.0
+    a, b = r.first_token_s, r.done_s
+    if b <= a:
+        return float(r.completion_tokens) if lo <= a <= hi else 0.0
+    overlap = max(0.0, min(b, hi) - max(a, lo))
+    return r.completion_tokens * overlap / (b - a)
+
+
+def group_stats(
+    reqs: Sequence[Req], slos: Mapping[str, Mapping[str, Any]], span: float, window_s: float
+) -> dict[str, Any]:
+    """Latency, attainment, throughput and goodput of a group of requests (one tenant, one
+    class, or all); ``span`` is the run's makespan, ``window_s`` its arrival window."""
+    ok = [r for r in reqs if r.ok]
+    met = sum(slo_met(r, slos[r.tenant]) for r in reqs)
+    out_tok = sum(r.completion_tokens or 0 for r in ok)
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
+    e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
+    norm = [r.e2e_s / r.completion_tokens for r in ok if r.e2e_s and r.completion_tokens]
+    in_window = sum(spread_tokens(r, 0.0, window_s) for r in ok)
+    return {
+        "n": len(reqs),
+        "ok": len(ok),
+        "met": met,
+        "attainment": met / len(reqs) if reqs else None,
+        "errors": dict(Counter(r.error for r in reqs if r.error).most_common()),
+        "ttft_p50": pct(ttft, 50),
+        "ttft_p99": pct(ttft, 99),
+        "tpot_p50": pct(tpot, 50),
+        "tpot_p99": pct(tpot, 99),
+        "e2e_p50": pct(e2e, 50),
+        "e2e_p99": pct(e2e, 99),
+        "norm_latency_p50": pct(norm, 50),
+        "norm_latency_p99": pct(norm, 99),
+        "output_tokens": out_tok,
+        "throughput_tok_s": out_tok / span if span > 0 else None,
+        "throughput_window_tok_s": in_window / window_s if window_s > 0 else None,
+        "goodput_req_s": met / span if span > 0 else None,
+    }
+
+
+# -- fairness ------------------------------------------------------------------------------
+def maxmin_fair(
+    demand: Mapping[str, float], weight: Mapping[str, float], capacity: float
+) -> dict[str, float]:
+    """Weighted max-min fair allocation of ``capacity`` (water-filling): no tenant gets more
+    than it asked for, and the rest is shared in proportion to the weights."""
+    alloc = {t: 0.0 for t in demand}
+    active = {t for t, d in demand.items() if d > 0}
+    left = capacity
+    while active and left > 1e-9:
+        per_weight = left / sum(weight[t] for t in active)
+        done = {t for t in active if demand[t] - alloc[t] <= per_weight * weight[t]}
+        if not done:
+            for t in active:
+                alloc[t] += per_weight * weight[t]
+            break
+        for t in done:
+            left -= demand[t] - alloc[t]
+            alloc[t] = demand[t]
+        active -= done
+    return alloc
+
+
+def jain(xs: Sequence[float]) -> float | None:
+    if not xs:
+        return None
+    s2 = sum(x * x for x in xs)
+    return (sum(xs) ** 2) / (len(xs) * s2) if s2 > 0 else 1.0
+
+
+def service(prompt: int | None, output: int | None) -> float:
+    return INPUT_WEIGHT * (prompt or 0) + OUTPUT_WEIGHT * (output or 0)
+
+
+def fair_share_jain(reqs: Sequence[Req], weights: Mapping[str, float]) -> dict[str, Any]:
+    """Jain's index of served / max-min fair share over the tenants of ``reqs``."""
+    demand: dict[str, float] = defaultdict(float)
+    served: dict[str, float] = defaultdict(float)
+    for r in reqs:
+        demand[r.tenant] += service(r.expected_prompt_tokens, r.expected_output_tokens)
+        if r.ok:
+            served[r.tenant] += service(r.prompt_tokens, r.completion_tokens)
+    w = {t: weights.get(t, 1.0) for t in demand}
+    fair = maxmin_fair(demand, w, sum(served.values()))
+    ratios = {t: served[t] / fair[t] for t in demand if fair[t] > 0}
+    return {
+        "tenants": len(demand),
+        "jain": jain(list(ratios.values())),
+        "served_over_fair": ratios,
+        "demand": dict(demand),
+        "served": dict(served),
+    }
+
+
+def service_difference(
+    reqs: Sequence[Req], weights: Mapping[str, float], window_s: float = VTC_WINDOW_S
+) -> dict[str, Any]:
+    """VTC's service difference in ``window_s`` windows (see :data:`DEFINITIONS`)."""
+    end = max((r.done_s or r.intended_s for r in reqs), default=0.0)
+    n_win = max(1, math.ceil(end / window_s))
+    tenants = sorted({r.tenant for r in reqs})
+    got = [dict.fromkeys(tenants, 0.0) for _ in range(n_win)]
+    active: list[set[str]] = [set() for _ in range(n_win)]
+    for r in reqs:
+        active[min(n_win - 1, int(r.intended_s // window_s))].add(r.tenant)
+        if not r.ok or r.first_token_s is None:
+            continue
+        w = weights.get(r.tenant, 1.0)
+        k = min(n_win - 1, int(r.first_token_s // window_s))
+        got[k][r.tenant] += INPUT_WEIGHT * (r.prompt_tokens or 0) / w
+        for i in range(n_win):
+            lo, hi = i * window_s, (i + 1) * window_s
+            got[i][r.tenant] += OUTPUT_WEIGHT * spread_tokens(r, lo, hi) / w
+    diffs = [
+        max(got[i][t] for t in active[i]) - min(got[i][t] for t in active[i])
+        for i in range(n_win)
+        if len(active[i]) >= 2
+    ]
+    return {"max": max(diffs) if diffs else None, "mean": float(np.mean(diffs)) if diffs else None}
+
+
+# -- time series ---------------------------------------------------------------------------
+def rolling_attainment(
+    reqs: Sequence[Req],
+    slos: Mapping[str, Mapping[str, Any]],
+    end_s: float,
+    window_s: float = ROLLING_WINDOW_S,
+    step_s: float = 1.0,
+) -> tuple[list[float], list[float | None]]:
+    """Attainment of the requests arriving in (t - window, t], for t = window..end."""
+    items = sorted((r.intended_s, slo_met(r, slos[r.tenant])) for r in reqs)
+    times = [float(t) for t in np.arange(window_s, end_s + 1e-9, step_s)]
+    arr = np.array([a for a, _ in items]) if items else np.zeros(0)
+    met = np.cumsum([0, *(int(m) for _, m in items)])
+    values: list[float | None] = []
+    for t in times:
+        lo, hi = np.searchsorted(arr, t - window_s, "right"), np.searchsorted(arr, t, "right")
+        n = int(hi - lo)
+        values.append(float(met[hi] - met[lo]) / n if n else None)
+    return times, values
+
+
+def recovery(
+    times: Sequence[float], values: Sequence[float | None], onset: float, end: float
+) -> dict[str, Any]:
+    """How long after ``onset`` the rolling attainment got back to (and stayed) >= 0.95."""
+    after = [
+        (t, v) for t, v in zip(times, values, strict=True) if onset <= t <= end and v is not None
+    ]
+    if not after:
+        return {"min": None, "first_s": None, "sustained_s": None}
+    low = [t for t, v in after if v < RECOVERY_TARGET]
+    first: float | None = 0.0
+    if low:
+        first = next((t - onset for t, v in after if t > low[0] and v >= RECOVERY_TARGET), None)
+    sustained: float | None = 0.0
+    if low:
+        last_low = max(low)
+        sustained = next((t - onset for t, _ in after if t > last_low), None)
+    return {"min": min(v for _, v in after), "first_s": first, "sustained_s": sustained}
+
+
+def limit_reaction(
+    actions: Sequence[DriftAction], tenant: str, onset: float
+) -> tuple[float | None, DriftAction | None]:
+    """Seconds from ``onset`` to the drift controller's first action on ``tenant``."""
+    for a in sorted(actions, key=lambda a: a.t_s):
+        if (
+            a.tenant == tenant
+            and a.t_s >= onset
+            and a.action
+            in (
+                "decrease",
+                "slo_decrease",
+                "compensate",
+            )
+        ):
+            return a.t_s - onset, a
+    return None, None
+
+
+# -- estimator ---------------------------------------------------------------------------
+def estimator_accuracy(
+    access: Sequence[Access], tenant_of: Mapping[str, str], keep: Callable[[str], bool]
+) -> dict[str, Any]:
+    """MAE, Kendall's tau and p90 coverage of the gateway's predictions, against a
+    per-tenant running-mean baseline fed in completion order (the access log's order)."""
+    pred, act, base = [], [], []
+    cover = 0
+    seen: dict[str, tuple[float, int]] = {}
+    for a in access:
+        tenant = tenant_of.get(a.request_id)
+        if a.status != 200 or a.completion_tokens is None or tenant is None:
+            continue
+        s, n = seen.get(tenant, (0.0, 0))
+        if keep(a.request_id) and a.predicted_p50 is not None:
+            pred.append(float(a.predicted_p50))
+            act.append(float(a.completion_tokens))
+            base.append(s / n if n else PRIOR_TOKENS)
+            cover += a.predicted_p90 is not None and a.completion_tokens <= a.predicted_p90
+        seen[tenant] = (s + a.completion_tokens, n + 1)
+    if not pred:
+        return {"n": 0}
+    p, y, b = np.array(pred), np.array(act), np.array(base)
+    return {
+        "n": len(pred),
+        "mae": float(np.mean(np.abs(p - y))),
+        "tau": _tau(p, y),
+        "p90_coverage": cover / len(pred),
+        "baseline_mae": float(np.mean(np.abs(b - y))),
+        "baseline_tau": _tau(b, y),
+    }
+
+
+def _tau(a: Any, b: Any) -> float | None:
+    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return None
+    return float(kendalltau(a, b).statistic)
+
+
+# -- one run ---------------------------------------------------------------------------------
+def _by(reqs: Iterable[Req], key: Callable[[Req], str]) -> dict[str, list[Req]]:
+    out: dict[str, list[Req]] = defaultdict(list)
+    for r in reqs:
+        out[key(r)].append(r)
+    return dict(out)
+
+
+def _of_tenant(tenant_of: Mapping[str, str], tenant: str) -> Callable[[str], bool]:
+    return lambda rid: tenant_of[rid] == tenant
+
+
+def queue_times(access: Sequence[Access]) -> dict[str, float]:
+    """request id -> seconds in the admission queue (a request shed from it: its wait)."""
+    out = {}
+    for a in access:
+        if a.queue_s is not None:
+            out[a.request_id] = a.queue_s
+        elif a.status == 503 and a.duration_s is not None:
+            out[a.request_id] = a.duration_s
+    return out
+
+
+def compute(run: RunData, header: Mapping[str, Any]) -> dict[str, Any]:
+    """Every metric of one policy's run (see :data:`DEFINITIONS`)."""
+    reqs, slos = run.requests, run.slos
+    window = float(header.get("duration_s") or max((r.intended_s for r in reqs), default=0.0))
+    span = makespan(reqs)
+    classes = _by(reqs, lambda r: r.qos_class)
+    tenants = _by(reqs, lambda r: r.tenant)
+    level = {c: min(slos[r.tenant].get("level", 1) for r in rs) for c, rs in classes.items()}
+    out: dict[str, Any] = {
+        "policy": run.policy,
+        "makespan_s": span,
+        "window_s": window,
+        "all": group_stats(reqs, slos, span, window),
+        "classes": {c: group_stats(rs, slos, span, window) for c, rs in classes.items()},
+        "tenants": {t: group_stats(rs, slos, span, window) for t, rs in tenants.items()},
+        "class_levels": level,
+        "tenant_class": {t: rs[0].qos_class for t, rs in tenants.items()},
+    }
+    fair: dict[str, Any] = {"classes": {}, "all": fair_share_jain(reqs, run.weights)}
+    for c, rs in classes.items():
+        fair["classes"][c] = {
+            **fair_share_jain(rs, run.weights),
+            "service_difference": service_difference(rs, run.weights),
+        }
+    fair["all"]["service_difference"] = service_difference(reqs, run.weights)
+    out["fairness"] = fair
+    tenant_of = {r.request_id: r.tenant for r in reqs}
+    arrival = {r.request_id: r.intended_s for r in reqs}
+    est: dict[str, Any] = {"all": estimator_accuracy(run.access, tenant_of, lambda _: True)}
+    for t in tenants:
+        est[t] = estimator_accuracy(run.access, tenant_of, _of_tenant(tenant_of, t))
+    drift_events = list(header.get("drift") or [])
+    if drift_events:
+        onset = float(drift_events[0]["at_s"])
+        est["before_drift"] = estimator_accuracy(
+            run.access, tenant_of, lambda i: arrival[i] < onset
+        )
+        est["after_drift"] = estimator_accuracy(
+            run.access, tenant_of, lambda i: arrival[i] >= onset
+        )
+    out["estimator"] = est
+    rolling = {c: rolling_attainment(rs, slos, window) for c, rs in classes.items()}
+    out["rolling"] = {c: {"t": ts, "attainment": vs} for c, (ts, vs) in rolling.items()}
+    top = min(level, key=lambda c: (level[c], c)) if level else None
+    drift_out = []
+    for ev in drift_events:
+        onset, tenant = float(ev["at_s"]), str(ev["tenant"])
+        react, action = limit_reaction(run.actions, tenant, onset)
+        rec = recovery(*rolling[top], onset, window) if top else {}
+        drift_out.append(
+            {
+                "tenant": tenant,
+                "at_s": onset,
+                "limit_reaction_s": react,
+                "first_action": None if action is None else action.action,
+                "limit_after": None if action is None else action.limit,
+                "top_class": top,
+                "recovery": rec,
+                "actions": sum(a.tenant == tenant for a in run.actions),
+            }
+        )
+    out["drift"] = drift_out
+    qt = queue_times(run.access)
+    out["queue_p99_s"] = {
+        c: pct([qt[r.request_id] for r in rs if r.request_id in qt], 99)
+        for c, rs in {**classes, "all": reqs}.items()
+    }
+    out["rejects"] = dict(Counter(r.error for r in reqs if r.error).most_common())
+    engines = run.info.get("engines") or []
+    out["preemptions"] = sum(e.get("vllm:num_preemptions_total", 0.0) for e in engines)
+    out["sim_lag_s"] = sum(e.get("sim:lag_seconds_total", 0.0) for e in engines)
+    out["gateway_rejections"] = run.info.get("gateway_rejections", {})
+    out["distortion"] = distortion(run)
+    return out
+
+
+def distortion(run: RunData) -> dict[str, Any]:
+    """Signs that the machine, not the system under test, shaped the numbers."""
+    s, x = run.summary, run.time_scale
+    lag = (s.get("lag_s") or {}).get("p99")
+    wall = float(s.get("wall_s") or 0.0)
+    engines = run.info.get("engines") or []
+    sim_lag = sum(e.get("sim:lag_seconds_total", 0.0) for e in engines)
+    loads = [r["loadavg_1m"] for r in run.timeline if r.get("loadavg_1m") is not None]
+    flags = []
+    if lag is not None and lag > 0.05:
+        flags.append(f"load generator lag p99 {1000 * lag:.0f} ms (> 50 ms)")
+    if wall > 0 and sim_lag / max(1, len(engines)) > 0.01 * wall * x:
+        flags.append(f"simulator lag {sim_lag:.1f} s (> 1% of the run)")
+    cores = run.info.get("cpu_count") or 2
+    if loads and float(np.mean(loads)) > 1.5 * cores:
+        flags.append(f"mean load average {np.mean(loads):.1f} on {cores} cores")
+    return {
+        "loadgen_lag_p99_s": lag,
+        "loadgen_late_over_10ms": s.get("late_over_10ms"),
+        "loadgen_runqueue_wait_s": s.get("loadgen_runqueue_wait_s"),
+        "loadgen_cpu_share": s.get("loadgen_cpu_share"),
+        "sim_lag_s": sim_lag,
+        "loadavg_mean": float(np.mean(loads)) if loads else None,
+        "loadavg_max": max(loads) if loads else None,
+        "flags": flags,
+    }

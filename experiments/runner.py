@@ -1,0 +1,409 @@
+"""Run every policy on the same workload and the same simulated pool, then write the report.
+
+``./run_experiment.sh [scenario] [options]`` (or ``python -m experiments.runner``):
+
+1. build the workload once (``prompts_dataset.py synthetic experiments/scenarios/<name>.yaml
+   --seed S [--duration D]``) or take ``--workload FILE``; it is copied into the result;
+2. for each policy: write the gateway configuration (:mod:`experiments.gwconfig`), start the
+   gateway (its pool manager launches the simulator engines, fed the same workload file),
+   wait for ``/readyz`` and every engine, replay the workload with the load generator
+   (``python -m experiments.loadgen``, open loop) while sampling ``/admin/scheduler`` and
+   ``/metrics`` every second into ``timeline.csv``, read the engines' counters, and stop
+   everything (no process outlives the run; leftovers are killed and counted);
+3. compute the metrics and write ``report.md``, ``metrics.json`` and the plots
+   (:mod:`experiments.report`).
+
+Results go to ``<out>/<scenario>/<UTC timestamp>/``: ``workload.jsonl``,
+``experiment.json`` (options, versions, timings), one directory per policy
+(``requests.csv``, ``requests.summary.json``, ``timeline.csv``, ``gateway.log``,
+``gateway.yaml`` without secrets, ``loadgen.log``, ``engines/``, ``run.json``), the report
+and ``plots/``. Tenant keys live in a private temporary directory, deleted at the end.
+
+Times given on the command line (``--duration``, ``--drain-timeout``) are simulated seconds;
+with ``--time-scale X`` the wall clock runs X times faster (see :mod:`experiments.gwconfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from experiments.gwconfig import (
+    MODEL,
+    UNLIMITED_AS,
+    Override,
+    PoolOptions,
+    Tenants,
+    gateway_config,
+    redacted,
+    slo_table,
+)
+from experiments.stack import GatewayProcess, Sampler, free_port, scrape_engines, timeline_columns
+from experiments.workload_file import Workload, load_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "experiments" / "scenarios"
+POLICIES = ("fcfs", "priority", "fair", "driftsched")
+PACKAGES = (
+    "driftsched",
+    "fastapi",
+    "uvicorn",
+    "httpx",
+    "httptools",
+    "uvloop",
+    "pydantic",
+    "river",
+    "prometheus-client",
+    "numpy",
+    "scipy",
+    "matplotlib",
+    "tqdm",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_experiment.sh",
+        description="Run each scheduling policy on the same workload against the same "
+        "simulated pool and write results/<scenario>/<timestamp>/ (report.md, CSVs, plots).",
+        epilog="examples:\n  ./run_experiment.sh overload\n"
+        "  ./run_experiment.sh drift --policies fcfs,driftsched --seed 1\n"
+        "  ./run_experiment.sh --workload w.jsonl --duration 60\n"
+        "  ./run_experiment.sh overload --set driftsched:scheduler.kv_budget_fraction=0.6",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        default=None,
+        help="scenario name in experiments/scenarios (steady, overload, drift, bursty, mini) "
+        "or a spec file; default overload (or the workload's name with --workload)",
+    )
+    p.add_argument("--workload", default=None, help="replay this workload file instead")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, in order")
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds of arrivals (default: the spec's)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
+    p.add_argument("--out", default=str(ROOT / "results"), help="results root")
+    p.add_argument("--instances", type=int, default=2, help="simulator engines")
+    p.add_argument("--profile", default="llama3-8b-a100", help="simulator profile")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="simulated seconds per wall second (the load generator's speedup follows)",
+    )
+    p.add_argument("--tokens-per-event", type=int, default=8, help="simulator SSE coalescing")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="per engine (sim default)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="after the last arrival, wait this long for answers, then cancel (default 60)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="[POLICY:]KEY=VALUE",
+        help="override a gateway setting (dotted path, YAML value), for every policy or one",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def versions() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+            )
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    pkgs = {}
+    for name in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            pkgs[name] = metadata.version(name)
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty_files": None if status is None else len(status.splitlines()),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "packages": pkgs,
+    }
+
+
+def prepare_workload(a: argparse.Namespace, out: Path) -> tuple[str, Path, Workload]:
+    """Build (or copy) the workload into ``out``; returns its name, path and contents."""
+    dest = out / "workload.jsonl"
+    if a.workload:
+        shutil.copyfile(a.workload, dest)
+        w = load_workload(dest)
+        return str(a.scenario or w.header.get("name") or Path(a.workload).stem), dest, w
+    scenario = a.scenario or "overload"
+    spec = Path(scenario)
+    if not spec.suffix:
+        spec = SCENARIOS / f"{scenario}.yaml"
+    if not spec.exists():
+        known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.yaml")))
+        raise SystemExit(f"run_experiment: no scenario {scenario!r} (known: {known})")
+    import prompts_dataset
+
+    argv = ["synthetic", str(spec), "--seed", str(a.seed), "-o", str(dest)]
+    if a.duration is not None:
+        argv += ["--duration", str(a.duration)]
+    if prompts_dataset.main(argv) != 0:
+        raise SystemExit("run_experiment: building the workload failed")
+    w = load_workload(dest)
+    return str(w.header.get("name") or spec.stem), dest, w
+
+
+def _write_timeline(path: Path, rows: list[dict[str, Any]], cols: list[str], t0: float,
+                    x: float) -> None:  # fmt: skip
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "t_s": round((r["unix_s"] - t0) * x, 3)})
+
+
+def run_policy(
+    policy: str,
+    *,
+    a: argparse.Namespace,
+    out: Path,
+    workload: Path,
+    w: Workload,
+    tenants: Tenants,
+    keys_file: Path,
+    secret_dir: Path,
+    pool: PoolOptions,
+    overrides: Sequence[Override],
+    position: int,
+) -> dict[str, Any]:
+    """One policy end to end (module doc, step 2); returns its timings."""
+    pdir = out / policy
+    pdir.mkdir(parents=True)
+    port, admin_key = free_port(), secrets.token_urlsafe(24)
+    cfg = gateway_config(
+        policy=policy,
+        tenants=tenants,
+        workload_path=str(workload),
+        port=port,
+        admin_key=admin_key,
+        log_dir=str(pdir / "engines"),
+        pool=pool,
+        overrides=overrides,
+    )
+    cfg_path = secret_dir / f"{policy}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    (pdir / "gateway.yaml").write_text(yaml.safe_dump(redacted(cfg), sort_keys=False), "utf-8")
+    x = pool.time_scale
+    n_requests = sum(1 for r in w.requests if a.duration is None or r.arrival_s < a.duration)
+    t_start = time.monotonic()
+    gw = GatewayProcess(cfg_path, port, admin_key, pdir / "gateway.log")
+    loadgen: subprocess.Popen[bytes] | None = None
+    sampler: Sampler | None = None
+    info: dict[str, Any] = {"policy": policy, "time_scale": x, "port": port}
+    bar = tqdm(
+        total=n_requests,
+        desc=f"{policy:>10}",
+        unit="req",
+        position=position,
+        leave=False,
+        disable=a.no_progress,
+        dynamic_ncols=True,
+    )
+    try:
+        gw.wait_ready(pool.instances)
+        info["ready_s"] = round(time.monotonic() - t_start, 2)
+        urls = gw.engine_urls()
+        sampler = Sampler(gw, sorted(tenants.classes))
+        sampler.sample()
+        argv = [
+            sys.executable, "-m", "experiments.loadgen", str(workload),
+            "--base-url", gw.url, "--keys-file", str(keys_file), "--model", MODEL,
+            "--out", str(pdir / "requests.csv"), "--speedup", str(x),
+            "--drain-timeout", str(a.drain_timeout / x), "--no-progress",
+        ]  # fmt: skip
+        if a.duration is not None and a.workload:
+            argv += ["--duration", str(a.duration)]
+        t_replay = time.monotonic()
+        with (pdir / "loadgen.log").open("wb") as lg_log:
+            loadgen = subprocess.Popen(argv, stdout=lg_log, stderr=subprocess.STDOUT, cwd=ROOT)
+            tick = time.monotonic()
+            while loadgen.poll() is None:
+                if time.monotonic() >= tick:
+                    tick += 1.0
+                    row = sampler.sample()
+                    if row is not None:
+                        bar.n = min(n_requests, int(row["finished"]))
+                        bar.set_postfix(
+                            queue=row["queue_depth"],
+                            inflight=int(row["in_flight"]),
+                            preempt=int(row["preemptions"]),
+                            load=row["loadavg_1m"],
+                            refresh=True,
+                        )
+                time.sleep(0.05)
+        info["replay_wall_s"] = round(time.monotonic() - t_replay, 2)
+        info["loadgen_rc"] = loadgen.returncode
+        sampler.sample()
+        info["engines"] = scrape_engines(urls)
+        info["resources"] = gw.resources()
+        info["gateway_rejections"] = {
+            k.split(".", 1)[1]: v
+            for k, v in sampler.last_metrics.items()
+            if k.startswith("rejections.")
+        }
+        info["final_scheduler"] = sampler.last_scheduler
+    finally:
+        bar.close()
+        if loadgen is not None and loadgen.poll() is None:
+            loadgen.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                loadgen.wait(15)
+            if loadgen.poll() is None:
+                loadgen.kill()
+        if sampler is not None:
+            sampler.close()
+        t_stop = time.monotonic()
+        gw.stop()
+        info["stop_s"] = round(time.monotonic() - t_stop, 2)
+        info["killed_orphans"] = gw.killed_orphans
+        with contextlib.suppress(OSError):
+            cfg_path.unlink()
+    if info.get("loadgen_rc") != 0:
+        raise RuntimeError(f"{policy}: the load generator failed; see {pdir / 'loadgen.log'}")
+    summary = json.loads((pdir / "requests.summary.json").read_text(encoding="utf-8"))
+    assert sampler is not None
+    _write_timeline(
+        pdir / "timeline.csv",
+        sampler.rows,
+        timeline_columns(sorted(tenants.classes)),
+        float(summary["t0_unix"]),
+        x,
+    )
+    params = cfg["scheduler"]["policy"].get("parameters") or {}
+    info.update(
+        drift_unlimited_as=(params.get("drift") or {}).get("unlimited_as", UNLIMITED_AS),
+        slos=slo_table(cfg, x),
+        weights=tenants.weights,
+        cpu_count=os.cpu_count(),
+        wall_s=round(time.monotonic() - t_start, 2),
+        overrides=[o.render() for o in overrides if o.policy in (None, policy)],
+    )
+    (pdir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n", "utf-8")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    if not policies:
+        raise SystemExit("run_experiment: --policies is empty")
+    try:
+        overrides = [Override.parse(s) for s in a.overrides]
+    except ValueError as e:
+        raise SystemExit(f"run_experiment: {e}") from None
+    if a.time_scale <= 0:
+        raise SystemExit("run_experiment: --time-scale must be > 0")
+    t_begin = time.monotonic()
+    started = datetime.now(UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    tmp_out = Path(a.out) / ".building" / stamp
+    tmp_out.mkdir(parents=True, exist_ok=True)
+    name, workload, w = prepare_workload(a, tmp_out)
+    out = Path(a.out) / name / stamp
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out.rename(out)
+    with contextlib.suppress(OSError):
+        (Path(a.out) / ".building").rmdir()
+    workload = out / "workload.jsonl"
+    tenants = Tenants.from_header(w.header, {r.tenant: r.qos_class for r in w.requests})
+    pool = PoolOptions(
+        instances=a.instances,
+        profile=a.profile,
+        time_scale=a.time_scale,
+        tokens_per_event=a.tokens_per_event,
+        max_num_seqs=a.max_num_seqs,
+        seed=a.seed,
+    )
+    experiment: dict[str, Any] = {
+        "scenario": name,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "workload": {k: w.header.get(k) for k in ("name", "source", "seed", "duration_s",
+                                                   "n_requests", "tenants", "drift", "assumes")},
+        "options": {k: v for k, v in vars(a).items() if k != "overrides"},
+        "overrides": [o.render() for o in overrides],
+        "pool": {f: getattr(pool, f) for f in pool.__slots__},
+        "policies": policies,
+        "versions": versions(),
+        "runs": {},
+    }  # fmt: skip
+    print(f"run_experiment: {name}, {len(w.requests)} requests, policies {policies} -> {out}",
+          file=sys.stderr)  # fmt: skip
+    secret_dir = Path(tempfile.mkdtemp(prefix="driftsched-exp-"))
+    try:
+        keys_file = secret_dir / "keys.json"
+        keys_file.write_text(json.dumps(tenants.keys), encoding="utf-8")
+        outer = tqdm(policies, desc="policies", position=0, disable=a.no_progress, leave=True)
+        for policy in outer:
+            outer.set_postfix(policy=policy)
+            info = run_policy(
+                policy, a=a, out=out, workload=workload, w=w, tenants=tenants,
+                keys_file=keys_file, secret_dir=secret_dir, pool=pool, overrides=overrides,
+                position=1,
+            )  # fmt: skip
+            experiment["runs"][policy] = {
+                k: info.get(k) for k in ("wall_s", "ready_s", "replay_wall_s", "stop_s",
+                                         "killed_orphans")
+            }  # fmt: skip
+            tqdm.write(f"{policy}: done in {info['wall_s']:.0f} s", file=sys.stderr)
+        outer.close()
+    except KeyboardInterrupt:
+        print(f"run_experiment: interrupted; partial results in {out}", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(secret_dir, ignore_errors=True)
+        experiment["wall_s"] = round(time.monotonic() - t_begin, 1)
+        (out / "experiment.json").write_text(json.dumps(experiment, indent=2) + "\n", "utf-8")
+    from experiments.report import write_report
+
+    t_report = time.monotonic()
+    verdicts = write_report(out)
+    experiment["report_s"] = round(time.monotonic() - t_report, 1)
+    experiment["wall_s"] = round(time.monotonic() - t_begin, 1)
+    (out / "experiment.json").write_text(json.dumps(experiment, indent=2) + "\n", "utf-8")
+    for line in verdicts:
+        print(line)
+    print(f"report: {out / 'report.md'} (total {experiment['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""``run_experiment.sh`` end to end on the miniature scenario, and the metrics' arithmetic.
+
+The end-to-end test drives the real processes (gateway, two simulator engines through the
+pool manager, the load generator) on ``experiments/scenarios/mini.yaml`` (15 s of arrivals)
+at time scale 4 for two policies, then checks that the report, the CSVs and the plots exist
+and that the numbers are sane. It asserts nothing about performance.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from experiments.metrics import jain, maxmin_fair, recovery, rolling_attainment
+from experiments.rundata import Req
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_mini_experiment_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [str(ROOT / "run_experiment.sh"), "mini", "--policies", "fcfs,driftsched",
+         "--time-scale", "4", "--drain-timeout", "40", "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=380,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (out / "mini").iterdir()
+    n_workload = sum(1 for _ in (run / "workload.jsonl").open()) - 1
+    assert n_workload > 50
+
+    report = (run / "report.md").read_text()
+    for needle in ("## Targets", "| fcfs | premium |", "| driftsched | premium |",
+                   "## Definitions", "## Versions", "git commit", "plots/timeline.png"):  # fmt: skip
+        assert needle in report, needle
+    assert "api_keys:\n  - <redacted>" in (run / "fcfs" / "gateway.yaml").read_text()
+    assert "dsk-" not in report
+    for name in ("attainment", "ttft_cdf", "tpot_cdf", "timeline"):
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG and png.stat().st_size > 5000, name
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"fcfs", "driftsched"}
+    for policy, m in metrics.items():
+        rows = list(csv.DictReader((run / policy / "requests.csv").open()))
+        assert len(rows) == n_workload == m["all"]["n"]
+        assert m["all"]["ok"] >= 0.9 * n_workload, m["all"]["errors"]
+        assert 0.0 <= m["all"]["attainment"] <= 1.0
+        assert m["all"]["throughput_tok_s"] > 0 and m["all"]["goodput_req_s"] > 0
+        assert m["classes"]["premium"]["ttft_p50"] > 0
+        assert m["estimator"]["all"]["n"] > 0.9 * n_workload
+        assert len(m["drift"]) == 1 and m["drift"][0]["tenant"] == "globex"
+        timeline = list(csv.DictReader((run / policy / "timeline.csv").open()))
+        assert len(timeline) >= 3 and "limit.globex" in timeline[0]
+        info = json.loads((run / policy / "run.json").read_text())
+        assert info["killed_orphans"] == 0 and info["loadgen_rc"] == 0
+    assert metrics["fcfs"]["drift"][0]["actions"] == 0  # fcfs has no drift controller
+    experiment = json.loads((run / "experiment.json").read_text())
+    assert experiment["versions"]["python"] and experiment["pool"]["time_scale"] == 4.0
+
+
+def test_maxmin_fair_share_and_jain() -> None:
+    # 90 units over demands 10 / 100 / 100 with weights 1 / 1 / 2: the small one is
+    # satisfied, the other two split the remaining 80 as 1:2
+    fair = maxmin_fair({"a": 10, "b": 100, "c": 100}, {"a": 1, "b": 1, "c": 2}, 90)
+    assert fair == pytest.approx({"a": 10, "b": 80 / 3, "c": 160 / 3})
+    # enough for everyone: the fair share is the demand
+    assert maxmin_fair({"a": 5, "b": 7}, {"a": 1, "b": 1}, 100) == {"a": 5, "b": 7}
+    assert jain([1.0, 1.0, 1.0]) == pytest.approx(1.0)
+    assert jain([1.0, 0.0]) == pytest.approx(0.5)
+
+
+def _req(t: float, ttft: float) -> Req:
+    return Req(f"r{t}", "acme", "premium", t, t, t + ttft, t + ttft + 1.0, 200, "", 10, 11,
+               10, 11)  # fmt: skip
+
+
+def test_rolling_attainment_and_recovery() -> None:
+    slos = {"acme": {"ttft_slo_s": 1.0, "tpot_slo_s": 0.2}}
+    # one request per second; those arriving in [20, 30) miss their TTFT SLO
+    reqs = [_req(float(t), 5.0 if 20 <= t < 30 else 0.1) for t in range(60)]
+    times, values = rolling_attainment(reqs, slos, 60.0)
+    assert values[times.index(15.0)] == 1.0 and values[times.index(29.0)] == 0.0
+    rec = recovery(times, values, onset=20.0, end=60.0)
+    # the window (t - 10, t] is clean again from t = 39
+    assert rec["min"] == 0.0 and rec["first_s"] == rec["sustained_s"] == 19.0
