@@ -3,7 +3,7 @@
 ``sim``::
 
     <this python> -m adapters.sim --host H --port P --model M [--served-model-name N]
-        --profile P --time-scale X --seed S --scheduling-policy fcfs|priority
+        --profile P [--profile-file F] --time-scale X --seed S --scheduling-policy fcfs|priority
         --tokens-per-event K [--kv-capacity-tokens T] [--max-num-seqs Q]
         [--max-num-batched-tokens B] [--workload FILE] [pool.args...]
 
@@ -89,6 +89,7 @@ def engine_spec(cfg: PoolConfig, index: int, port: int) -> EngineSpec:
             argv += ["--served-model-name", cfg.served_model_name]
         argv += [
             "--profile", sim.profile,
+            *_opt("--profile-file", sim.profile_file),
             "--time-scale", str(sim.time_scale),
             "--seed", str(sim.seed),
             "--scheduling-policy", sim.scheduling_policy,

@@ -57,6 +57,7 @@ def backend_from_upstream(u: UpstreamConfig, kind: str = "static") -> Backend:
         read_timeout_s=u.read_timeout_s,
         max_connections=u.max_connections,
         health_path=u.health_path,
+        supports_priority=u.supports_priority and u.provider == "openai",
         litellm_model=u.litellm_model,
         litellm_params=dict(u.litellm_params),
     )

@@ -127,6 +127,9 @@ class UpstreamConfig(_Strict):
     kv_capacity_tokens: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
     health_path: str = "/health"
+    #: the engine runs vLLM with ``--scheduling-policy priority``: the gateway adds the
+    #: ``priority`` field (the tenant's class level) to requests that do not carry one
+    supports_priority: bool = False
     #: provider litellm: the model LiteLLM calls, e.g. ``anthropic/claude-haiku-4-5``
     litellm_model: str | None = Field(None, min_length=1)
     #: provider litellm: extra arguments of every LiteLLM call (``api_key``, ``api_base``,
@@ -165,6 +168,8 @@ class SimEngineConfig(_Strict):
     """Arguments for ``engine: sim`` (see docs/engines.md)."""
 
     profile: str = "llama3-8b-a100"
+    #: JSON file with more profiles (``--profile-file``), e.g. from bench/sim_fidelity.py
+    profile_file: str | None = None
     workload: str | None = None
     time_scale: float = Field(1.0, gt=0)
     kv_capacity_tokens: int | None = Field(None, ge=16)

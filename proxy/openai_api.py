@@ -39,7 +39,6 @@ from proxy.errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
-    RateLimited,
     UpstreamError,
     UpstreamUnavailable,
 )
@@ -233,9 +232,7 @@ class OpenAIHandler:
             ctx.stage = "upstream"
             await self._forward(ctx, send, ctx.admitted.grant.footprint)
         except GatewayError as e:
-            if isinstance(e, RateLimited):
-                gw.metrics.rejections.labels(tenant.name, e.code or "rate_limit").inc()
-            elif ctx.lease is None:
+            if ctx.admitted is None:  # refused before reaching an engine (429, queue timeout)
                 gw.metrics.rejections.labels(tenant.name, e.code or "error").inc()
             if ctx.response_started:
                 await self._stream_error(send, ctx, e)

@@ -303,6 +303,8 @@ class Scheduler:
                 await self.queue.dispatch(now, self._lease_ttl)
                 self.depth_snapshot = await self.queue.depth()
                 self.loads_snapshot = await self.queue.loads(now)
+            except StoreDown as e:
+                log.warning("capacity publication failed: %s", e)
             except Exception:
                 log.exception("capacity publication failed")
 
@@ -313,6 +315,9 @@ class Scheduler:
                 await self.queue.dispatch(self.clock.time(), self._lease_ttl)
             except asyncio.CancelledError:
                 raise
+            except StoreDown as e:
+                log.warning("dispatch failed: %s", e)
+                await asyncio.sleep(0.5)
             except Exception:
                 log.exception("dispatch failed")
                 await asyncio.sleep(0.5)

@@ -46,9 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile",
-        choices=sorted(PROFILES),
         default=DEFAULT_PROFILE,
-        help="step-time profile (model/GPU pair); default %(default)s",
+        help=f"step-time profile (model/GPU pair): {', '.join(sorted(PROFILES))} or one from "
+        "--profile-file; default %(default)s",
+    )
+    p.add_argument(
+        "--profile-file",
+        default=None,
+        metavar="FILE.json",
+        help="JSON with more profiles (one object with the Profile fields, or a list)",
     )
     p.add_argument(
         "--workload",
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             served_model_names=tuple(args.served_model_name or ()),
             profile=args.profile,
+            profile_file=args.profile_file,
             workload=args.workload,
             time_scale=args.time_scale,
             kv_capacity_tokens=args.kv_capacity_tokens,

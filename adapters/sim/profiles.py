@@ -16,11 +16,19 @@ overhead per step, a constant 3 ms (measured vLLM v1 overhead is 2-4 ms).
 The default KV capacity is what vLLM would allocate on an 80 GB card at
 ``--gpu-memory-utilization 0.9``: ``(0.9 * 80 GiB - weight bytes) / kv_bytes_per_token``,
 rounded down to whole 16-token blocks (activation memory is not subtracted).
+
+More profiles (e.g. one calibrated by ``bench/sim_fidelity.py`` for the machine at hand) come
+from a JSON file (``--profile-file``): one object with :class:`Profile`'s fields, or a list
+of them; ``cpu_ms_per_step`` may be left out, any other missing or unknown key is an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import Any
 
 BLOCK_SIZE = 16
 CPU_MS_PER_STEP = 3.0
@@ -110,3 +118,36 @@ PROFILES: dict[str, Profile] = {
     )
 }
 DEFAULT_PROFILE = "llama3-8b-a100"
+
+
+def profile_from_dict(data: dict[str, Any]) -> Profile:
+    """A :class:`Profile` from plain JSON data; raises ValueError naming a bad key."""
+    known = {f.name: f for f in fields(Profile)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"profile: unknown key(s) {unknown}")
+    missing = sorted(n for n, f in known.items() if f.default is MISSING and n not in data)
+    if missing:
+        raise ValueError(f"profile {data.get('name')!r}: missing key(s) {missing}")
+    p = Profile(**data)
+    if min(p.a_ms, p.b_ms, p.c_ms, p.cpu_ms_per_step) < 0 or p.bandwidth_bytes_per_s <= 0:
+        raise ValueError(f"profile {p.name!r}: times must be >= 0 and bandwidth > 0")
+    return p
+
+
+@functools.lru_cache(maxsize=8)
+def available_profiles(profile_file: str | None = None) -> dict[str, Profile]:
+    """The built-in profiles plus those in ``profile_file`` (which win on a name clash)."""
+    out = dict(PROFILES)
+    if profile_file is None:
+        return out
+    try:
+        data = json.loads(Path(profile_file).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--profile-file {profile_file}: {e}") from e
+    for item in data if isinstance(data, list) else [data]:
+        if not isinstance(item, dict):
+            raise ValueError(f"--profile-file {profile_file}: expected objects, got {item!r}")
+        p = profile_from_dict(item)
+        out[p.name] = p
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adapters.sim.engine import Policy
-from adapters.sim.profiles import DEFAULT_PROFILE, PROFILES, Profile
+from adapters.sim.profiles import DEFAULT_PROFILE, Profile, available_profiles
 
 DEFAULT_MAX_MODEL_LEN = 8192
 
@@ -17,6 +17,8 @@ class SimSettings:
     model: str
     served_model_names: tuple[str, ...] = ()
     profile: str = DEFAULT_PROFILE
+    #: JSON file with more profiles (see :func:`adapters.sim.profiles.available_profiles`)
+    profile_file: str | None = None
     workload: str | None = None
     time_scale: float = 1.0
     kv_capacity_tokens: int | None = None
@@ -28,8 +30,9 @@ class SimSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise ValueError(f"unknown profile {self.profile!r}; choose from {sorted(PROFILES)}")
+        profiles = available_profiles(self.profile_file)
+        if self.profile not in profiles:
+            raise ValueError(f"unknown profile {self.profile!r}; choose from {sorted(profiles)}")
         if self.time_scale <= 0:
             raise ValueError("--time-scale must be > 0")
         if self.tokens_per_event < 1:
@@ -55,7 +58,7 @@ class SimSettings:
 
     @property
     def profile_obj(self) -> Profile:
-        return PROFILES[self.profile]
+        return available_profiles(self.profile_file)[self.profile]
 
     @property
     def names(self) -> tuple[str, ...]:
