@@ -423,14 +423,13 @@ class OpenAIHandler:
                 known = bool(usage) and ctx.status == 200 and ctx.req.endpoint != "embeddings"
                 await gw.scheduler.complete(ctx.admitted, c_tok if known else None)
                 tm.in_flight.dec()
+            delta = 0
             if ctx.lease is not None:
-                await gw.shaper.release(tenant.name, ctx.lease)
                 actual = p_tok + c_tok if ctx.upstream_reached else 0
                 delta = actual - ctx.charged
-                if delta:
-                    await gw.store.reconcile(tenant.name, delta, Limits.of(tenant), gw.clock.time())
-            await gw.store.record_usage(
-                tenant.name, gw.clock.time(), requests=1,
+            # release + reconcile + usage: one store round trip
+            await gw.shaper.finish(
+                tenant.name, ctx.lease, delta, Limits.of(tenant), requests=1,
                 errors=0 if ctx.status == 200 else 1, tokens_in=p_tok, tokens_out=c_tok,
             )
             if p_tok:

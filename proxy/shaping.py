@@ -129,6 +129,22 @@ class Shaper:
                 )
             await self._store.wait_release(tenant.name, min(remaining, _RECHECK_S))
 
+    async def finish(
+        self, tenant: str, lease_id: str | None, delta_tokens: int, limits: Limits, *,
+        requests: int, errors: int, tokens_in: int, tokens_out: int,
+    ) -> None:
+        """Free the lease (if this replica holds it), correct the token charge by
+        ``delta_tokens`` and count usage, in one store call. Store failures are logged: the
+        lease then expires on its own and the usage of this request is lost."""
+        held = lease_id is not None and self.held.pop(lease_id, None) is not None
+        try:
+            await self._store.finish(
+                tenant, lease_id if held else None, delta_tokens, limits, self._clock.time(),
+                requests=requests, errors=errors, tokens_in=tokens_in, tokens_out=tokens_out,
+            )
+        except StoreDown as e:
+            log.warning("request accounting failed; its lease expires in %.0fs: %s", self._ttl, e)
+
     async def release(self, tenant: str, lease_id: str) -> None:
         """Free the lease. Store failures are logged: the lease then expires on its own."""
         if self.held.pop(lease_id, None) is not None:

@@ -387,3 +387,18 @@ async def test_usage_counters(store: Store) -> None:
         requests=2, errors=1, tokens_in=15, tokens_out=20, tokens_today=30, in_flight=1
     )
     assert await store.get_usage("zeta", T0) == Usage()
+
+
+async def test_finish_releases_reconciles_and_counts_in_one_call(store: Store) -> None:
+    now = 1_700_000_000.0
+    limits = Limits(tpm=1000, max_concurrency=1, daily_token_quota=10_000)
+    assert (await store.try_acquire("fin", "l1", 300, limits, now, 30)).ok
+    assert not (await store.try_acquire("fin", "l2", 10, limits, now, 30)).ok  # slot taken
+    await store.finish("fin", "l1", -200, limits, now, requests=1, tokens_in=40, tokens_out=60)
+    u = await store.get_usage("fin", now)
+    assert (u.requests, u.tokens_in, u.tokens_out, u.in_flight) == (1, 40, 60, 0)
+    assert u.tokens_today == 100  # 300 charged, 200 refunded
+    d = await store.try_acquire("fin", "l2", 10, limits, now, 30)
+    assert d.ok and d.state.remaining_tokens == 1000 - 100 - 10
+    await store.finish("fin", None, 0, limits, now, errors=1)
+    assert (await store.get_usage("fin", now)).errors == 1

@@ -233,6 +233,14 @@ class Store(Protocol):
         negative deltas refund, never above the bucket's capacity.
         """
 
+    async def finish(
+        self, tenant: str, lease_id: str | None, delta_tokens: int, limits: Limits, now: float,
+        *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
+    ) -> None:
+        """End of a request in one step: :meth:`release` (when ``lease_id``), then
+        :meth:`reconcile` and :meth:`record_usage`. Redis sends the three in one round trip;
+        each part is atomic on its own, as when called separately."""
+
     async def wait_release(self, tenant: str, timeout_s: float) -> None:
         """Return when a lease of ``tenant`` may have been released, or after ``timeout_s``.
 

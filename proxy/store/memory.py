@@ -202,6 +202,16 @@ class MemoryStore:
                 renewed += 1
         return renewed
 
+    async def finish(
+        self, tenant: str, lease_id: str | None, delta_tokens: int, limits: Limits, now: float,
+        *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
+    ) -> None:
+        if lease_id is not None:
+            await self.release(tenant, lease_id)
+        await self.reconcile(tenant, delta_tokens, limits, now)
+        await self.record_usage(tenant, now, requests=requests, errors=errors,
+                                tokens_in=tokens_in, tokens_out=tokens_out)
+
     async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:
         if delta_tokens == 0:
             return

@@ -399,6 +399,27 @@ class RedisStore:
         return sum(int(n) for n in await pipe.execute())
 
     @_unavailable_on_io_error
+    async def finish(
+        self, tenant: str, lease_id: str | None, delta_tokens: int, limits: Limits, now: float,
+        *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
+    ) -> None:
+        pipe = self._r.pipeline(transaction=False)
+        if lease_id is not None:
+            await self._script("release")(keys=[self._k.of(tenant, "leases")],
+                                          args=[lease_id, self._k.released, tenant], client=pipe)
+        if delta_tokens:
+            keys = [self._k.of(tenant, "tpm"), self._k.of(tenant, f"day:{utc_day(now)}")]
+            args = [_num(now), str(int(delta_tokens)), _num(limits.tpm), str(_DAY_TTL_S)]
+            await self._script("reconcile")(keys=keys, args=args, client=pipe)
+        values = dict(zip(_USAGE_FIELDS, (requests, errors, tokens_in, tokens_out), strict=True))
+        key = self._k.of(tenant, "usage")
+        for f, v in values.items():
+            if v:
+                pipe.hincrby(key, f, v)
+        if len(pipe):
+            await pipe.execute()
+
+    @_unavailable_on_io_error
     async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:
         if delta_tokens == 0:
             return
