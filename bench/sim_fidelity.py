@@ -13,9 +13,10 @@
      minus the HTTP/server overhead of the simulator itself (measured on a zero-cost
      profile), so that the simulator does not count it twice.
 
-   ``a`` and ``b`` are the least-squares line through the decode points; ``c`` the slope
-   through the origin of the prefill points above that line (0 when none is). The CPU cost
-   of a step is part of ``a`` here (model and scheduler share the same cores), so
+   ``a``, ``b``, the attention cost per context token and ``request_overhead_ms`` (latency
+   outside the engine: vLLM's API server) are fitted jointly by non-negative least squares
+   on relative errors, then ``c`` by a 1-D search (see :func:`fit`). The CPU cost of a
+   step is part of ``a`` here (model and scheduler share the same cores), so
    ``cpu_ms_per_step`` is 0. The profile is written as JSON for ``--profile-file``.
 2. **Compare** the same request mix (token-id prompts of 32/128/384 tokens, 32/96/192 output
    tokens, all distinct so prefix caching cannot help) on vLLM and on the calibrated
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -53,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD_MODEL = REPO / "tests" / "vllm_cpu" / "build_tiny_model.py"
@@ -214,11 +217,13 @@ def preemptions(url: str) -> float:
 
 
 # -- calibration ----------------------------------------------------------------------------------
-DECODE_L1, DECODE_L2 = 32, 160
+DECODE_L1, DECODE_L2 = 32, 256
 PREFILL_LENS = (64, 256, 512, 900)
+CTX_SHORT = 16 + (DECODE_L1 + DECODE_L2) // 4  # mean context of a short-prompt decode point
+REPEATS = 3
 
 
-def decode_step_s(url: str, batch: int, prompt_len: int = 16, reps: int = 2) -> float:
+def decode_step_s(url: str, batch: int, prompt_len: int = 16, reps: int = 3) -> float:
     lats: dict[int, list[float]] = {DECODE_L1: [], DECODE_L2: []}
     for _ in range(reps):
         for n in (DECODE_L1, DECODE_L2):
@@ -228,8 +233,9 @@ def decode_step_s(url: str, batch: int, prompt_len: int = 16, reps: int = 2) -> 
         DECODE_L2 - DECODE_L1)
 
 
-def prefill_s(url: str, n: int, reps: int = 3) -> float:
-    return statistics.median(run(url, [Req(prompt(n), 1)], 1)[0][0].latency_s for _ in range(reps))
+def prefill_s(url: str, n: int, reps: int = 5) -> float:
+    """Median client-side TTFT of one request with ``n`` prompt tokens on an idle engine."""
+    return statistics.median(run(url, [Req(prompt(n), 1)], 1)[0][0].ttft_s for _ in range(reps))
 
 
 def measure(url: str) -> dict[str, Any]:
@@ -240,34 +246,61 @@ def measure(url: str) -> dict[str, Any]:
     return {"decode_step_s": decode, "decode_step_s_ctx700": long_ctx, "prefill_latency_s": prefill}
 
 
+def _nnls(rows: list[list[float]], ys: list[float]) -> list[float]:
+    """Least squares with every coefficient >= 0, by trying each subset of them (4 here)."""
+    n = len(rows[0])
+    best: tuple[float, list[float]] = (math.inf, [0.0] * n)
+    for mask in range(1, 1 << n):
+        cols = [k for k in range(n) if mask >> k & 1]
+        x, *_ = np.linalg.lstsq(np.array([[r[k] for k in cols] for r in rows]), np.array(ys),
+                                rcond=None)
+        if min(x) < 0:
+            continue
+        coef = [0.0] * n
+        for k, v in zip(cols, x, strict=True):
+            coef[k] = float(v)
+        err = sum((sum(c * v for c, v in zip(coef, r, strict=True)) - y) ** 2
+                  for r, y in zip(rows, ys, strict=True))
+        if err < best[0]:
+            best = (err, coef)
+    return best[1]
+
+
 def fit(m: dict[str, Any], sim_overhead_s: float, host: str) -> dict[str, Any]:
-    dec: dict[int, float] = m["decode_step_s"]
-    # decode attention: extra time per step for ~(700 - 16) more context tokens
-    extra_s = m["decode_step_s_ctx700"] - dec[1]
-    bw = KV_BYTES * 684 / extra_s if extra_s > 1e-5 else NO_ATTENTION_BW
-    xs = list(dec)
-    # the short-prompt decode points hold ~16 + 96 context tokens per request on average
-    ys = [dec[b] * 1000 - b * 112 * KV_BYTES / bw * 1000 for b in xs]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-    b = max(b, 0.0)
-    a = max(my - b * mx, 0.0)
-    pre = {p: max(t - sim_overhead_s, 0.0) * 1000 for p, t in m["prefill_latency_s"].items()}
-    above = {p: t for p, t in pre.items() if t > a + b * p}
-    c = (sum(p * t for p, t in above.items()) / sum(p * p for p in above)) if above else 0.0
+    """Fit ``a``, ``b``, the attention cost per context token ``k`` (-> bandwidth) and the
+    request overhead ``o`` jointly (relative errors, all >= 0), then ``c`` by a 1-D search.
+
+    decode step, B requests of mean context X:  a + b*B + k*B*X
+    TTFT - simulator's own overhead, P tokens:  o + max(a + b*P, c*P)
+    """
+    pts: list[tuple[str, list[float], float]] = []  # (label, [a, b, k, o] features, ms)
+    for batch, t in m["decode_step_s"].items():
+        pts.append((f"decode N={batch}", [1, batch, batch * CTX_SHORT, 0], t * 1000))
+    ctx_long = CTX_SHORT + 684
+    pts.append((f"decode N=1 ctx~{ctx_long}", [1, 1, ctx_long, 0], m["decode_step_s_ctx700"] * 1000))
+    for p, t in m["prefill_latency_s"].items():
+        pts.append((f"TTFT P={p}", [1, p, 0, 1], max(t - sim_overhead_s, 1e-4) * 1000))
+    a, b, k, o = _nnls([[f / y for f in x] for _, x, y in pts], [1.0] * len(pts))
+    prefill = [(x[1], y) for label, x, y in pts if label.startswith("TTFT")]
+
+    def err(c: float) -> float:
+        return sum(((o + max(a + b * n, c * n)) / y - 1) ** 2 for n, y in prefill)
+
+    c = min((i * 0.0005 for i in range(2001)), key=err)  # 0 .. 1 ms/token
+    bw = KV_BYTES / (k / 1000) if k > 0 else NO_ATTENTION_BW
     profile = {
         "name": f"tiny-llama-cpu-{host}", "a_ms": round(a, 4), "b_ms": round(b, 5),
         "c_ms": round(c, 5), "kv_bytes_per_token": KV_BYTES, "max_num_batched_tokens": BATCHED,
         "max_num_seqs": MAX_SEQS, "bandwidth_bytes_per_s": float(f"{bw:.4g}"),
         "gpu_memory_bytes": 1 << 30, "weight_bytes": 1_200_000, "cpu_ms_per_step": 0.0,
+        "request_overhead_ms": round(o, 3),
     }  # fmt: skip
 
-    def model_ms(n: int, ctx: int) -> float:
-        return max(a + b * n, c * n) + ctx * KV_BYTES / bw * 1000
+    def model_ms(x: list[float]) -> float:
+        _, n, ctx, over = x
+        return over * o + (max(a + b * n, c * n) if over else a + b * n) + k * ctx
 
-    residuals = {f"decode N={k}": (model_ms(k, k * 112), v * 1000) for k, v in dec.items()}
-    residuals["decode N=1 ctx~800"] = (model_ms(1, 796), m["decode_step_s_ctx700"] * 1000)
-    residuals.update({f"prefill N={p}": (model_ms(p, 0), t) for p, t in pre.items()})
+    residuals = {label: (model_ms(x), y) for label, x, y in pts}
     return {"profile": profile, "fit_ms": residuals, "sim_overhead_s": sim_overhead_s}
 
 
@@ -295,12 +328,19 @@ def compare(url: str, cases: list[tuple[str, int, int]]) -> list[dict[str, Any]]
     run(url, [Req(prompt(32), 16) for _ in range(4)], 4)  # warm-up
     rows = []
     for i, (case, streams, n) in enumerate(cases):
-        before = preemptions(url)
-        res, wall = run(url, workload(n, seed=100 + i), streams)
-        time.sleep(1.5)  # let the counter settle
-        rows.append({"case": case, "streams": streams,
-                     **summarize(res, wall, preemptions(url) - before)})
-        say(f"  {case} x{streams}: {rows[-1]}")
+        reps = []
+        for rep in range(REPEATS):
+            before = preemptions(url)
+            res, wall = run(url, workload(n, seed=100 + 10 * i + rep), streams)
+            time.sleep(1.5)  # let the counter settle
+            reps.append(summarize(res, wall, preemptions(url) - before))
+        row: dict[str, Any] = {"case": case, "streams": streams}
+        for k in ("throughput_tok_s", "ttft_p50_ms", "preemptions"):
+            row[k] = statistics.median(r[k] for r in reps)
+            row[k + "_range"] = (min(r[k] for r in reps), max(r[k] for r in reps))
+        row["runs"] = reps
+        rows.append(row)
+        say(f"  {case} x{streams}: {[(r['throughput_tok_s'], r['ttft_p50_ms']) for r in reps]}")
     return rows
 
 
@@ -309,17 +349,26 @@ def ratio(s: float, v: float) -> str:
 
 
 def table(vllm: list[dict[str, Any]], sim: list[dict[str, Any]]) -> str:
+    """Medians of the repeats, with (min-max) after them; ratios are sim / vLLM."""
     lines = [
         "| case | streams | vLLM tok/s | sim tok/s | ratio | vLLM TTFT p50 (ms) | sim TTFT p50 (ms) "
         "| ratio | vLLM preemptions | sim preemptions |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(row: dict[str, Any], k: str, digits: int) -> str:
+        lo, hi = row[k + "_range"]
+        return f"{row[k]:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
     for v, s in zip(vllm, sim, strict=True):
+        tput = ratio(s["throughput_tok_s"], v["throughput_tok_s"])
+        ttft = ratio(s["ttft_p50_ms"], v["ttft_p50_ms"])
         lines.append(
-            f"| {v['case']} | {v['streams']} | {v['throughput_tok_s']} | {s['throughput_tok_s']} "
-            f"| {ratio(s['throughput_tok_s'], v['throughput_tok_s'])} | {v['ttft_p50_ms']} "
-            f"| {s['ttft_p50_ms']} | {ratio(s['ttft_p50_ms'], v['ttft_p50_ms'])} "
-            f"| {v['preemptions']:.0f} | {s['preemptions']:.0f} |")
+            f"| {v['case']} | {v['streams']} | {cell(v, 'throughput_tok_s', 0)} "
+            f"| {cell(s, 'throughput_tok_s', 0)} | {tput} | {cell(v, 'ttft_p50_ms', 1)} "
+            f"| {cell(s, 'ttft_p50_ms', 1)} | {ttft} | {cell(v, 'preemptions', 0)} "
+            f"| {cell(s, 'preemptions', 0)} |"
+        )
     return "\n".join(lines)
 
 
@@ -392,8 +441,9 @@ def main() -> int:
 
 Profile `{name}` (`bench/profiles/{name}.json`): a = {calib['profile']['a_ms']} ms,
 b = {calib['profile']['b_ms']} ms/token, c = {calib['profile']['c_ms']} ms/token,
-bandwidth {calib['profile']['bandwidth_bytes_per_s']:.3g} B/s, CPU per step 0 (inside a);
-simulator HTTP overhead subtracted from the prefill points: {overhead * 1000:.1f} ms.
+bandwidth {calib['profile']['bandwidth_bytes_per_s']:.3g} B/s, CPU per step 0 (inside a),
+request overhead {calib['profile']['request_overhead_ms']} ms; the simulator's own HTTP overhead
+({overhead * 1000:.1f} ms, on a zero-cost profile) is subtracted from the TTFT points.
 
 | calibration point | model (ms) | measured (ms) | ratio |
 |---|---|---|---|
@@ -422,7 +472,8 @@ HEADER = """# Simulator fidelity: calibrated simulator vs real vLLM (CPU)
 Produced by `bench/sim_fidelity.py` (see its docstring for the method). Each run appends a
 section: the calibrated profile, how well it fits the calibration points, and the same
 request mix on real vLLM 0.32 (CPU, tiny Llama) and on the simulator with that profile.
-Ratios are sim / vLLM; the target is 0.8-1.2 on throughput and median TTFT.
+Cells are medians over 3 runs of each case (min-max in brackets); ratios are sim / vLLM
+of the medians. The target is 0.8-1.2 on throughput and median TTFT.
 """
 
 

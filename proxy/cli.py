@@ -4,6 +4,7 @@
     driftsched demo         gateway + simulator engines + demo tenants, on the embedded default
     driftsched sim-engine   run one simulator engine (what ``engine: sim`` launches)
     driftsched check-config validate a configuration file and print the result
+    driftsched estimator-eval  output-token estimator accuracy (MAE, Kendall's tau) vs baselines
     driftsched tenants ...  manage tenants through the admin API
     driftsched keys ...     manage API keys through the admin API
     driftsched usage        per-tenant usage
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sim-engine", help="run one vLLM-behaviour simulator engine",
                        add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("estimator-eval", add_help=False,
+                       help="prequential accuracy of the output-token estimator vs baselines")
     p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("check-config", help="validate a configuration and print it")
@@ -247,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         from adapters.sim.__main__ import main as sim_main
 
         return sim_main(argv[1:])
+    if argv and argv[0] == "estimator-eval":
+        from policies.estimator_eval import main as eval_main
+
+        return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

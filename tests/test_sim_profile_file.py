@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from adapters.engines import engine_spec
 from adapters.sim.__main__ import build_parser
+from adapters.sim.driver import Driver
+from adapters.sim.engine import Engine, SimRequest
 from adapters.sim.profiles import PROFILES, available_profiles, profile_from_dict
 from adapters.sim.settings import SimSettings
 from proxy.config import PoolConfig, SimEngineConfig
@@ -62,3 +67,25 @@ def test_pool_passes_the_profile_file() -> None:
     argv = engine_spec(cfg, 0, 9000).argv
     assert argv[argv.index("--profile-file") + 1] == "/x/p.json"
     assert "--profile-file" not in engine_spec(PoolConfig(engine="sim"), 0, 9000).argv
+
+
+async def test_request_overhead_delays_queueing_not_the_engine() -> None:
+    profile = profile_from_dict({**CPU, "request_overhead_ms": 80.0})
+    driver = Driver(lambda clock: Engine(profile, clock=clock, kv_capacity_tokens=4096))
+    loop = asyncio.create_task(driver.run())
+    try:
+        t0 = time.perf_counter()
+        stream = driver.submit(SimRequest("a", 10, 3), every=1)
+        aborted = driver.submit(SimRequest("b", 10, 3), every=1)
+        driver.abort(aborted.req.request_id)  # before it reached the engine: never queued
+        assert not driver.engine.has_work()
+        while not stream.req.finished:
+            await asyncio.wait_for(stream.event.wait(), 2)
+            stream.event.clear()
+        took = time.perf_counter() - t0
+        assert 0.08 <= took < 0.5, took
+        assert driver.engine.get("b") is None and aborted.req.status == "waiting"
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop

@@ -80,11 +80,21 @@ class Driver:
         return t
 
     def submit(self, req: SimRequest, *, every: int | None) -> TokenStream:
+        """Queue ``req`` in the engine, after the profile's ``request_overhead_ms`` if any."""
         stream = TokenStream(req, every)
-        self.engine.add(req)
         self._streams[req.request_id] = stream
-        self._wake.set()
+        overhead_s = self.engine.profile.request_overhead_ms / 1000.0 / self.time_scale
+        if overhead_s > 0:
+            asyncio.get_running_loop().call_later(overhead_s, self._admit, req)
+        else:
+            self._admit(req)
         return stream
+
+    def _admit(self, req: SimRequest) -> None:
+        if req.request_id not in self._streams:  # aborted during its overhead
+            return
+        self.engine.add(req)
+        self._wake.set()
 
     def abort(self, request_id: str) -> None:
         """Abort an unfinished request (client went away); frees its KV. Idempotent."""

@@ -15,11 +15,11 @@ its request aborted in the engine (its KV is freed at once).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
@@ -114,8 +114,8 @@ class Generation:
     def prepare(self, raw: bytes, kind: Kind) -> tuple[SimRequest, str, bool, bool]:
         """Validate a body: (engine request, model name, stream?, include usage?)."""
         try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
             raise HTTPError(400, f"invalid JSON body: {e}") from e
         body: ChatBody | CompletionBody
         try:

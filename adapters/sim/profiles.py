@@ -19,7 +19,8 @@ rounded down to whole 16-token blocks (activation memory is not subtracted).
 
 More profiles (e.g. one calibrated by ``bench/sim_fidelity.py`` for the machine at hand) come
 from a JSON file (``--profile-file``): one object with :class:`Profile`'s fields, or a list
-of them; ``cpu_ms_per_step`` may be left out, any other missing or unknown key is an error.
+of them; ``cpu_ms_per_step`` and ``request_overhead_ms`` may be left out, any other missing
+or unknown key is an error.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class Profile:
     gpu_memory_bytes: int
     weight_bytes: int
     cpu_ms_per_step: float = CPU_MS_PER_STEP
+    #: latency a request spends outside the engine before it queues (vLLM's API server:
+    #: HTTP, input processing, IPC); it adds to TTFT and latency but occupies no step.
+    #: 0 for the GPU profiles (negligible next to their steps); fitted for CPU profiles
+    request_overhead_ms: float = 0.0
 
     @property
     def default_kv_capacity_tokens(self) -> int:
@@ -130,7 +135,8 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
     if missing:
         raise ValueError(f"profile {data.get('name')!r}: missing key(s) {missing}")
     p = Profile(**data)
-    if min(p.a_ms, p.b_ms, p.c_ms, p.cpu_ms_per_step) < 0 or p.bandwidth_bytes_per_s <= 0:
+    times = (p.a_ms, p.b_ms, p.c_ms, p.cpu_ms_per_step, p.request_overhead_ms)
+    if min(times) < 0 or p.bandwidth_bytes_per_s <= 0:
         raise ValueError(f"profile {p.name!r}: times must be >= 0 and bandwidth > 0")
     return p
 

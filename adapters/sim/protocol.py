@@ -7,10 +7,16 @@ path of a stream is one string format per SSE event.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def json_bytes(obj: object) -> bytes:
+    """Compact JSON bytes (what orjson.dumps gave, with the standard library)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
 
 FILLER = " tok"
 
@@ -56,9 +62,7 @@ Kind = Literal["chat", "text"]
 
 def error_body(status: int, message: str, *, param: str | None = None) -> bytes:
     kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
-    return orjson.dumps(
-        {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    )
+    return json_bytes({"error": {"message": message, "type": kind, "param": param, "code": status}})
 
 
 def usage(prompt: int, completion: int) -> dict[str, Any]:
@@ -102,7 +106,7 @@ def full_response(
             "prompt_logprobs": None,
         }
         obj = "text_completion"
-    return orjson.dumps(
+    return json_bytes(
         {
             "id": rid,
             "object": obj,
@@ -127,7 +131,7 @@ class ChunkWriter:
         self.include_usage = include_usage
         self._head = (
             f'data: {{"id":"{rid}","object":"{obj}","created":{created},'
-            f'"model":{orjson.dumps(model).decode()},"choices":['
+            f'"model":{json_bytes(model).decode()},"choices":['
         )
         self._tail = '],"usage":null}\n\n' if include_usage else "]}\n\n"
 
@@ -151,7 +155,7 @@ class ChunkWriter:
         return self._head + choice + "}" + self._tail
 
     def usage(self, prompt: int, completion: int) -> str:
-        u = orjson.dumps(usage(prompt, completion)).decode()
+        u = json_bytes(usage(prompt, completion)).decode()
         return self._head + '],"usage":' + u + "}\n\n"
 
     @staticmethod

@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,7 +29,7 @@ from adapters.sim.driver import Driver
 from adapters.sim.engine import Engine, SimRequest
 from adapters.sim.generate import Generation
 from adapters.sim.metrics import SimMetrics
-from adapters.sim.protocol import Kind
+from adapters.sim.protocol import Kind, json_bytes
 from adapters.sim.settings import SimSettings
 from adapters.sim.workload import OutputLengths
 
@@ -109,7 +108,7 @@ class SimApp:
         return Response(status_code=200)
 
     async def version(self, request: Request) -> Response:
-        return Response(orjson.dumps({"version": VERSION}), media_type="application/json")
+        return Response(json_bytes({"version": VERSION}), media_type="application/json")
 
     async def models(self, request: Request) -> Response:
         s = self.settings
@@ -140,9 +139,7 @@ class SimApp:
             }
             for name in s.names
         ]
-        return Response(
-            orjson.dumps({"object": "list", "data": data}), media_type="application/json"
-        )
+        return Response(json_bytes({"object": "list", "data": data}), media_type="application/json")
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
