@@ -223,14 +223,13 @@ CTX_SHORT = 16 + (DECODE_L1 + DECODE_L2) // 4  # mean context of a short-prompt 
 REPEATS = 3
 
 
-def decode_step_s(url: str, batch: int, prompt_len: int = 16, reps: int = 3) -> float:
-    lats: dict[int, list[float]] = {DECODE_L1: [], DECODE_L2: []}
-    for _ in range(reps):
-        for n in (DECODE_L1, DECODE_L2):
-            res, _ = run(url, [Req(prompt(prompt_len), n) for _ in range(batch)], batch)
-            lats[n].append(statistics.median(r.latency_s for r in res))
-    return (statistics.median(lats[DECODE_L2]) - statistics.median(lats[DECODE_L1])) / (
-        DECODE_L2 - DECODE_L1)
+def decode_latencies(url: str, batch: int, prompt_len: int = 16) -> tuple[float, float]:
+    """Median latency of ``batch`` concurrent requests at ``max_tokens`` L1, then at L2."""
+    out = []
+    for n in (DECODE_L1, DECODE_L2):
+        res, _ = run(url, [Req(prompt(prompt_len), n) for _ in range(batch)], batch)
+        out.append(statistics.median(r.latency_s for r in res))
+    return out[0], out[1]
 
 
 def prefill_s(url: str, n: int, reps: int = 5) -> float:
@@ -238,12 +237,27 @@ def prefill_s(url: str, n: int, reps: int = 5) -> float:
     return statistics.median(run(url, [Req(prompt(n), 1)], 1)[0][0].ttft_s for _ in range(reps))
 
 
-def measure(url: str) -> dict[str, Any]:
+def measure(url: str, cycles: int = 5) -> dict[str, Any]:
+    """Calibration points; the cases are interleaved over ``cycles`` rounds and each point
+    is a median over the rounds, so that a burst of load elsewhere hits all of them alike."""
     run(url, [Req(prompt(32), 16) for _ in range(4)], 4)  # warm-up
-    decode = {b: decode_step_s(url, b) for b in (1, 2, 4, 8)}
-    long_ctx = decode_step_s(url, 1, prompt_len=700)
-    prefill = {p: prefill_s(url, p) for p in (16, *PREFILL_LENS)}
-    return {"decode_step_s": decode, "decode_step_s_ctx700": long_ctx, "prefill_latency_s": prefill}
+    keys: list[tuple[int, int]] = [(1, 16), (2, 16), (4, 16), (8, 16), (1, 700)]
+    lat: dict[tuple[int, int], list[tuple[float, float]]] = {k: [] for k in keys}
+    ttft: dict[int, list[float]] = {p: [] for p in (16, *PREFILL_LENS)}
+    for _ in range(cycles):
+        for batch, plen in keys:
+            lat[batch, plen].append(decode_latencies(url, batch, plen))
+        for p in ttft:
+            ttft[p].append(run(url, [Req(prompt(p), 1)], 1)[0][0].ttft_s)
+
+    def step(k: tuple[int, int]) -> float:
+        l1 = statistics.median(x for x, _ in lat[k])
+        l2 = statistics.median(y for _, y in lat[k])
+        return (l2 - l1) / (DECODE_L2 - DECODE_L1)
+
+    return {"decode_step_s": {b: step((b, 16)) for b in (1, 2, 4, 8)},
+            "decode_step_s_ctx700": step((1, 700)),
+            "prefill_latency_s": {p: statistics.median(v) for p, v in ttft.items()}}
 
 
 def _nnls(rows: list[list[float]], ys: list[float]) -> list[float]:

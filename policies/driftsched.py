@@ -28,9 +28,18 @@ Bound: each term is bounded, so ``key - arrival`` lies in
 ``[aging_s * (Lmin - max_boost), aging_s * Lmax + max_slack_s + max_debt_s]`` and a request
 is never passed by one that arrived more than ``aging_s * (Lmax - Lmin + max_boost) +
 max_slack_s + max_debt_s`` seconds after it (the proof in :mod:`policies.priority` applies
-unchanged); defaults with levels 0..2: 15 + 10 + 5 = 30 s.
+unchanged); defaults with levels 0..2: 180 + 10 + 5 = 195 s.
 
-Parameters (defaults): ``aging_s`` 5.0, ``max_boost`` 1, ``prefill_s_per_token`` 0.0002,
+Why ``aging_s`` is 60 s: class precedence holds only while ``aging_s`` times the level gap
+exceeds the longest wait in the queue. Under sustained overload that wait reaches the tenants'
+``queue_timeout_s`` (30 s by default), so a smaller value lets queued lower-class requests
+overtake every new premium one: with 5 s, premium waited 7 s at the median in the
+``overload`` experiment (docs/experiments.md). At 60 s a lower class passes a higher one only
+after a wait longer than the default queue timeout plus the slack and debt terms, so under
+sustained overload the lowest classes are shed by their queue timeout rather than served
+ahead of premium; below saturation every class is still served.
+
+Parameters (defaults): ``aging_s`` 60.0, ``max_boost`` 1, ``prefill_s_per_token`` 0.0002,
 ``decode_s_per_token`` 0.03, ``max_slack_s`` 10.0, ``debt_s_per_ktoken`` 0.5,
 ``max_debt_s`` 5.0, ``input_weight`` 1.0, ``output_weight`` 2.0, ``retry_after_s`` 1.0,
 ``drift``: a mapping of :class:`policies.drift.DriftParams`.
@@ -55,7 +64,8 @@ _MAX_RATIO = 16.0
 
 @dataclass(frozen=True, slots=True)
 class DriftschedParams:
-    aging_s: float = 5.0
+    #: > queue_timeout_s (30 s default) + max_slack_s + max_debt_s: see "Why" in the module doc
+    aging_s: float = 60.0
     max_boost: int = 1
     prefill_s_per_token: float = 0.0002
     decode_s_per_token: float = 0.03

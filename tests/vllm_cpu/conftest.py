@@ -8,8 +8,9 @@
   fails the tests.
 * ``tiny_model_dir``: a random-weight 2-layer Llama + a locally trained BPE tokenizer and
   chat template (``build_tiny_model.py``), built in a few seconds with no download.
-* ``vllm_server``: ONE ``python -m vllm.entrypoints.openai.api_server`` for the session
-  (the machine has 2 cores: never more than one at a time), configured so that every
+* ``vllm_server``: ONE ``python -m vllm.entrypoints.openai.api_server`` per module that uses
+  it, stopped at the module's end (the machine has 2 cores: never more than one engine at a
+  time; test_vllm_pool.py launches its own through the pool), configured so that every
   behaviour the tests need shows up on it: priority scheduling, a KV cache shrunk to
   ``NUM_BLOCKS`` x ``BLOCK_SIZE`` = 4096 tokens (preemption under load), ``max_num_seqs`` 8.
 
@@ -249,7 +250,7 @@ def stop_vllm(server: VllmServer, grace: float = 20.0) -> None:
         server.proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped after its module: ONE engine at a time (2 cores)
 def vllm_server(vllm_python: str, tiny_model_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     workdir = tmp_path_factory.mktemp("vllm-server")
