@@ -20,6 +20,9 @@ per-run paths (port, engine logs), so the comparison is policy against policy.
   divided by X here (:data:`TIME_PARAMS`), so a run at X behaves like one at 1, X times
   faster (up to the gateway's own, unscaled, overhead). Reports are in simulated seconds.
 
+The estimator starts cold (no ``scheduler.estimator.path``) unless the runner is given a
+saved one (``--estimator``; each policy then starts from its own copy).
+
 ``overrides`` (``--set [policy:]dotted.key=value``) are applied last, after scaling.
 """
 

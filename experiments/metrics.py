@@ -389,6 +389,8 @@ def compute(run: RunData, header: Mapping[str, Any]) -> dict[str, Any]:
     for ev in drift_events:
         onset, tenant = float(ev["at_s"]), str(ev["tenant"])
         react, action = limit_reaction(run.actions, tenant, onset)
+        before = [r for r in run.timeline if r.get("t_s") is not None and r["t_s"] <= onset]
+        at_onset = before[-1].get(f"limit.{tenant}") if before else None
         rec = recovery(*rolling[top], onset, window) if top else {}
         drift_out.append(
             {
@@ -397,12 +399,20 @@ def compute(run: RunData, header: Mapping[str, Any]) -> dict[str, Any]:
                 "limit_reaction_s": react,
                 "first_action": None if action is None else action.action,
                 "limit_after": None if action is None else action.limit,
+                "limit_at_onset": at_onset,
+                "decreases_before_onset": sum(
+                    a.tenant == tenant and a.t_s < onset and "decrease" in a.action
+                    for a in run.actions
+                ),
                 "top_class": top,
                 "recovery": rec,
                 "actions": sum(a.tenant == tenant for a in run.actions),
             }
         )
     out["drift"] = drift_out
+    out["drift_controller"] = any(
+        v for r in run.timeline for k, v in r.items() if k.startswith("state.")
+    )
     qt = queue_times(run.access)
     out["queue_p99_s"] = {
         c: pct([qt[r.request_id] for r in rs if r.request_id in qt], 99)

@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 from experiments.rundata import RunData
 
@@ -74,6 +75,7 @@ def latency_cdfs(
         if slo is not None:
             ax.axvline(slo, ls="--", lw=0.8, color="k", label="SLO")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{metric.upper()} CDF: {cls}")
         ax.set_xlabel(f"{metric.upper()} (s, simulated)")

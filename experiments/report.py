@@ -173,15 +173,24 @@ def _estimator_table(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return _table(head, rows)
 
 
+def run_has_controller(m: Mapping[str, Any]) -> bool:
+    """Whether the run had a drift controller (it reported a state for some tenant)."""
+    return bool(m.get("drift_controller"))
+
+
 def _drift_table(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    head = ("policy", "drifting tenant", "onset (s)", "limit reaction (s)", "first action",
-            "limit after", "controller actions", "top class", "min rolling attainment",
+    head = ("policy", "drifting tenant", "onset (s)", "limit at onset (decreases before)",
+            "limit reaction (s)", "first action", "limit after", "controller actions",
+            "top class", "min rolling attainment",
             "first back >= 0.95 (s)", "stays >= 0.95 from (s)")  # fmt: skip
     rows = []
     for p, m in metrics.items():
         for d in m["drift"]:
             r = d["recovery"]
+            at = "unlimited" if d["limit_at_onset"] is None else _fmt(d["limit_at_onset"], ".0f")
             rows.append([p, d["tenant"], _fmt(d["at_s"], ".0f"),
+                         f"{at} ({d['decreases_before_onset']})" if run_has_controller(m)
+                         else "-",
                          _fmt(d["limit_reaction_s"], ".1f"), d["first_action"] or "-",
                          _fmt(d["limit_after"]), d["actions"], d["top_class"],
                          _fmt(r.get("min")), _fmt(r.get("first_s"), ".0f"),

@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the last arrival, wait this long for answers, then cancel (default 60)",
     )
     p.add_argument(
+        "--estimator",
+        default=None,
+        help="start every policy from a copy of this saved estimator (default: cold; "
+        "see experiments/warm_estimator.py)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -219,6 +225,9 @@ def run_policy(
         pool=pool,
         overrides=overrides,
     )
+    if a.estimator:
+        shutil.copyfile(a.estimator, pdir / "estimator.pkl")
+        cfg["scheduler"].setdefault("estimator", {})["path"] = str(pdir / "estimator.pkl")
     cfg_path = secret_dir / f"{policy}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     (pdir / "gateway.yaml").write_text(yaml.safe_dump(redacted(cfg), sort_keys=False), "utf-8")

@@ -6,7 +6,9 @@ predictions, which a ratio of sums lets dominate the window), and a River change
 (``adwin``, or ``page-hinkley`` in mode ``up``) fed with each completion's log ratio. From ``min_samples`` completions on, each
 completion (:meth:`DriftController.observe`) may act:
 
-* ratio > ``threshold`` (drifting): limit <- ``max(min_limit, floor(limit * beta))``, at once
+* drifting — the window's mean log ratio exceeds ``log(threshold)`` by ``confidence``
+  standard errors (single requests scatter widely around a good prediction; noise must not
+  throttle a tenant): limit <- ``max(min_limit, floor(limit * beta))``, at once
   when the detector just fired, else at most once per ``cooldown`` completions. A detection
   also trims the window to its last ``min_samples`` entries, so the ratio shows the new
   regime at once. A tenant of level <= ``compensate_level`` (premium) is never throttled:
@@ -42,6 +44,8 @@ class DriftParams:
     #: a tenant's first completions only train the estimator (its cold-start errors are
     #: not drift): the controller starts watching after this many
     warmup: int = 20
+    #: standard errors the mean log ratio must clear log(threshold) by to count as drift
+    confidence: float = 1.5
     min_samples: int = 10
     threshold: float = 1.5
     recover_below: float = 1.2
@@ -60,6 +64,7 @@ class DriftParams:
         for name in ("window", "min_samples", "increase", "cooldown", "min_limit", "unlimited_as"):
             check(name, getattr(self, name))
         check("warmup", self.warmup, strict=False)
+        check("confidence", self.confidence, strict=False)
         check("recover_below", self.recover_below)
         check("threshold", self.threshold, self.recover_below)
         check("attainment_hold_s", self.attainment_hold_s, strict=False)
@@ -103,7 +108,7 @@ class _Track:
         self.limit = self.ceiling
         #: per completion: log((1 + actual) / (1 + predicted)), clipped to +-log(16)
         self.window: deque[float] = deque()
-        self.sum_log = 0.0
+        self.sum_log = self.sum_sq = 0.0
         self.detector = _DETECTORS[p.detector]()
         self.detections = self.decreases = self.increases = self.since_change = 0
         self.seen = 0
@@ -142,22 +147,29 @@ class DriftController:
         lr = min(_MAX_LOG, max(-_MAX_LOG, math.log((1.0 + act) / (1.0 + pred))))
         t.window.append(lr)
         t.sum_log += lr
+        t.sum_sq += lr * lr
         t.detector.update(lr)
         detected = bool(t.detector.drift_detected)
         t.detections += detected
         keep = p.min_samples if detected else p.window
         while len(t.window) > keep:
-            t.sum_log -= t.window.popleft()
+            old = t.window.popleft()
+            t.sum_log -= old
+            t.sum_sq -= old * old
         t.since_change += 1
         if len(t.window) < p.min_samples:
             return "none"
         ratio = _ratio(t)
-        if ratio > p.threshold and t.level <= p.compensate_level:
+        # drifting = the window's mean log ratio is above log(threshold) with confidence
+        # (its lower bound, ``confidence`` standard errors down): single requests' lengths
+        # vary a lot around any prediction, and noise must not look like drift
+        drifting = _lower_bound(t, p.confidence) > math.log(p.threshold)
+        if drifting and t.level <= p.compensate_level:
             if t.boost:
                 return "none"
             t.boost, t.overflow = True, p.overflow
             return self._record(t, "compensate")
-        if ratio > p.threshold and (detected or t.since_change >= p.cooldown):
+        if drifting and (detected or t.since_change >= p.cooldown):
             return self._decrease(t, "decrease")
         if ratio > p.recover_below:
             return "none"
@@ -232,6 +244,16 @@ class DriftController:
 
 
 _MAX_LOG = math.log(16.0)
+
+
+def _lower_bound(t: _Track, z: float) -> float:
+    """Mean log ratio minus ``z`` standard errors (the window's samples)."""
+    n = len(t.window)
+    if n == 0:
+        return 0.0
+    mean = t.sum_log / n
+    var = max(0.0, t.sum_sq / n - mean * mean)
+    return mean - z * math.sqrt(var / n)
 
 
 def _ratio(t: _Track) -> float:
