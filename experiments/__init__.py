@@ -8,7 +8,14 @@
   (``experiments/scenarios/*.yaml``);
 - :mod:`experiments.describe` -- per-tenant statistics and a simulated pool's capacity;
 - :mod:`experiments.loadgen` (with :mod:`~experiments.clients` and
-  :mod:`~experiments.record`) -- open-loop streaming replay, one CSV row per request.
+  :mod:`~experiments.record`) -- open-loop streaming replay, one CSV row per request;
+- :mod:`experiments.runner` -- ``run_experiment.sh``: every policy on one workload, with
+  :mod:`~experiments.gwconfig` (the gateway configuration), :mod:`~experiments.stack` (the
+  gateway process, its timeline sampler) and :mod:`~experiments.provenance` (versions);
+- :mod:`experiments.report` -- ``report.md`` and plots from a result directory, with
+  :mod:`~experiments.rundata` (reading it back), :mod:`~experiments.metrics`,
+  :mod:`~experiments.fairness` and :mod:`~experiments.plots`;
+- :mod:`experiments.warm_estimator` -- an estimator trained on a workload, for warm starts.
 
 ``prompts_dataset.py`` at the repository root is the command line for the workload side.
 """

@@ -30,7 +30,6 @@ import contextlib
 import csv
 import json
 import os
-import platform
 import secrets
 import shutil
 import subprocess
@@ -39,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -56,27 +54,13 @@ from experiments.gwconfig import (
     redacted,
     slo_table,
 )
+from experiments.provenance import versions
 from experiments.stack import GatewayProcess, Sampler, free_port, scrape_engines, timeline_columns
 from experiments.workload_file import Workload, load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "experiments" / "scenarios"
 POLICIES = ("fcfs", "priority", "fair", "driftsched")
-PACKAGES = (
-    "driftsched",
-    "fastapi",
-    "uvicorn",
-    "httpx",
-    "httptools",
-    "uvloop",
-    "pydantic",
-    "river",
-    "prometheus-client",
-    "numpy",
-    "scipy",
-    "matplotlib",
-    "tqdm",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,31 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true")
     return p
-
-
-def versions() -> dict[str, Any]:
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(
-                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-            )
-            return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    pkgs = {}
-    for name in PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            pkgs[name] = metadata.version(name)
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty_files": None if status is None else len(status.splitlines()),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "packages": pkgs,
-    }
 
 
 def prepare_workload(a: argparse.Namespace, out: Path) -> tuple[str, Path, Workload]:
@@ -374,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "runs": {},
     }  # fmt: skip
+    if a.workload and a.duration is not None:  # the load generator replays only this much
+        experiment["workload"]["duration_s"] = a.duration
     print(f"run_experiment: {name}, {len(w.requests)} requests, policies {policies} -> {out}",
           file=sys.stderr)  # fmt: skip
     secret_dir = Path(tempfile.mkdtemp(prefix="driftsched-exp-"))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.metrics import jain, maxmin_fair, recovery, rolling_attainment
+from experiments.fairness import jain, maxmin_fair
+from experiments.metrics import recovery, rolling_attainment
 from experiments.rundata import Req
 
 ROOT = Path(__file__).resolve().parent.parent
