@@ -26,7 +26,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_mini_experiment_end_to_end(tmp_path: Path) -> None:
+def test_mini_experiment_end_to_end(tmp_path: Path, shared_data: Path) -> None:
+    # the mini scenario samples real ShareGPT prompts from ../shared/data (skips without it)
     out = tmp_path / "results"
     proc = subprocess.run(
         [str(ROOT / "run_experiment.sh"), "mini", "--policies", "fcfs,driftsched",
