@@ -86,7 +86,6 @@ class Ctx:
     upstream_reached: bool = False
     stage: str = "auth"
     admitted: Admitted | None = None
-    grown: int = 0
     rl_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
@@ -387,7 +386,6 @@ class OpenAIHandler:
                     ctx.streamed_events = tap.events
                     if tap.events > grow_mark and adm is not None:
                         grow_mark += _GROW_STEP
-                        ctx.grown += _GROW_STEP
                         await self.gw.scheduler.grow(ctx.rid, _GROW_STEP)
         except httpx.HTTPError as e:
             err = map_exception(e, backend)

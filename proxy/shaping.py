@@ -145,14 +145,6 @@ class Shaper:
         except StoreDown as e:
             log.warning("request accounting failed; its lease expires in %.0fs: %s", self._ttl, e)
 
-    async def release(self, tenant: str, lease_id: str) -> None:
-        """Free the lease. Store failures are logged: the lease then expires on its own."""
-        if self.held.pop(lease_id, None) is not None:
-            try:
-                await self._store.release(tenant, lease_id)
-            except StoreDown as e:
-                log.warning("lease release failed; it expires in %.0fs: %s", self._ttl, e)
-
     # -- lease renewal -------------------------------------------------------------------
     def start(self) -> None:
         self._renewer = asyncio.create_task(self._renew_loop(), name="lease-renewer")

@@ -37,7 +37,7 @@ import logging
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
@@ -52,7 +52,7 @@ from proxy.store.queue_base import (
     WaitResult,
 )
 from proxy.store.queue_mailbox import Bell, Mailbox, Snapshot
-from proxy.store.redis import _num, _str, _unavailable_on_io_error
+from proxy.store.redis import _num, _str, _unavailable_on_io_error, connect
 
 TYPE = "redis"
 
@@ -178,15 +178,7 @@ class RedisQueue:
         if self._closed:
             raise RuntimeError("RedisQueue was closed; build a new one")
         if self._client is None:
-            pool = BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self._max_connections,
-                timeout=self._socket_timeout_s,
-                decode_responses=True,
-                socket_timeout=self._socket_timeout_s,
-                socket_connect_timeout=self._socket_timeout_s,
-            )
-            self._client = Redis.from_pool(pool)
+            self._client = connect(self._url, self._max_connections, self._socket_timeout_s)
         try:
             pipe = self._client.pipeline(transaction=False)
             for source in self._sources.values():

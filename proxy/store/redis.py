@@ -116,6 +116,20 @@ class _Keys:
         return f"{self._tenant}{{{tenant}}}:{what}"
 
 
+
+def connect(url: str, max_connections: int, timeout_s: float) -> Redis:
+    """A client whose pool waits (up to ``timeout_s``) for a free connection instead of
+    failing at once when all ``max_connections`` are busy (redis-py's default pool raises)."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
+    return Redis.from_pool(pool)
+
 class RedisStore:
     """:class:`~proxy.store.base.Store` on Redis. Safe for many tasks and many processes.
 
@@ -159,15 +173,7 @@ class RedisStore:
         if self._closed:
             raise RuntimeError("RedisStore was closed; build a new one")
         if self._client is None:
-            pool = BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self._max_connections,
-                timeout=self._socket_timeout_s,
-                decode_responses=True,
-                socket_timeout=self._socket_timeout_s,
-                socket_connect_timeout=self._socket_timeout_s,
-            )
-            self._client = Redis.from_pool(pool)
+            self._client = connect(self._url, self._max_connections, self._socket_timeout_s)
         try:
             for name, source in self._sources.items():
                 await self._client.script_load(source)
