@@ -34,6 +34,8 @@ class EngineMetrics:
     num_requests_waiting: float = 0.0
     kv_cache_usage_perc: float = 0.0
     num_preemptions_total: float = 0.0
+    #: ``vllm:generation_tokens_total`` (None: not exported); the TPOT governor's signal
+    generation_tokens_total: float | None = None
     scraped_at: float = 0.0
 
 

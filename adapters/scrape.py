@@ -6,6 +6,7 @@ Names are vLLM's (0.8 and later, still current in 0.32)::
     vllm:num_requests_waiting    gauge    summed
     vllm:kv_cache_usage_perc     gauge    averaged (a fraction 0..1 per engine core)
     vllm:num_preemptions_total   counter  summed
+    vllm:generation_tokens_total counter  summed (None when absent)
     vllm:cache_config_info       info     (num_gpu_blocks - 1) * block_size = KV capacity in tokens
 
 vLLM reserves one block of each engine's cache (the null block), so the usable capacity is
@@ -34,6 +35,7 @@ KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 PREEMPTIONS = "vllm:num_preemptions_total"
 PREEMPTIONS_OLD = "vllm:num_preemptions"
 CACHE_INFO = "vllm:cache_config_info"
+GENERATION = "vllm:generation_tokens_total"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,7 @@ def parse_metrics(text: str, now: float | None = None) -> Scrape:
         num_requests_waiting=sums.get(WAITING, 0.0),
         kv_cache_usage_perc=usage,
         num_preemptions_total=preempt,
+        generation_tokens_total=sums.get(GENERATION),
         scraped_at=time.monotonic() if now is None else now,
     )
     return Scrape(metrics, kv_tokens or None)

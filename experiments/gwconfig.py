@@ -61,6 +61,7 @@ TIME_PARAMS: dict[str, tuple[str, ...]] = {
         "debt_s_per_ktoken",
         "max_debt_s",
         "drift.attainment_hold_s",
+        "drift.warmup_s",
     ),
 }
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -69,6 +70,17 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         **{f.name: f.default for f in fields(DriftschedParams)},
         **{f"drift.{f.name}": f.default for f in fields(DriftParams)},
     },
+}
+#: gateway features beyond the queue order, per policy. The class-aware policies forward the
+#: class level as vLLM's ``priority`` (the engines' own waiting queues then order by class
+#: too); only ``driftsched`` runs the TPOT governor (SLO-aware batch caps). The baselines
+#: keep plain admission, which fills each engine's batch: the work-conserving reference the
+#: throughput target compares against.
+SCHEDULER_FEATURES: dict[str, dict[str, Any]] = {
+    "fcfs": {"pass_priority": False, "governor": {"enabled": False}},
+    "fair": {"pass_priority": False, "governor": {"enabled": False}},
+    "priority": {"pass_priority": True, "governor": {"enabled": False}},
+    "driftsched": {"pass_priority": True, "governor": {"enabled": True}},
 }
 _KEY_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -222,9 +234,16 @@ def gateway_config(
                 "tokens_per_event": pool.tokens_per_event,
                 "max_num_seqs": pool.max_num_seqs,
                 "seed": pool.seed,
+                # vLLM's --scheduling-policy priority: an engine orders its own waiting
+                # requests by the ``priority`` field, for the policies that send one
+                "scheduling_policy": "priority",
             },
         },
-        "scheduler": {"policy": {"type": policy, "parameters": scaled_parameters(policy, {}, x)}},
+        "scheduler": {
+            "policy": {"type": policy, "parameters": scaled_parameters(policy, {}, x)},
+            **SCHEDULER_FEATURES.get(policy, {}),
+            "slo_window_s": 10.0 / x,
+        },
     }
     for o in overrides:
         if o.policy in (None, policy):

@@ -257,7 +257,8 @@ class DriftStatus:
 
     tenant: str
     level: int
-    #: actual / predicted output tokens over the sliding window (1.0 until data arrives)
+    #: actual / predicted output tokens over the sliding window, relative to the tenant's
+    #: baseline (1.0 until data arrives)
     ratio: float
     samples: int
     #: current concurrency limit (None = unlimited and untouched)
@@ -272,3 +273,7 @@ class DriftStatus:
     last_action_at: float | None
     decreases: int
     increases: int
+    #: the tenant's usual actual / predicted ratio (what ``ratio`` is relative to)
+    baseline: float = 1.0
+    #: a more important level is under SLO pressure (drift may throttle this tenant)
+    pressured: bool = False

@@ -1,29 +1,52 @@
-"""The drift controller: per-tenant AIMD on concurrency, driven by output-length drift.
+"""The drift controller: per-tenant AIMD on concurrency, driven by output-length drift and
+by the SLO attainment of more important classes.
 
-Per tenant: the drift ratio, the geometric mean of ``(1 + actual) / (1 + predicted)`` output
-tokens over the last ``window`` completions (robust to a cold estimator's wild first
-predictions, which a ratio of sums lets dominate the window), and a River change detector
-(``adwin``, or ``page-hinkley`` in mode ``up``) fed with each completion's log ratio. From ``min_samples`` completions on, each
-completion (:meth:`DriftController.observe`) may act:
+**Signal.** Per completion, the log ratio ``log((1 + actual) / (1 + predicted))`` output
+tokens. A tenant *drifts* when the mean of its last ``window`` log ratios rises above its
+own **baseline** (the tenant's usual log ratio: a running mean, then an exponential mean
+over ``baseline_window`` completions, fed with the samples that leave the window, and held
+still while the tenant drifts, for at most ``baseline_window`` completions) by more
+than ``log(threshold)``, with ``confidence`` standard errors to spare. Relative to the
+baseline, not to 1: an estimator that is persistently off for a tenant (a cold start, a
+population it has not learnt, stale predictions made at enqueue under a deep queue) is
+miscalibrated, not drifting, and throttling for it only wastes capacity; a *change* of the
+tenant's outputs against what the estimator predicts for it is drift. ``ratio`` (status,
+metrics, ``driftsched``'s slack) is ``exp(window mean - baseline)``. A River change detector
+(``adwin``, or ``page-hinkley`` in mode ``up``) on the log ratios trims the window to its
+last ``min_samples`` entries when it fires, so the ratio shows a new regime at once. The
+first ``warmup`` completions, and those of the first ``warmup_s`` seconds, only train the
+estimator; detection starts once
+``min_samples`` samples have reached the baseline.
 
-* drifting — the window's mean log ratio exceeds ``log(threshold)`` by ``confidence``
-  standard errors (single requests scatter widely around a good prediction; noise must not
-  throttle a tenant): limit <- ``max(min_limit, floor(limit * beta))``, at once
-  when the detector just fired, else at most once per ``cooldown`` completions. A detection
-  also trims the window to its last ``min_samples`` entries, so the ratio shows the new
-  regime at once. A tenant of level <= ``compensate_level`` (premium) is never throttled:
-  it gets ``boost`` (``driftsched`` raises it ``max_boost`` levels) and, if ``overflow``,
-  elastic overflow capacity.
-* ratio <= ``recover_below`` (the estimator caught up): limit += ``increase`` per
-  ``cooldown`` completions, up to the configured limit; boost/overflow are withdrawn.
-  Between the two thresholds nothing changes (hysteresis).
+**Gate** (``gate``). With ``"slo"`` (default), a drifting tenant is throttled only while a
+more important level is under **SLO pressure** (:meth:`~DriftController.on_attainment`
+reported an attainment under ``attainment_target`` within the last ``attainment_hold_s``):
+the limit exists to keep those classes within their SLOs, and while they are, cutting a
+tenant only wastes capacity (under sustained overload, false alarms from length noise and
+completion order otherwise throttle tenants that do not drift). ``"none"``: act on drift
+alone.
 
-SLO hook (:meth:`~DriftController.on_attainment`): when a level's SLO attainment is under
-``attainment_target``, each non-compensated tenant of a larger level gets one decrease and
-no increase for ``attainment_hold_s``. A tenant without a configured limit counts as
-``unlimited_as`` (reported ``None`` while untouched). Every action is recorded
-(:class:`policies.base.DriftStatus`); time comes from the injected clock. Not thread-safe:
-event loop only. Replicas fed the same completion stream in the same order agree.
+**Actions**, per completion (:meth:`~DriftController.observe`):
+
+* drifting and gated through: limit <- ``max(min_limit, floor(limit * beta))``, at once
+  when the detector just fired, else at most once per ``cooldown`` completions. A tenant of
+  level <= ``compensate_level`` (premium) is never throttled: it gets ``boost``
+  (``driftsched`` raises it ``max_boost`` levels) and, if ``overflow``, elastic overflow
+  capacity (ungated: it costs nobody capacity).
+* ratio <= ``recover_below`` (the estimator caught up), or no SLO pressure on a more
+  important level: the limit grows once per ``cooldown`` completions, by ``increase``
+  while under pressure (additive) and doubling without (multiplicative: a tenant cut to 1
+  completes too few requests to climb back one by one); boost/overflow are withdrawn when
+  the ratio is back. Between the two thresholds, under pressure, nothing changes.
+
+**SLO hook** (:meth:`~DriftController.on_attainment`): the gateway reports each level's
+rolling attainment. Under ``attainment_target`` the level is under pressure for
+``attainment_hold_s``, and each *drifting* non-compensated tenant of a larger level gets
+one decrease (``slo_decrease``) and no increase for ``attainment_hold_s``. A tenant without
+a configured limit counts as ``unlimited_as`` (reported ``None`` while untouched). Every
+action is recorded (:class:`policies.base.DriftStatus`); time comes from the injected clock.
+Not thread-safe: event loop only. Replicas fed the same completion stream in the same order
+agree.
 """
 
 from __future__ import annotations
@@ -44,6 +67,12 @@ class DriftParams:
     #: a tenant's first completions only train the estimator (its cold-start errors are
     #: not drift): the controller starts watching after this many
     warmup: int = 20
+    #: ... and every completion within this many seconds of its first: during a tenant's
+    #: ramp-up its short answers finish first, its long ones later, and that order is not
+    #: drift
+    warmup_s: float = 30.0
+    #: completions the baseline (the tenant's usual log ratio) averages over
+    baseline_window: int = 200
     #: standard errors the mean log ratio must clear log(threshold) by to count as drift
     confidence: float = 1.5
     min_samples: int = 10
@@ -57,13 +86,18 @@ class DriftParams:
     detector: str = "adwin"
     compensate_level: int = 0
     overflow: bool = False
-    attainment_target: float = 0.9
+    #: "slo": throttle a drifting tenant only while a more important level misses its SLO
+    #: target; "none": on drift alone
+    gate: str = "slo"
+    attainment_target: float = 0.95
     attainment_hold_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("window", "min_samples", "increase", "cooldown", "min_limit", "unlimited_as"):
+        for name in ("window", "min_samples", "increase", "cooldown", "min_limit",
+                     "unlimited_as", "baseline_window"):
             check(name, getattr(self, name))
         check("warmup", self.warmup, strict=False)
+        check("warmup_s", self.warmup_s, strict=False)
         check("confidence", self.confidence, strict=False)
         check("recover_below", self.recover_below)
         check("threshold", self.threshold, self.recover_below)
@@ -72,6 +106,7 @@ class DriftParams:
             (self.min_samples <= self.window, "min_samples: must be <= window"),
             (0.0 < self.beta < 1.0, "beta: must be in (0, 1)"),
             (self.detector in _DETECTORS, "detector: must be 'adwin' or 'page-hinkley'"),
+            (self.gate in ("slo", "none"), "gate: must be 'slo' or 'none'"),
             (0.0 <= self.attainment_target <= 1.0, "attainment_target: must be in [0, 1]"),
         ):
             if not ok:
@@ -109,9 +144,17 @@ class _Track:
         #: per completion: log((1 + actual) / (1 + predicted)), clipped to +-log(16)
         self.window: deque[float] = deque()
         self.sum_log = self.sum_sq = 0.0
+        #: the tenant's usual log ratio (and its variance), from the samples that left the
+        #: window
+        self.baseline = self.baseline_var = 0.0
+        self.baseline_n = 0
+        #: the last verdict, and completions the baseline has been held still for
+        self.drifting = False
+        self.frozen = 0
         self.detector = _DETECTORS[p.detector]()
         self.detections = self.decreases = self.increases = self.since_change = 0
         self.seen = 0
+        self.first_at: float | None = None
         self.boost = self.overflow = False
         self.last_action: DriftAction = "none"
         self.last_action_at: float | None = None
@@ -125,6 +168,8 @@ class DriftController:
         self.params = params or DriftParams()
         self._clock = clock
         self._tracks: dict[str, _Track] = {}
+        #: level -> until when it counts as under SLO pressure
+        self._pressure: dict[int, float] = {}
 
     def configure(self, tenant: str, level: int, base_limit: int | None) -> None:
         """Declare or update a tenant (idempotent; call whenever its config is read)."""
@@ -141,7 +186,10 @@ class DriftController:
         the action taken now. ``KeyError`` for a tenant never configured."""
         p, t = self.params, self._tracks[tenant]
         t.seen += 1
-        if t.seen <= p.warmup:
+        now = self._clock.time()
+        if t.first_at is None:
+            t.first_at = now
+        if t.seen <= p.warmup or now - t.first_at < p.warmup_s:
             return "none"
         pred, act = max(float(predicted), 1.0), max(float(actual), 0.0)
         lr = min(_MAX_LOG, max(-_MAX_LOG, math.log((1.0 + act) / (1.0 + pred))))
@@ -156,47 +204,67 @@ class DriftController:
             old = t.window.popleft()
             t.sum_log -= old
             t.sum_sq -= old * old
+            # while the tenant drifts the baseline holds still (else it would absorb the
+            # drift it measures), for at most baseline_window completions: then the new
+            # level is the tenant's normal
+            if t.drifting and t.frozen < p.baseline_window:
+                t.frozen += 1
+                continue
+            t.baseline_n += 1
+            a = 1.0 / min(t.baseline_n, p.baseline_window)
+            d = old - t.baseline
+            t.baseline += a * d
+            t.baseline_var = (1.0 - a) * (t.baseline_var + a * d * d)
         t.since_change += 1
-        if len(t.window) < p.min_samples:
+        if len(t.window) < p.min_samples or t.baseline_n < p.min_samples:
             return "none"
-        ratio = _ratio(t)
-        # drifting = the window's mean log ratio is above log(threshold) with confidence
-        # (its lower bound, ``confidence`` standard errors down): single requests' lengths
-        # vary a lot around any prediction, and noise must not look like drift
-        drifting = _lower_bound(t, p.confidence) > math.log(p.threshold)
+        drifting = t.drifting = self._drifting(t)
+        if not drifting:
+            t.frozen = 0
         if drifting and t.level <= p.compensate_level:
             if t.boost:
                 return "none"
             t.boost, t.overflow = True, p.overflow
             return self._record(t, "compensate")
-        if drifting and (detected or t.since_change >= p.cooldown):
+        pressured = self._pressured(t)
+        if drifting and pressured and (detected or t.since_change >= p.cooldown):
             return self._decrease(t, "decrease")
-        if ratio > p.recover_below:
+        settled = _ratio(t) <= p.recover_below
+        if not settled and (pressured or t.level <= p.compensate_level):
             return "none"
-        if t.boost:
+        if t.boost and settled:
             t.boost = t.overflow = False
             return self._record(t, "restore")
         if t.limit >= t.ceiling or t.since_change < p.cooldown or self._clock.time() < t.hold_until:
             return "none"
-        t.limit, t.since_change = min(t.ceiling, t.limit + p.increase), 0
+        step = p.increase if pressured else max(p.increase, t.limit)
+        t.limit, t.since_change = min(t.ceiling, t.limit + step), 0
         t.increases += 1
         return self._record(t, "increase")
 
     def on_attainment(self, level: int, attainment: float) -> tuple[str, ...]:
-        """SLO attainment of class ``level`` was measured. Below target, throttle each
-        non-compensated tenant of a larger level once per ``attainment_hold_s`` and hold
-        its recovery for as long. Returns the tenants throttled now (sorted)."""
+        """SLO attainment of class ``level`` was measured. Below target, the level is under
+        pressure for ``attainment_hold_s``, and each drifting non-compensated tenant of a
+        larger level is throttled once per ``attainment_hold_s`` (its recovery held as long).
+        Returns the tenants throttled now (sorted)."""
         p, now = self.params, self._clock.time()
         if attainment >= p.attainment_target:
             return ()
+        self._pressure[level] = now + p.attainment_hold_s
         hit = []
         for name in sorted(self._tracks):
             t = self._tracks[name]
-            if t.level > level and t.level > p.compensate_level and now >= t.hold_until:
-                self._decrease(t, "slo_decrease")
+            if (t.level > level and t.level > p.compensate_level and now >= t.hold_until
+                    and self._ready(t) and self._drifting(t)):
+                if self._decrease(t, "slo_decrease") != "none":
+                    hit.append(name)
                 t.hold_until = now + p.attainment_hold_s
-                hit.append(name)
         return tuple(hit)
+
+    def under_pressure(self) -> tuple[int, ...]:
+        """Levels whose SLO attainment was under target within ``attainment_hold_s``."""
+        now = self._clock.time()
+        return tuple(sorted(lv for lv, until in self._pressure.items() if until > now))
 
     def limit(self, tenant: str) -> int | None:
         """The tenant's current concurrency limit (None: unlimited and untouched)."""
@@ -208,27 +276,52 @@ class DriftController:
         t = self._tracks.get(state.name)
         if t is None:
             return state
-        ratio = _ratio(t) if len(t.window) >= self.params.min_samples else 1.0
+        ratio = _ratio(t) if self._ready(t) else 1.0
         limit = self.limit(state.name)
         return replace(state, limit=limit, drift_ratio=ratio, boost=t.boost, overflow=t.overflow)
 
     def status(self, tenant: str) -> DriftStatus:
         t, p = self._tracks[tenant], self.params
         state: Literal["warmup", "ok", "drifting", "recovering"] = "ok"
-        if len(t.window) < p.min_samples:
+        ready = self._ready(t)
+        if not ready:
             state = "warmup"
         elif _ratio(t) > p.threshold:
             state = "drifting"
         elif t.boost or t.limit < t.ceiling:
             state = "recovering"
         return DriftStatus(
-            tenant, t.level, _ratio(t), len(t.window), self.limit(tenant), t.base, state,
-            t.detections, t.boost, t.overflow, t.last_action, t.last_action_at,
-            t.decreases, t.increases,
+            tenant, t.level, _ratio(t) if ready else 1.0, len(t.window), self.limit(tenant),
+            t.base, state, t.detections, t.boost, t.overflow, t.last_action, t.last_action_at,
+            t.decreases, t.increases, math.exp(t.baseline), self._pressured(t),
         )  # fmt: skip
 
     def statuses(self) -> dict[str, DriftStatus]:
         return {name: self.status(name) for name in sorted(self._tracks)}
+
+    def _ready(self, t: _Track) -> bool:
+        m = self.params.min_samples
+        return len(t.window) >= m and t.baseline_n >= m
+
+    def _drifting(self, t: _Track) -> bool:
+        """The window's mean log ratio exceeds the baseline by log(threshold), with
+        ``confidence`` standard errors to spare (single requests' lengths vary a lot around
+        any prediction, and noise must not look like drift)."""
+        p = self.params
+        n = len(t.window)
+        mean = t.sum_log / n
+        var_w = max(0.0, t.sum_sq / n - mean * mean)
+        # the baseline is an estimate too: a running mean, then an exponential one whose
+        # variance is that of a mean of ~2N - 1 samples
+        n_b = t.baseline_n if t.baseline_n < p.baseline_window else 2 * p.baseline_window - 1
+        se = math.sqrt(var_w / n + t.baseline_var / n_b)
+        return mean - t.baseline - p.confidence * se > math.log(p.threshold)
+
+    def _pressured(self, t: _Track) -> bool:
+        if self.params.gate == "none":
+            return True
+        now = self._clock.time()
+        return any(lv < t.level and until > now for lv, until in self._pressure.items())
 
     def _decrease(self, t: _Track, action: DriftAction) -> DriftAction:
         t.since_change = 0
@@ -246,17 +339,8 @@ class DriftController:
 _MAX_LOG = math.log(16.0)
 
 
-def _lower_bound(t: _Track, z: float) -> float:
-    """Mean log ratio minus ``z`` standard errors (the window's samples)."""
-    n = len(t.window)
-    if n == 0:
-        return 0.0
-    mean = t.sum_log / n
-    var = max(0.0, t.sum_sq / n - mean * mean)
-    return mean - z * math.sqrt(var / n)
-
-
 def _ratio(t: _Track) -> float:
-    """Geometric mean of (1 + actual) / (1 + predicted) over the window: robust to a few
-    wild predictions (a cold estimator's prior), symmetric in over/under-prediction."""
-    return math.exp(t.sum_log / len(t.window)) if t.window else 1.0
+    """``exp(window mean - baseline)``: the geometric mean of (1 + actual) / (1 + predicted)
+    over the window, relative to the tenant's usual one; robust to a few wild predictions,
+    symmetric in over/under-prediction."""
+    return math.exp(t.sum_log / len(t.window) - t.baseline) if t.window else 1.0

@@ -329,7 +329,8 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
     # -- scheduler -----------------------------------------------------------------------
     @router.get("/scheduler")
     async def scheduler_view(gw: GW) -> dict[str, Any]:
-        """Active policy, queue depth per tenant, admission holds per engine, and the drift
+        """Active policy, queue depth per tenant, admission holds per engine, the TPOT
+        governor's caps, each class level's rolling SLO attainment, and the drift
         controller's view of every tenant (ratio, limit, detector state, last action)."""
         sch = gw.scheduler
         now = gw.clock.time()
@@ -341,6 +342,15 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
             "replica": sch.replica_id,
             "queue_depth": await sch.queue.depth(),
             "engines": [asdict(x) for x in await sch.queue.loads(now)],
+            "governor": {
+                "target_tpot_s": sch.governor.target_s,
+                "engines": {n: {"cap": g.cap, "max_seqs": g.max_seqs, "tpot_s": g.tpot_s,
+                                "decreases": g.decreases, "increases": g.increases}
+                            for n, g in sorted(sch.governor.engines.items())},
+            },
+            "slo_attainment": {str(lv): {"attainment": a, "requests": n}
+                               for lv, (a, n) in sorted(sch.attainment_snapshot.items())},
+            "drift_pressure": list(sch.drift.under_pressure()) if sch.drift else [],
             "drift": drift,
             "estimator": {t: asdict(sch.estimator.drift_state(t)) for t in sch.estimator.tenants()},
         }

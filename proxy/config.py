@@ -224,8 +224,29 @@ class EstimatorConfig(_Strict):
     quantile: float = Field(0.9, ge=0.5, lt=1.0)
 
 
+class GovernorConfig(_Strict):
+    """The TPOT governor (policies/governor.py): per-engine caps on admitted sequences."""
+
+    enabled: bool = True
+    headroom: float = Field(0.8, gt=0)
+    low: float = Field(0.85, gt=0, le=1)
+    interval_s: float = Field(2.0, gt=0)
+    smoothing: float = Field(0.25, gt=0, le=1)
+    beta: float = Field(0.9, gt=0, lt=1)
+    increase: int = Field(0, ge=0)
+    min_seqs: int = Field(8, ge=1)
+    initial_fraction: float = Field(0.25, gt=0, le=1)
+
+
 class SchedulerConfig(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    #: per-engine sequence caps that keep the engines' time per output token under the
+    #: tightest TPOT SLO (x headroom)
+    governor: GovernorConfig = Field(default_factory=GovernorConfig)
+    #: rolling window of the per-class SLO attainment the drift controller is fed
+    slo_window_s: float = Field(10.0, gt=0)
+    #: requests a class needs in the window before its attainment counts
+    slo_min_samples: int = Field(20, ge=1)
     #: share of an engine's KV capacity that admission may fill with predicted footprints
     kv_budget_fraction: float = Field(0.9, gt=0, le=4)
     estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)

@@ -142,7 +142,21 @@ class _SchedulerCollector(Collector):
             seqs.add_metric([load.name], load.seqs)
             if load.budget_tokens is not None:
                 budget.add_metric([load.name], load.budget_tokens)
-        out: list[Metric] = [depth, held, seqs, budget]
+        cap = GaugeMetricFamily("driftsched_admission_seq_cap", "Sequences admission may hold "
+                                "on the engine (max_num_seqs, capped by the TPOT governor)",
+                                labels=["backend"])
+        tpot = GaugeMetricFamily("driftsched_backend_tpot_seconds", "Engine's live time per "
+                                 "output token per stream (TPOT governor's smoothed signal)",
+                                 labels=["backend"])
+        for name, g in sorted(s.governor.engines.items()):
+            cap.add_metric([name], g.cap)
+            if g.tpot_s is not None:
+                tpot.add_metric([name], g.tpot_s)
+        att = GaugeMetricFamily("driftsched_class_slo_attainment", "Rolling SLO attainment per "
+                                "class level (the drift controller's feedback)", labels=["level"])
+        for level, (value, _n) in sorted(s.attainment_snapshot.items()):
+            att.add_metric([str(level)], value)
+        out: list[Metric] = [depth, held, seqs, budget, cap, tpot, att]
         if s.drift is None:
             return out
         ratio = GaugeMetricFamily("driftsched_tenant_drift_ratio", "Actual / predicted output "

@@ -421,6 +421,16 @@ class OpenAIHandler:
                 known = bool(usage) and ctx.status == 200 and ctx.req.endpoint != "embeddings"
                 await gw.scheduler.complete(ctx.admitted, c_tok if known else None)
                 tm.in_flight.dec()
+            if ctx.stage in ("queued", "upstream") and ctx.status != 499 \
+                    and ctx.req.endpoint != "embeddings":
+                # queued or served (not refused by its own rate limits, not abandoned by the
+                # client): an SLO outcome for the drift controller's feedback
+                end = gw.clock.monotonic()
+                gw.scheduler.record_outcome(
+                    tenant, ok=ctx.status == 200 and bool(usage),
+                    ttft_s=ctx.first_byte_at - ctx.t0
+                    if ctx.req.stream and ctx.first_byte_at is not None else None,
+                    e2e_s=end - ctx.t0, output_tokens=c_tok)
             delta = 0
             if ctx.lease is not None:
                 actual = p_tok + c_tok if ctx.upstream_reached else 0

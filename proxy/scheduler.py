@@ -13,7 +13,15 @@ The gateway side of scheduling. Per request:
 
 A dispatch loop per replica wakes on release/enqueue notifications (not polling) and a
 capacity publisher pushes every engine's admission budget (KV capacity x
-``kv_budget_fraction``, max sequences, routable) to the shared queue twice a second.
+``kv_budget_fraction``, max sequences capped by the TPOT governor, routable) to the shared
+queue twice a second.
+
+Feedback, off the request path: each finished request's SLO outcome (TTFT and TPOT against
+its class's SLOs; a failure is a miss) goes into a rolling per-level window
+(:class:`SloWindow`); once a second each level's attainment is reported to the drift
+controller (:meth:`~policies.drift.DriftController.on_attainment`), which throttles
+drifting tenants only while a more important level misses its target. The capacity loop
+also feeds each engine's scrape to the :class:`~policies.governor.TpotGovernor`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from policies.base import Policy, QueuedRequest, TenantState
 from policies.drift import DriftController
 from policies.estimator import Estimate, OutputTokenEstimator
 from policies.features import RequestFeatures
+from policies.governor import GovernorParams, TpotGovernor
 from proxy.clock import Clock
 from proxy.completions import CompletionBus, LocalCompletions
 from proxy.config import Settings
@@ -53,6 +62,29 @@ class Admitted:
     queued_s: float
     #: estimator features, kept for learning at completion
     features: dict[str, Any]
+
+
+class SloWindow:
+    """Per-level SLO outcomes of the last ``window_s`` seconds (met or missed)."""
+
+    def __init__(self, window_s: float, min_samples: int) -> None:
+        self.window_s, self.min_samples = window_s, min_samples
+        self._events: dict[int, deque[tuple[float, bool]]] = {}
+        self._met: dict[int, int] = {}
+
+    def record(self, level: int, met: bool, now: float) -> None:
+        self._events.setdefault(level, deque()).append((now, met))
+        self._met[level] = self._met.get(level, 0) + met
+
+    def attainment(self, now: float) -> dict[int, tuple[float, int]]:
+        """level -> (attainment, requests) over the window, for levels with enough requests."""
+        out = {}
+        for level, ev in self._events.items():
+            while ev and ev[0][0] < now - self.window_s:
+                self._met[level] -= ev.popleft()[1]
+            if len(ev) >= self.min_samples:
+                out[level] = (self._met[level] / len(ev), len(ev))
+        return out
 
 
 class Scheduler:
@@ -81,6 +113,14 @@ class Scheduler:
         self.features = RequestFeatures()
         cfg = settings.scheduler
         self._budget_fraction = cfg.kv_budget_fraction
+        tpots = [c.tpot_slo_ms for c in settings.classes.values() if c.tpot_slo_ms]
+        tpots += [t.tpot_slo_ms for t in settings.tenants if t.tpot_slo_ms]
+        self.governor = TpotGovernor(GovernorParams(**cfg.governor.model_dump()),
+                                     min(tpots) / 1000.0 if tpots else None)
+        self.slo = SloWindow(cfg.slo_window_s, cfg.slo_min_samples)
+        #: level -> (attainment, requests) of the last evaluation, for /metrics
+        self.attainment_snapshot: dict[int, tuple[float, int]] = {}
+        self._next_slo_check = 0.0
         self._lease_ttl = settings.store.lease_ttl_s
         #: per-tenant policy state on this replica (virtual tags for fair share)
         self._states: dict[str, TenantState] = {}
@@ -128,6 +168,34 @@ class Scheduler:
         if max_tokens is not None:
             est = Estimate(min(est.p50, max_tokens), min(est.p90, max_tokens))
         return est
+
+    def slo_ms(self, tenant: Tenant) -> tuple[float | None, float | None]:
+        """The tenant's (TTFT, TPOT) SLOs in ms: its own, else its class's."""
+        cls = self.settings.classes[tenant.qos_class]
+        ttft = tenant.ttft_slo_ms if tenant.ttft_slo_ms is not None else cls.ttft_slo_ms
+        tpot = tenant.tpot_slo_ms if tenant.tpot_slo_ms is not None else cls.tpot_slo_ms
+        return ttft, tpot
+
+    def record_outcome(
+        self, tenant: Tenant, *, ok: bool, ttft_s: float | None, e2e_s: float, output_tokens: int,
+    ) -> None:
+        """A request that reached the queue finished: count it against its class's SLOs
+        (a failure is a miss; a class without SLOs is not counted). ``ttft_s`` None (not
+        streamed): the end-to-end time is held against TTFT + TPOT x (tokens - 1)."""
+        ttft, tpot = self.slo_ms(tenant)
+        if ttft is None and tpot is None:
+            return
+        met = ok
+        if met:
+            n = max(output_tokens - 1, 0)
+            if ttft_s is None:
+                met = e2e_s * 1000.0 <= (ttft or math.inf) + (tpot or math.inf) * n
+            else:
+                met = ttft is None or ttft_s * 1000.0 <= ttft
+                if met and tpot is not None and n > 0:
+                    met = (e2e_s - ttft_s) * 1000.0 / n <= tpot
+        level = self.settings.classes[tenant.qos_class].level
+        self.slo.record(level, met, self.clock.time())
 
     def tenant_state(self, tenant: Tenant) -> TenantState:
         level = self.settings.classes[tenant.qos_class].level
@@ -188,10 +256,8 @@ class Scheduler:
         removes the item, or releases the grant if it raced with the cancel.
         """
         now = self.clock.time()
-        cls = self.settings.classes[tenant.qos_class]
         state = self.tenant_state(tenant)
-        ttft = tenant.ttft_slo_ms if tenant.ttft_slo_ms is not None else cls.ttft_slo_ms
-        tpot = tenant.tpot_slo_ms if tenant.tpot_slo_ms is not None else cls.tpot_slo_ms
+        ttft, tpot = self.slo_ms(tenant)
         qreq = QueuedRequest(
             id=rid, tenant=tenant.name, arrival=now, prompt_tokens=req.prompt_tokens,
             predicted_output_p50=est.p50, predicted_output_p90=est.p90,
@@ -288,8 +354,35 @@ class Scheduler:
             budget = None
             if b.kv_capacity_tokens is not None:
                 budget = max(1, math.floor(b.kv_capacity_tokens * self._budget_fraction))
-            out.append(EngineCapacity(b.name, tuple(b.models), budget, b.max_num_seqs, b.routable))
+            seqs = self.governor.cap(b.name, b.max_num_seqs)
+            out.append(EngineCapacity(b.name, tuple(b.models), budget, seqs, b.routable))
         return out
+
+    def feedback(self, now: float) -> None:
+        """Feed the governor the engines' latest scrapes and, once a second, the drift
+        controller each level's SLO attainment (the capacity loop calls this)."""
+        held = {ld.name: ld.seqs for ld in self.loads_snapshot}
+        for b in self.pool.backends():
+            m = b.metrics
+            act = self.governor.observe(b.name, m.scraped_at, m.generation_tokens_total,
+                                        m.num_requests_running, held.get(b.name, 0), now)
+            if act != "none":
+                g = self.governor.engines[b.name]
+                log.info("tpot governor acted", extra={
+                    "backend": b.name, "action": act, "cap": g.cap,
+                    "tpot_ms": round((g.tpot_s or 0.0) * 1000, 1)})
+        if now < self._next_slo_check:
+            return
+        self._next_slo_check = now + 1.0
+        self.attainment_snapshot = att = self.slo.attainment(now)
+        if self.drift is None:
+            return
+        for level, (value, _n) in sorted(att.items()):
+            for name in self.drift.on_attainment(level, value):
+                st_d = self.drift.status(name)
+                log.info("drift controller acted", extra={
+                    "tenant": name, "action": "slo_decrease", "ratio": round(st_d.ratio, 3),
+                    "limit": st_d.limit, "attainment": round(value, 3), "level": level})
 
     async def publish_capacity(self) -> None:
         await self.queue.set_engines(self.capacities(), self.clock.time(), ttl_s=5.0)
@@ -298,8 +391,9 @@ class Scheduler:
         while True:
             await asyncio.sleep(0.5)
             try:
-                await self.publish_capacity()
                 now = self.clock.time()
+                self.feedback(now)
+                await self.publish_capacity()
                 await self.queue.dispatch(now, self._lease_ttl)
                 self.depth_snapshot = await self.queue.depth()
                 self.loads_snapshot = await self.queue.loads(now)

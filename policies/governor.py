@@ -1,0 +1,139 @@
+"""The TPOT governor: a per-engine cap on admitted sequences, AIMD on the engine's live
+time per output token.
+
+Why. An engine's step time grows with its batch: a vLLM engine filled to ``max_num_seqs``
+decodes every sequence at the pace of its largest steps (prefill chunks plus hundreds of
+decodes), and that pace, not the queue order, decides whether a running request meets its
+TPOT SLO. Admission by KV footprint alone fills the batch as far as memory allows. The
+governor keeps each engine's batch as large as the tightest TPOT SLO among the classes
+allows, and no larger; beyond that point a larger batch adds little throughput (the step is
+compute-bound) and only slows every stream.
+
+Signal (no per-chunk work on the request path): from two successive ``/metrics`` scrapes of
+an engine, ``tpot = mean running sequences / (generation tokens per second)`` — the mean
+time between two tokens of one stream over the interval, prefill stalls included. It is
+smoothed (exponential mean, ``smoothing``) and compared every ``interval_s`` with
+``target = tightest TPOT SLO x headroom``:
+
+* above target: ``cap <- max(min_seqs, floor(cap x beta))`` (gently: every cut stops
+  admission to the engine until its batch has drained below the new cap);
+* under ``target x low`` and the engine is *saturated* (the gateway holds at least ``cap
+  - 1`` sequences on it): ``cap += increase`` (default ``max_num_seqs / 16``).
+
+The cap starts at ``initial_fraction x max_num_seqs`` (slow start: on a cold pool the
+arrivals of the first seconds would otherwise be admitted all at once, and queue inside
+the engine, where no gateway policy can reorder them). Engines whose ``max_num_seqs`` or
+generation counter are unknown are not governed (cap None). Each replica governs from its
+own scrapes; they see the same engines and converge to similar caps. Not thread-safe;
+time comes from the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from policies.registry import check
+
+
+@dataclass(frozen=True, slots=True)
+class GovernorParams:
+    enabled: bool = True
+    #: target = tightest TPOT SLO x headroom
+    headroom: float = 0.8
+    #: grow only while the smoothed TPOT is under target x low
+    low: float = 0.85
+    interval_s: float = 2.0
+    #: weight of the newest measurement in the exponential mean
+    smoothing: float = 0.25
+    beta: float = 0.9
+    #: cap growth per interval; 0 = max_num_seqs / 16
+    increase: int = 0
+    min_seqs: int = 8
+    initial_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        check("headroom", self.headroom)
+        check("interval_s", self.interval_s)
+        check("min_seqs", self.min_seqs)
+        check("increase", self.increase, strict=False)
+        for ok, why in (
+            (0.0 < self.low <= 1.0, "low: must be in (0, 1]"),
+            (0.0 < self.smoothing <= 1.0, "smoothing: must be in (0, 1]"),
+            (0.0 < self.beta < 1.0, "beta: must be in (0, 1)"),
+            (0.0 < self.initial_fraction <= 1.0, "initial_fraction: must be in (0, 1]"),
+        ):
+            if not ok:
+                raise ValueError(why)
+
+
+@dataclass(slots=True)
+class EngineGovernorState:
+    """One engine as the governor sees it (admin API, metrics)."""
+
+    cap: int
+    max_seqs: int
+    #: smoothed seconds per output token per stream (None: no measurement yet)
+    tpot_s: float | None = None
+    decreases: int = 0
+    increases: int = 0
+    #: last scrape folded in: (scraped_at, generation tokens, running)
+    _last: tuple[float, float, float] | None = None
+    _next_change: float = 0.0
+
+
+class TpotGovernor:
+    """Per-engine admission caps from live TPOT (module doc)."""
+
+    def __init__(self, params: GovernorParams, target_s: float | None) -> None:
+        self.params = params
+        #: None: no class has a TPOT SLO, nothing to govern for
+        self.target_s = None if target_s is None else target_s * params.headroom
+        self.engines: dict[str, EngineGovernorState] = {}
+
+    def cap(self, engine: str, max_seqs: int | None) -> int | None:
+        """The admission cap on ``engine``'s sequences (None: ungoverned)."""
+        if not self.params.enabled or self.target_s is None or max_seqs is None:
+            return max_seqs
+        st = self.engines.get(engine)
+        if st is None or st.max_seqs != max_seqs:
+            first = max(self.params.min_seqs, math.ceil(max_seqs * self.params.initial_fraction))
+            st = EngineGovernorState(cap=min(max_seqs, first), max_seqs=max_seqs)
+            self.engines[engine] = st
+        return st.cap
+
+    def observe(
+        self, engine: str, scraped_at: float, generation_tokens: float | None, running: float,
+        held_seqs: int, now: float,
+    ) -> str:
+        """Fold one scrape of ``engine`` in (repeated scrapes are ignored) and adjust its cap
+        when ``interval_s`` has passed. Returns "decrease", "increase" or "none"."""
+        st = self.engines.get(engine)
+        if st is None or generation_tokens is None or self.target_s is None:
+            return "none"
+        p = self.params
+        last, st._last = st._last, (scraped_at, generation_tokens, running)
+        if last is None or scraped_at <= last[0]:
+            if last is not None and scraped_at <= last[0]:
+                st._last = last
+            return "none"
+        dt, dgen = scraped_at - last[0], generation_tokens - last[1]
+        if dgen <= 0 or dgen < 0.5 * (last[2] + running) * 0.5:
+            return "none"  # idle, restarted (counter reset), or too little to measure
+        tpot = 0.5 * (last[2] + running) * dt / dgen
+        st.tpot_s = tpot if st.tpot_s is None else st.tpot_s + p.smoothing * (tpot - st.tpot_s)
+        if now < st._next_change:
+            return "none"
+        if st.tpot_s > self.target_s:
+            new = max(p.min_seqs, math.floor(st.cap * p.beta))
+            if new < st.cap:
+                st.cap, st.decreases, st._next_change = new, st.decreases + 1, now + p.interval_s
+                return "decrease"
+            return "none"
+        if st.tpot_s < self.target_s * p.low and held_seqs >= st.cap - 1 and st.cap < st.max_seqs:
+            step = p.increase or max(1, st.max_seqs // 16)
+            st.cap = min(st.max_seqs, st.cap + step)
+            st.increases += 1
+            st._next_change = now + p.interval_s
+            return "increase"
+        return "none"
