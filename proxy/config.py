@@ -227,7 +227,8 @@ class EstimatorConfig(_Strict):
 class GovernorConfig(_Strict):
     """The TPOT governor (policies/governor.py): per-engine caps on admitted sequences."""
 
-    enabled: bool = True
+    #: None: on with the ``driftsched`` policy, off with the others
+    enabled: bool | None = None
     headroom: float = Field(0.8, gt=0)
     low: float = Field(0.85, gt=0, le=1)
     interval_s: float = Field(2.0, gt=0)

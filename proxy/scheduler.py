@@ -115,8 +115,10 @@ class Scheduler:
         self._budget_fraction = cfg.kv_budget_fraction
         tpots = [c.tpot_slo_ms for c in settings.classes.values() if c.tpot_slo_ms]
         tpots += [t.tpot_slo_ms for t in settings.tenants if t.tpot_slo_ms]
-        self.governor = TpotGovernor(GovernorParams(**cfg.governor.model_dump()),
-                                     min(tpots) / 1000.0 if tpots else None)
+        gov = cfg.governor.model_dump()
+        if gov["enabled"] is None:
+            gov["enabled"] = policy.type == "driftsched"
+        self.governor = TpotGovernor(GovernorParams(**gov), min(tpots) / 1000.0 if tpots else None)
         self.slo = SloWindow(cfg.slo_window_s, cfg.slo_min_samples)
         #: level -> (attainment, requests) of the last evaluation, for /metrics
         self.attainment_snapshot: dict[int, tuple[float, int]] = {}

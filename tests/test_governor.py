@@ -100,6 +100,7 @@ def test_scrape_reads_the_generation_counter() -> None:
 def test_slo_outcomes_roll_into_per_level_attainment() -> None:
     """``Scheduler.record_outcome``: TTFT and TPOT against the class's SLOs, a failure is a
     miss, a class without SLOs is not counted; the window forgets old outcomes."""
+    from policies.registry import build_policy
     from proxy.clock import FakeClock
     from proxy.config import Settings
     from proxy.scheduler import Scheduler
@@ -107,8 +108,9 @@ def test_slo_outcomes_roll_into_per_level_attainment() -> None:
 
     clock = FakeClock()
     settings = Settings.model_validate({"scheduler": {"slo_window_s": 10, "slo_min_samples": 4}})
+    policy = build_policy({"type": "driftsched"})
     sch = Scheduler(settings=settings, clock=clock, queue=None, pool=None,  # type: ignore[arg-type]
-                    policy=None, estimator=None, drift=None, replica_id="r")  # type: ignore[arg-type]
+                    policy=policy, estimator=None, drift=None, replica_id="r")  # type: ignore[arg-type]
     prem, batch = Tenant(name="p", qos_class="premium"), Tenant(name="b", qos_class="batch")
     # premium: TTFT 1 s, TPOT 100 ms
     sch.record_outcome(prem, ok=True, ttft_s=0.5, e2e_s=0.5 + 0.09 * 100, output_tokens=101)
@@ -123,3 +125,8 @@ def test_slo_outcomes_roll_into_per_level_attainment() -> None:
     sch.record_outcome(prem, ok=True, ttft_s=0.1, e2e_s=0.2, output_tokens=2)
     assert sch.slo.attainment(clock.time()) == {}  # 1 request < slo_min_samples
     assert sch.governor.target_s == pytest.approx(0.08)  # tightest TPOT SLO (100 ms) x 0.8
+    assert sch.governor.params.enabled  # on by default with driftsched, off with the others
+    fcfs = Scheduler(settings=settings, clock=clock, queue=None, pool=None,  # type: ignore[arg-type]
+                     policy=build_policy({"type": "fcfs"}), estimator=None,  # type: ignore[arg-type]
+                     drift=None, replica_id="r")
+    assert not fcfs.governor.params.enabled and fcfs.governor.cap("e", 256) == 256

@@ -145,31 +145,35 @@ def test_streaming_with_usage(gw: GatewayThread) -> None:
     assert len(arrivals) > 10 and arrivals[0] < arrivals[-1], arrivals[:3]
 
 
-@pytest.mark.xfail(strict=False, reason="timing-based: on 2 shared cores vLLM admits the two waiting requests ~30-90 ms apart, too close to order reliably through an in-process gateway (flaky in the final clean-clone CI run)")
 def test_priority_is_passed_as_class_level(gw: GatewayThread) -> None:
-    """All 8 vLLM slots busy; a batch request, then a premium one: the gateway adds
-    ``priority`` 2 and 0, and vLLM starts the premium one first.
-
-    The fillers are premium too (priority 0, as in test_vllm_direct.py): with batch fillers
-    vLLM admitted both waiting requests within a step or two (~27 ms apart, measured
-    directly), too close to tell apart through an in-process gateway."""
+    """All 8 vLLM slots busy; a batch request, then a premium one wait *in vLLM* (the
+    gateway, told 64 slots, admits both at once). The gateway adds ``priority`` 2 and 0.
+    Exactly one slot frees first (the short filler); the next frees ~600 tokens later.
+    vLLM's priority scheduler must give the first free slot to the premium request, though
+    the batch one arrived earlier: its first token then precedes the batch one's by the
+    whole gap, not by a step or two (FCFS would start the batch one first, equally far
+    ahead)."""
     first: dict[str, float] = {}
+    sent: dict[str, float] = {}
+    done: dict[str, float] = {}
     errors: list[BaseException] = []
     started = threading.Semaphore(0)
 
     def run(tag: str, key: str, max_tokens: int) -> None:
         try:
+            sent[tag] = time.monotonic()
             for chunk in sdk(gw, key).chat.completions.create(
                     model=SERVED_NAME, messages=msg(f"request {tag} please"), stream=True,
                     max_tokens=max_tokens, extra_body={"ignore_eos": True}):
                 if chunk.choices and tag not in first:
                     first[tag] = time.monotonic()
                     started.release()
+            done[tag] = time.monotonic()
         except BaseException as e:
             errors.append(e)
 
-    # fillers end one after another, so slots free up one at a time
-    fillers = [threading.Thread(target=run, args=(f"fill{i}", PREM_KEY, 300 + 40 * i))
+    # one short filler frees the first slot; the seven long ones free theirs much later
+    fillers = [threading.Thread(target=run, args=(f"fill{i}", PREM_KEY, 400 if i == 0 else 1000))
                for i in range(8)]
     for t in fillers:
         t.start()
@@ -178,12 +182,16 @@ def test_priority_is_passed_as_class_level(gw: GatewayThread) -> None:
     low = threading.Thread(target=run, args=("low", BAT_KEY, 5))
     high = threading.Thread(target=run, args=("high", PREM_KEY, 5))
     low.start()
-    time.sleep(0.5)
+    time.sleep(0.3)
     high.start()
     for t in [*fillers, low, high]:
-        t.join(120)
+        t.join(180)
     assert not errors, errors
-    assert first["high"] < first["low"], {k: round(v % 1000, 3) for k, v in first.items()}
+    rel = {k: round(v - first["fill0"], 3) for k, v in first.items()}
+    # both were waiting in vLLM before the first slot freed (else this proves nothing)
+    assert sent["high"] < done["fill0"], (sent["high"] - done["fill0"], rel)
+    assert first["high"] < first["low"], rel
+    assert first["low"] - first["high"] > 0.5, rel  # a slot later, not a step later
 
 
 def test_preemption_under_a_small_kv_cache_shows_in_backends(gw: GatewayThread) -> None:
