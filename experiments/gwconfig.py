@@ -62,6 +62,7 @@ TIME_PARAMS: dict[str, tuple[str, ...]] = {
         "max_debt_s",
         "drift.attainment_hold_s",
         "drift.warmup_s",
+        "drift.cooldown_s",
     ),
 }
 _DEFAULTS: dict[str, dict[str, Any]] = {

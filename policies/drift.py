@@ -29,15 +29,17 @@ alone.
 **Actions**, per completion (:meth:`~DriftController.observe`):
 
 * drifting and gated through: limit <- ``max(min_limit, floor(limit * beta))``, at once
-  when the detector just fired, else at most once per ``cooldown`` completions. A tenant of
+  when the detector just fired, else at most once per ``cooldown`` completions; never twice
+  within ``cooldown_s`` seconds (a limit acts as in-flight requests finish). A tenant of
   level <= ``compensate_level`` (premium) is never throttled: it gets ``boost``
   (``driftsched`` raises it ``max_boost`` levels) and, if ``overflow``, elastic overflow
   capacity (ungated: it costs nobody capacity).
 * ratio <= ``recover_below`` (the estimator caught up), or no SLO pressure on a more
-  important level: the limit grows once per ``cooldown`` completions, by ``increase``
-  while under pressure (additive) and doubling without (multiplicative: a tenant cut to 1
-  completes too few requests to climb back one by one); boost/overflow are withdrawn when
-  the ratio is back. Between the two thresholds, under pressure, nothing changes.
+  important level: the limit grows, at most once per ``cooldown`` completions and
+  ``cooldown_s`` seconds, by ``increase`` while under pressure (additive) and doubling
+  without (multiplicative: a tenant cut to 1 completes too few requests to climb back one
+  by one); :meth:`~DriftController.tick` (the gateway calls it every second) does the same
+  without waiting for completions. Boost/overflow are withdrawn when the ratio is back. Between the two thresholds, under pressure, nothing changes.
 
 **SLO hook** (:meth:`~DriftController.on_attainment`): the gateway reports each level's
 rolling attainment. Under ``attainment_target`` the level is under pressure for
@@ -81,6 +83,9 @@ class DriftParams:
     beta: float = 0.5
     increase: int = 1
     cooldown: int = 5
+    #: seconds between two limit changes of a tenant: a limit acts as its in-flight
+    #: requests finish, so AIMD steps once per such "round trip", not once per completion
+    cooldown_s: float = 5.0
     min_limit: int = 1
     unlimited_as: int = 64
     detector: str = "adwin"
@@ -102,6 +107,7 @@ class DriftParams:
         check("recover_below", self.recover_below)
         check("threshold", self.threshold, self.recover_below)
         check("attainment_hold_s", self.attainment_hold_s, strict=False)
+        check("cooldown_s", self.cooldown_s, strict=False)
         for ok, why in (
             (self.min_samples <= self.window, "min_samples: must be <= window"),
             (0.0 < self.beta < 1.0, "beta: must be in (0, 1)"),
@@ -159,6 +165,8 @@ class _Track:
         self.last_action: DriftAction = "none"
         self.last_action_at: float | None = None
         self.hold_until = -math.inf
+        #: when the limit last changed (cooldown_s)
+        self.changed_at = -math.inf
 
 
 class DriftController:
@@ -204,10 +212,11 @@ class DriftController:
             old = t.window.popleft()
             t.sum_log -= old
             t.sum_sq -= old * old
-            # while the tenant drifts the baseline holds still (else it would absorb the
-            # drift it measures), for at most baseline_window completions: then the new
-            # level is the tenant's normal
-            if t.drifting and t.frozen < p.baseline_window:
+            # while the tenant drifts under pressure the baseline holds still (else it would
+            # absorb the drift it acts on), for at most baseline_window completions: then
+            # the new level is the tenant's normal. Without pressure it is absorbed: a
+            # drift nobody suffered from is the tenant's new normal, not a later alarm.
+            if t.drifting and t.frozen < p.baseline_window and self._pressured(t):
                 t.frozen += 1
                 continue
             t.baseline_n += 1
@@ -227,7 +236,9 @@ class DriftController:
             t.boost, t.overflow = True, p.overflow
             return self._record(t, "compensate")
         pressured = self._pressured(t)
-        if drifting and pressured and (detected or t.since_change >= p.cooldown):
+        now = self._clock.time()
+        if (drifting and pressured and (detected or t.since_change >= p.cooldown)
+                and now - t.changed_at >= p.cooldown_s):
             return self._decrease(t, "decrease")
         settled = _ratio(t) <= p.recover_below
         if not settled and (pressured or t.level <= p.compensate_level):
@@ -235,10 +246,34 @@ class DriftController:
         if t.boost and settled:
             t.boost = t.overflow = False
             return self._record(t, "restore")
-        if t.limit >= t.ceiling or t.since_change < p.cooldown or self._clock.time() < t.hold_until:
+        if t.since_change < p.cooldown:
+            return "none"
+        return self._increase(t, pressured, now)
+
+    def tick(self) -> tuple[tuple[str, DriftAction], ...]:
+        """Time-based recovery (call about once a second): a throttled tenant completes few
+        requests, so it must not depend on its completions to grow back. Each tenant under
+        its ceiling, out of its hold and with ``cooldown_s`` since its last change grows
+        (doubling without pressure, by ``increase`` with pressure if its ratio is back under
+        ``recover_below``). Returns (tenant, action) for the tenants changed."""
+        now, p, out = self._clock.time(), self.params, []
+        for name in sorted(self._tracks):
+            t = self._tracks[name]
+            if t.limit >= t.ceiling or t.level <= p.compensate_level:
+                continue
+            pressured = self._pressured(t)
+            if pressured and not (self._ready(t) and _ratio(t) <= p.recover_below):
+                continue
+            if self._increase(t, pressured, now) != "none":
+                out.append((name, t.last_action))
+        return tuple(out)
+
+    def _increase(self, t: _Track, pressured: bool, now: float) -> DriftAction:
+        p = self.params
+        if t.limit >= t.ceiling or now < t.hold_until or now - t.changed_at < p.cooldown_s:
             return "none"
         step = p.increase if pressured else max(p.increase, t.limit)
-        t.limit, t.since_change = min(t.ceiling, t.limit + step), 0
+        t.limit, t.since_change, t.changed_at = min(t.ceiling, t.limit + step), 0, now
         t.increases += 1
         return self._record(t, "increase")
 
@@ -328,7 +363,7 @@ class DriftController:
         new = max(self.params.min_limit, math.floor(t.limit * self.params.beta))
         if new == t.limit:
             return "none"
-        t.limit, t.decreases = new, t.decreases + 1
+        t.limit, t.decreases, t.changed_at = new, t.decreases + 1, self._clock.time()
         return self._record(t, action)
 
     def _record(self, t: _Track, action: DriftAction) -> DriftAction:

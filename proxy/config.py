@@ -248,6 +248,8 @@ class SchedulerConfig(_Strict):
     slo_window_s: float = Field(10.0, gt=0)
     #: requests a class needs in the window before its attainment counts
     slo_min_samples: int = Field(20, ge=1)
+    #: misses in the window below which a class is not under pressure, whatever its share
+    slo_min_misses: int = Field(3, ge=1)
     #: share of an engine's KV capacity that admission may fill with predicted footprints
     kv_budget_fraction: float = Field(0.9, gt=0, le=4)
     estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)

@@ -50,6 +50,8 @@ from proxy.store.base import Tenant
 from proxy.store.queue_base import AdmissionQueue, EngineCapacity, EngineLoad, Grant, QueueItem
 
 log = logging.getLogger("driftsched.scheduler")
+#: shorter answers' TPOT is not held against the SLO in the controller's feedback
+_MIN_TPOT_TOKENS = 16
 
 
 @dataclass(slots=True)
@@ -120,6 +122,7 @@ class Scheduler:
             gov["enabled"] = policy.type == "driftsched"
         self.governor = TpotGovernor(GovernorParams(**gov), min(tpots) / 1000.0 if tpots else None)
         self.slo = SloWindow(cfg.slo_window_s, cfg.slo_min_samples)
+        self._min_misses = cfg.slo_min_misses
         #: level -> (attainment, requests) of the last evaluation, for /metrics
         self.attainment_snapshot: dict[int, tuple[float, int]] = {}
         self._next_slo_check = 0.0
@@ -183,7 +186,8 @@ class Scheduler:
     ) -> None:
         """A request that reached the queue finished: count it against its class's SLOs
         (a failure is a miss; a class without SLOs is not counted). ``ttft_s`` None (not
-        streamed): the end-to-end time is held against TTFT + TPOT x (tokens - 1)."""
+        streamed): the end-to-end time is held against TTFT + TPOT x (tokens - 1). TPOT is
+        judged from ``_MIN_TPOT_TOKENS`` output tokens on (feedback, not the report)."""
         ttft, tpot = self.slo_ms(tenant)
         if ttft is None and tpot is None:
             return
@@ -194,7 +198,8 @@ class Scheduler:
                 met = e2e_s * 1000.0 <= (ttft or math.inf) + (tpot or math.inf) * n
             else:
                 met = ttft is None or ttft_s * 1000.0 <= ttft
-                if met and tpot is not None and n > 0:
+                # the TPOT of a short answer is a step or two of jitter and SSE coalescing
+                if met and tpot is not None and n >= _MIN_TPOT_TOKENS:
                     met = (e2e_s - ttft_s) * 1000.0 / n <= tpot
         level = self.settings.classes[tenant.qos_class].level
         self.slo.record(level, met, self.clock.time())
@@ -379,7 +384,14 @@ class Scheduler:
         self.attainment_snapshot = att = self.slo.attainment(now)
         if self.drift is None:
             return
-        for level, (value, _n) in sorted(att.items()):
+        for name, action in self.drift.tick():
+            st_d = self.drift.status(name)
+            log.info("drift controller acted", extra={
+                "tenant": name, "action": action, "ratio": round(st_d.ratio, 3),
+                "limit": st_d.limit})
+        for level, (value, n) in sorted(att.items()):
+            if round((1.0 - value) * n) < self._min_misses:
+                continue  # one or two misses in a window are noise, not pressure
             for name in self.drift.on_attainment(level, value):
                 st_d = self.drift.status(name)
                 log.info("drift controller acted", extra={

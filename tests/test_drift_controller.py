@@ -20,7 +20,7 @@ N_REACT = 12  # a 4x drift must lower the limit within this many completions (th
 def controller(clock: FakeClock, **params: object) -> DriftController:
     # these tests drive the controller from the first sample, on drift alone (gate "none";
     # the SLO gate has its own tests)
-    params = {"warmup": 0, "warmup_s": 0, "gate": "none", **params}
+    params = {"warmup": 0, "warmup_s": 0, "cooldown_s": 0, "gate": "none", **params}
     return DriftController(DriftParams(**params), clock=clock)  # type: ignore[arg-type]
 
 
@@ -181,7 +181,7 @@ def test_params_are_validated(params: dict[str, object], message: str) -> None:
 
 def test_warmup_ignores_the_estimators_cold_start() -> None:
     clock = FakeClock()
-    c = DriftController(DriftParams(warmup=20, warmup_s=0, gate="none"), clock=clock)
+    c = DriftController(DriftParams(warmup=20, warmup_s=0, cooldown_s=0, gate="none"), clock=clock)
     c.configure("t", level=1, base_limit=8)
     # a cold estimator over- and under-predicts wildly at first: not drift
     for i in range(20):
@@ -201,7 +201,7 @@ def test_noisy_but_unbiased_predictions_are_not_drift() -> None:
     import random
 
     clock = FakeClock()
-    c = DriftController(DriftParams(gate="none", warmup_s=0), clock=clock)
+    c = DriftController(DriftParams(gate="none", warmup_s=0, cooldown_s=0), clock=clock)
     c.configure("t", level=1, base_limit=32)
     rng = random.Random(7)
     for _ in range(3000):
@@ -221,3 +221,29 @@ def test_a_tenants_first_seconds_are_warm_up() -> None:
         clock.advance(0.2)
         c.observe("t", predicted=100, actual=30 if i < 50 else 300)
     assert c.status("t").samples == 0 and c.limit("t") == 8
+
+
+def test_limit_changes_are_paced_in_time_and_recovery_needs_no_completions() -> None:
+    """AIMD steps at most once per ``cooldown_s`` (a limit acts as in-flight requests
+    finish), and ``tick`` gives the limit back without waiting for the throttled tenant's
+    rare completions."""
+    clock, rng = FakeClock(), random.Random(8)
+    ctl = controller(clock, cooldown_s=5.0)
+    ctl.configure("t", level=1, base_limit=64)
+    feed(ctl, clock, "t", 40, 1.0, rng)
+    limits = feed(ctl, clock, "t", 40, 4.0, rng)  # 20 s of drift: at most 4-5 halvings
+    assert ctl.status("t").decreases <= 5 and min(x or 64 for x in limits) >= 2, limits
+    ctl2 = controller(clock, cooldown_s=5.0, gate="slo", attainment_hold_s=10.0)
+    ctl2.configure("p", level=0, base_limit=None)
+    ctl2.configure("s", level=1, base_limit=32)
+    feed(ctl2, clock, "s", 40, 1.0, rng)
+    ctl2.on_attainment(0, 0.5)
+    feed(ctl2, clock, "s", 16, 4.0, rng)  # 8 s of drift, under pressure (10 s)
+    assert ctl2.limit("s") == 16
+    assert ctl2.tick() == ()  # still pressured and drifting: no recovery
+    clock.advance(20)  # no completion at all, pressure over
+    grown = []
+    for _ in range(30):
+        clock.advance(1.0)
+        grown += [a for _, a in ctl2.tick()]
+    assert ctl2.limit("s") == 32 and set(grown) == {"increase"} and len(grown) <= 5

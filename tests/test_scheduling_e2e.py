@@ -25,13 +25,14 @@ KEYS = {
 
 
 def gateway(tmp: Path, policy: dict[str, Any], sim: dict[str, Any],
-            tenants: list[dict[str, Any]]) -> GatewayThread:
+            tenants: list[dict[str, Any]], scheduler: dict[str, Any] | None = None) -> GatewayThread:
     settings = make_settings(
         pool={"engine": "sim", "model": MODEL, "instances": 1, "log_dir": str(tmp),
               "health_interval_s": 0.2, "scrape_interval_s": 0.2, "stop_grace_s": 3, "sim": sim},
         tenants=tenants,
     ).model_copy(update={"scheduler": make_settings().scheduler.model_copy(
-        update={"policy": make_settings().scheduler.policy.model_copy(update=policy)})})
+        update={"policy": make_settings().scheduler.policy.model_copy(update=policy),
+                **(scheduler or {})})})
     return GatewayThread(settings, ready_timeout=60)
 
 
@@ -93,7 +94,7 @@ def drift_gw(tmp_path: Path) -> Iterator[GatewayThread]:
                                     "output_tokens": n}) + "\n")
     # gate "none": a single tenant, so no class above it to be under SLO pressure (the SLO
     # gate has its tests in tests/test_drift_controller.py)
-    g = gateway(tmp_path, {"type": "driftsched", "parameters": {"drift": {"gate": "none", "warmup_s": 0}}},
+    g = gateway(tmp_path, {"type": "driftsched", "parameters": {"drift": {"gate": "none", "warmup_s": 0, "cooldown_s": 0}}},
                 {"workload": str(workload), "time_scale": 4.0},
                 [{"name": "drifty", "qos_class": "standard", "max_concurrency": 8,
                   "api_keys": [KEYS["drifty"]]}])
@@ -129,3 +130,65 @@ def test_drift_controller_throttles_a_drifting_tenant(drift_gw: GatewayThread) -
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'driftsched_tenant_concurrency_limit{tenant="drifty"}' in metrics
     assert 'driftsched_tenant_drift_ratio{tenant="drifty"}' in metrics
+
+
+@pytest.fixture
+def gated_gw(tmp_path: Path) -> Iterator[GatewayThread]:
+    workload = tmp_path / "workload.jsonl"
+    with workload.open("w") as f:
+        for i in range(200):
+            for kind, n in (("short", 20), ("long", 80), ("gold", 2)):
+                f.write(json.dumps({"messages": [{"role": "user", "content": f"{kind} {i}"}],
+                                    "output_tokens": n}) + "\n")
+    g = gateway(tmp_path, {"type": "driftsched",
+                           "parameters": {"drift": {"warmup_s": 0, "cooldown_s": 0}}},
+                {"workload": str(workload), "time_scale": 4.0},
+                [{"name": "drifty", "qos_class": "standard", "max_concurrency": 8,
+                  "api_keys": [KEYS["drifty"]]},
+                 # a TTFT SLO no request can meet: gold's attainment is 0
+                 {"name": "gold", "qos_class": "premium", "ttft_slo_ms": 0.001,
+                  "api_keys": [KEYS["gold"]]}],
+                scheduler={"slo_min_samples": 5})
+    yield g
+    g.stop()
+
+
+def test_drift_throttles_only_while_a_higher_class_misses_its_slo(gated_gw: GatewayThread) -> None:
+    """The SLO gate through the real path: gold's requests feed the rolling attainment, the
+    gateway reports it to the drift controller, which then cuts the drifting tenant (and
+    nobody before it drifts). Without pressure nothing is cut: the unit tests, and the
+    ``overload`` experiment."""
+    gw = gated_gw
+
+    def burst(tenant: str, kind: str, start: int, n: int) -> None:
+        def one(i: int) -> None:
+            r = chat(gw, tenant, f"{kind} {i}", 1000, stream=tenant == "gold")
+            assert r.status_code == 200, r.text
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(start, start + n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def view() -> dict[str, Any]:
+        return dict(gw.admin("GET", "/admin/scheduler").json())
+
+    for b in range(4):
+        burst("drifty", "short", b * 10, 10)
+    v = view()
+    assert v["drift"]["drifty"]["decreases"] == 0 and v["drift_pressure"] == [], v
+    burst("gold", "gold", 0, 10)  # premium misses every TTFT SLO
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and view()["drift_pressure"] != [0]:
+        time.sleep(0.2)
+    v = view()
+    assert v["slo_attainment"]["0"]["attainment"] == 0.0 and v["drift_pressure"] == [0], v
+    assert v["drift"]["drifty"]["decreases"] == 0  # pressure alone cuts nobody who is calm
+    burst("drifty", "long", 0, 40)  # 4x drift while premium suffers
+    v = view()
+    cut = v["drift"]["drifty"]
+    assert cut["decreases"] >= 1 and cut["limit"] < 8 and cut["pressured"], json.dumps(v)
+    assert cut["last_action"] in ("decrease", "slo_decrease")
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'driftsched_class_slo_attainment{level="0"} 0.0' in metrics
