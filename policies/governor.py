@@ -20,6 +20,12 @@ smoothed (exponential mean, ``smoothing``) and compared every ``interval_s`` wit
 * under ``target x low`` and the engine is *saturated* (the gateway holds at least ``cap
   - 1`` sequences on it): ``cap += increase`` (default ``max_num_seqs / 16``).
 
+Outer loop (:meth:`TpotGovernor.observe_stream`): the inner loop holds the *mean* TPOT,
+the SLO is about each stream's. From the TPOT of finished streams (16 tokens or more), the
+headroom shrinks by 10 % every ``outer_interval_s`` while their p95 over the last
+``outer_window_s`` exceeds the SLO (down to ``min_headroom``), and grows back by 5 % while
+it is under 85 % of it (up to ``headroom``).
+
 The cap starts at ``initial_fraction x max_num_seqs`` (slow start: on a cold pool the
 arrivals of the first seconds would otherwise be admitted all at once, and queue inside
 the engine, where no gateway policy can reorder them). Engines whose ``max_num_seqs`` or
@@ -31,6 +37,7 @@ time comes from the caller.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from policies.registry import check
@@ -51,17 +58,25 @@ class GovernorParams:
     increase: int = 0
     min_seqs: int = 8
     initial_fraction: float = 0.25
+    #: outer loop: the headroom moves within [min_headroom, headroom] so that the p95 of
+    #: the streams' own TPOT (at completion) stays under the SLO
+    min_headroom: float = 0.5
+    outer_interval_s: float = 10.0
+    outer_window_s: float = 30.0
 
     def __post_init__(self) -> None:
         check("headroom", self.headroom)
         check("interval_s", self.interval_s)
         check("min_seqs", self.min_seqs)
         check("increase", self.increase, strict=False)
+        check("outer_interval_s", self.outer_interval_s)
+        check("outer_window_s", self.outer_window_s)
         for ok, why in (
             (0.0 < self.low <= 1.0, "low: must be in (0, 1]"),
             (0.0 < self.smoothing <= 1.0, "smoothing: must be in (0, 1]"),
             (0.0 < self.beta < 1.0, "beta: must be in (0, 1)"),
             (0.0 < self.initial_fraction <= 1.0, "initial_fraction: must be in (0, 1]"),
+            (0.0 < self.min_headroom <= self.headroom, "min_headroom: must be in (0, headroom]"),
         ):
             if not ok:
                 raise ValueError(why)
@@ -87,9 +102,42 @@ class TpotGovernor:
 
     def __init__(self, params: GovernorParams, target_s: float | None) -> None:
         self.params = params
-        #: None: no class has a TPOT SLO, nothing to govern for
+        #: the tightest TPOT SLO (None: no class has one, nothing to govern for)
+        self.slo_s = target_s
+        self.headroom = params.headroom
         self.target_s = None if target_s is None else target_s * params.headroom
         self.engines: dict[str, EngineGovernorState] = {}
+        #: (completed at, TPOT) of finished streams, for the outer loop
+        self._streams: deque[tuple[float, float]] = deque()
+        self._next_outer = 0.0
+
+    def observe_stream(self, tpot_s: float, now: float) -> str:
+        """A stream finished with this TPOT (long enough to measure). Every
+        ``outer_interval_s``: if the p95 of the last ``outer_window_s`` of streams is over
+        the SLO, the headroom shrinks by 10 % (down to ``min_headroom``); under 85 % of the
+        SLO it grows back by 5 % (up to ``headroom``). The mean TPOT the inner loop holds is
+        what the cap controls; this keeps the *tail* the SLO is about under it. Returns
+        "tighten", "relax" or "none"."""
+        if self.slo_s is None or not self.params.enabled:
+            return "none"
+        p = self.params
+        self._streams.append((now, tpot_s))
+        while self._streams and self._streams[0][0] < now - p.outer_window_s:
+            self._streams.popleft()
+        if now < self._next_outer or len(self._streams) < 20:
+            return "none"
+        self._next_outer = now + p.outer_interval_s
+        tp = sorted(x for _, x in self._streams)
+        p95 = tp[min(len(tp) - 1, int(0.95 * len(tp)))]
+        old = self.headroom
+        if p95 > self.slo_s:
+            self.headroom = max(p.min_headroom, self.headroom * 0.9)
+        elif p95 < 0.85 * self.slo_s:
+            self.headroom = min(p.headroom, self.headroom * 1.05)
+        self.target_s = self.slo_s * self.headroom
+        if self.headroom < old:
+            return "tighten"
+        return "relax" if self.headroom > old else "none"
 
     def cap(self, engine: str, max_seqs: int | None) -> int | None:
         """The admission cap on ``engine``'s sequences (None: ungoverned)."""

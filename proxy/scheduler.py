@@ -188,21 +188,30 @@ class Scheduler:
         (a failure is a miss; a class without SLOs is not counted). ``ttft_s`` None (not
         streamed): the end-to-end time is held against TTFT + TPOT x (tokens - 1). TPOT is
         judged from ``_MIN_TPOT_TOKENS`` output tokens on (feedback, not the report)."""
+        now = self.clock.time()
+        n = max(output_tokens - 1, 0)
+        # the TPOT of a short answer is a step or two of jitter and SSE coalescing
+        stream_tpot = (e2e_s - ttft_s) / n if ok and ttft_s is not None and n >= _MIN_TPOT_TOKENS \
+            else None
+        if stream_tpot is not None:
+            act = self.governor.observe_stream(stream_tpot, now)
+            if act != "none":
+                log.info("tpot governor acted", extra={
+                    "action": act, "headroom": round(self.governor.headroom, 3),
+                    "target_ms": round((self.governor.target_s or 0) * 1000, 1)})
         ttft, tpot = self.slo_ms(tenant)
         if ttft is None and tpot is None:
             return
         met = ok
         if met:
-            n = max(output_tokens - 1, 0)
             if ttft_s is None:
                 met = e2e_s * 1000.0 <= (ttft or math.inf) + (tpot or math.inf) * n
             else:
                 met = ttft is None or ttft_s * 1000.0 <= ttft
-                # the TPOT of a short answer is a step or two of jitter and SSE coalescing
-                if met and tpot is not None and n >= _MIN_TPOT_TOKENS:
-                    met = (e2e_s - ttft_s) * 1000.0 / n <= tpot
+                if met and tpot is not None and stream_tpot is not None:
+                    met = stream_tpot * 1000.0 <= tpot
         level = self.settings.classes[tenant.qos_class].level
-        self.slo.record(level, met, self.clock.time())
+        self.slo.record(level, met, now)
 
     def tenant_state(self, tenant: Tenant) -> TenantState:
         level = self.settings.classes[tenant.qos_class].level

@@ -132,3 +132,24 @@ def test_slo_outcomes_roll_into_per_level_attainment() -> None:
                      policy=build_policy({"type": "fcfs"}), estimator=None,  # type: ignore[arg-type]
                      drift=None, replica_id="r")
     assert not fcfs.governor.params.enabled and fcfs.governor.cap("e", 256) == 256
+
+
+def test_outer_loop_tightens_the_target_while_the_streams_tail_misses_the_slo() -> None:
+    gov = TpotGovernor(GovernorParams(), target_s=0.100)
+    assert gov.target_s == pytest.approx(0.080)
+    t = 0.0
+    acts = []
+    for i in range(200):  # 1 in 10 streams at 120 ms: p95 over the 100 ms SLO
+        t += 0.25
+        acts.append(gov.observe_stream(0.120 if i % 10 == 0 else 0.060, t))
+    assert "tighten" in acts and "relax" not in acts
+    assert gov.headroom < 0.8 and gov.target_s == pytest.approx(0.100 * gov.headroom)
+    low = gov.headroom
+    for _ in range(400):  # a healthy tail: back up, never past the configured headroom
+        t += 0.25
+        gov.observe_stream(0.050, t)
+    assert gov.headroom > low and gov.headroom <= 0.8
+    for _ in range(2000):  # bounded below
+        t += 0.25
+        gov.observe_stream(0.500, t)
+    assert gov.headroom == pytest.approx(0.5)
