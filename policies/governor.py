@@ -29,7 +29,10 @@ it is under 85 % of it (up to ``headroom``).
 The cap starts at ``initial_fraction x max_num_seqs`` (slow start: on a cold pool the
 arrivals of the first seconds would otherwise be admitted all at once, and queue inside
 the engine, where no gateway policy can reorder them). Engines whose ``max_num_seqs`` or
-generation counter are unknown are not governed (cap None). Each replica governs from its
+generation counter are unknown are not governed (cap None). The cap is *soft*: requests of a
+class level <= ``exempt_level`` (premium) may fill the engine up to ``max_num_seqs``, so the
+top class never waits in the gateway for a slot the governor holds back; its streams count
+in the measured TPOT, so the others' cap shrinks to make room. Each replica governs from its
 own scrapes; they see the same engines and converge to similar caps. Not thread-safe;
 time comes from the caller.
 """
@@ -60,6 +63,9 @@ class GovernorParams:
     initial_fraction: float = 0.25
     #: outer loop: the headroom moves within [min_headroom, headroom] so that the p95 of
     #: the streams' own TPOT (at completion) stays under the SLO
+    #: class levels <= this may fill an engine past the cap (up to max_num_seqs): the top
+    #: class never waits for a slot the governor holds back; -1: nobody
+    exempt_level: int = 0
     min_headroom: float = 0.5
     outer_interval_s: float = 10.0
     outer_window_s: float = 30.0
@@ -138,6 +144,10 @@ class TpotGovernor:
         if self.headroom < old:
             return "tighten"
         return "relax" if self.headroom > old else "none"
+
+    def exempts(self, level: int) -> bool:
+        """Whether requests of class ``level`` may pass the cap (up to max_num_seqs)."""
+        return self.params.enabled and self.slo_s is not None and level <= self.params.exempt_level
 
     def cap(self, engine: str, max_seqs: int | None) -> int | None:
         """The admission cap on ``engine``'s sequences (None: ungoverned)."""

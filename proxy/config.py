@@ -237,6 +237,8 @@ class GovernorConfig(_Strict):
     increase: int = Field(0, ge=0)
     min_seqs: int = Field(8, ge=1)
     initial_fraction: float = Field(0.25, gt=0, le=1)
+    #: class levels <= this may pass the cap, up to max_num_seqs (-1: none)
+    exempt_level: int = Field(0, ge=-1)
     min_headroom: float = Field(0.5, gt=0)
     outer_interval_s: float = Field(10.0, gt=0)
     outer_window_s: float = Field(30.0, gt=0)

@@ -13,8 +13,8 @@ The gateway side of scheduling. Per request:
 
 A dispatch loop per replica wakes on release/enqueue notifications (not polling) and a
 capacity publisher pushes every engine's admission budget (KV capacity x
-``kv_budget_fraction``, max sequences capped by the TPOT governor, routable) to the shared
-queue twice a second.
+``kv_budget_fraction``, max sequences, the TPOT governor's soft cap on them, which the top
+class may exceed, routable) to the shared queue twice a second.
 
 Feedback, off the request path: each finished request's SLO outcome (TTFT and TPOT against
 its class's SLOs; a failure is a miss) goes into a rolling per-level window
@@ -285,6 +285,7 @@ class Scheduler:
             id=rid, tenant=tenant.name, replica=self.replica_id, model=req.model,
             score=self._enqueue_state(qreq, state, now), footprint=qreq.footprint,
             concurrency_limit=state.limit, deadline=now + tenant.queue_timeout_s,
+            exempt=self.governor.exempts(state.level),
         )
         granted = False
         try:
@@ -370,8 +371,9 @@ class Scheduler:
             budget = None
             if b.kv_capacity_tokens is not None:
                 budget = max(1, math.floor(b.kv_capacity_tokens * self._budget_fraction))
-            seqs = self.governor.cap(b.name, b.max_num_seqs)
-            out.append(EngineCapacity(b.name, tuple(b.models), budget, seqs, b.routable))
+            soft = self.governor.cap(b.name, b.max_num_seqs)
+            out.append(EngineCapacity(b.name, tuple(b.models), budget, b.max_num_seqs,
+                                      b.routable, soft if soft != b.max_num_seqs else None))
         return out
 
     def feedback(self, now: float) -> None:

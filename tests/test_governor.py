@@ -128,10 +128,12 @@ def test_slo_outcomes_roll_into_per_level_attainment() -> None:
     assert sch.slo.attainment(clock.time()) == {}  # 1 request < slo_min_samples
     assert sch.governor.target_s == pytest.approx(0.08)  # tightest TPOT SLO (100 ms) x 0.8
     assert sch.governor.params.enabled  # on by default with driftsched, off with the others
+    assert sch.governor.exempts(0) and not sch.governor.exempts(1)  # premium passes the cap
     fcfs = Scheduler(settings=settings, clock=clock, queue=None, pool=None,  # type: ignore[arg-type]
                      policy=build_policy({"type": "fcfs"}), estimator=None,  # type: ignore[arg-type]
                      drift=None, replica_id="r")
     assert not fcfs.governor.params.enabled and fcfs.governor.cap("e", 256) == 256
+    assert not fcfs.governor.exempts(0)
 
 
 def test_outer_loop_tightens_the_target_while_the_streams_tail_misses_the_slo() -> None:

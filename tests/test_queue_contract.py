@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -236,6 +237,27 @@ async def test_max_seqs(queue: AdmissionQueue) -> None:
     await queue.release("i0")
     assert await dispatch_ids(queue) == ["i2"]
     assert load_of(await queue.loads(T0), "e1") == (2, 2)
+
+
+async def test_soft_seqs_hold_back_all_but_exempt_items(queue: AdmissionQueue) -> None:
+    """The TPOT governor's soft cap: ordinary items stop at ``soft_seqs``, exempt ones (the
+    top class) go on up to ``max_seqs``; a blocked ordinary head blocks what follows."""
+    cap = EngineCapacity("e1", ("m",), None, 4, True, soft_seqs=2)
+    await queue.set_engines([cap], T0, ENGINE_TTL)
+    await enqueue(queue, *(make_item(f"o{n}", n, footprint=1) for n in range(3)))
+    assert await dispatch_ids(queue) == ["o0", "o1"]
+    await enqueue(queue, replace(make_item("x0", -2, footprint=1), exempt=True),
+                  replace(make_item("x1", -1, footprint=1), exempt=True),
+                  replace(make_item("x2", -0.5, footprint=1), exempt=True))
+    assert await dispatch_ids(queue) == ["x0", "x1"]  # max_seqs still binds
+    assert load_of(await queue.loads(T0), "e1") == (4, 4)
+    await queue.release("o0")
+    await queue.release("o1")
+    await queue.release("x0")
+    assert await dispatch_ids(queue) == ["x2"]  # then 2 held: the soft cap stops o2
+    await queue.release("x1")
+    await queue.release("x2")
+    assert await dispatch_ids(queue) == ["o2"]
 
 
 async def test_max_seqs_overrides_the_empty_engine_rule(queue: AdmissionQueue) -> None:

@@ -44,6 +44,9 @@ class QueueItem:
     concurrency_limit: int | None
     #: absolute time; once ``now > deadline`` the item is dropped and reported ``"expired"``
     deadline: float
+    #: may fill an engine up to ``max_seqs``, past its ``soft_seqs`` (the top class under
+    #: the TPOT governor: its requests never wait for a slot the governor holds back)
+    exempt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,8 @@ class EngineCapacity:
     max_seqs: int | None
     #: False while the engine is draining, unhealthy or restarting
     routable: bool
+    #: sequences that non-exempt items may fill (the TPOT governor's cap); None = max_seqs
+    soft_seqs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

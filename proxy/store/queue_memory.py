@@ -61,9 +61,12 @@ class _Usable:
     max_seqs: int | None
     held: int
     seqs: int
+    soft_seqs: int | None = None
 
-    def fits(self, footprint: int) -> bool:
+    def fits(self, footprint: int, exempt: bool = False) -> bool:
         if self.max_seqs is not None and self.seqs >= self.max_seqs:
+            return False
+        if not exempt and self.soft_seqs is not None and self.seqs >= self.soft_seqs:
             return False
         return self.budget is None or self.held + footprint <= self.budget or self.seqs == 0
 
@@ -199,6 +202,7 @@ class MemoryQueue:
                 cap.max_seqs,
                 self._held.get(name, 0),
                 self._seqs.get(name, 0),
+                cap.soft_seqs,
             )
             usable.append(u)
             for model in cap.models:
@@ -223,7 +227,7 @@ class MemoryQueue:
                 if u.name in blocked:
                     continue
                 open_ = True
-                if u.fits(item.footprint) and (
+                if u.fits(item.footprint, item.exempt) and (
                     best is None
                     or u.free() > best.free()
                     or (u.free() == best.free() and u.seqs < best.seqs)

@@ -101,6 +101,8 @@ def _capacity_json(cap: EngineCapacity) -> str:
         "models": list(cap.models),
         "routable": cap.routable,
     }
+    if cap.soft_seqs is not None:
+        d["soft_seqs"] = cap.soft_seqs
     return json.dumps(d, separators=(",", ":"), sort_keys=True)
 
 
@@ -113,6 +115,8 @@ def _item_json(item: QueueItem) -> str:
     }
     if item.concurrency_limit is not None:
         d["c"] = int(item.concurrency_limit)
+    if item.exempt:
+        d["x"] = True
     return json.dumps(d, separators=(",", ":"))
 
 

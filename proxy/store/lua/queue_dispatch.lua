@@ -41,6 +41,7 @@ for _, name in ipairs(names) do
       name = name,
       budget = cap.budget_tokens ~= cjson.null and cap.budget_tokens or nil,
       max_seqs = cap.max_seqs ~= cjson.null and cap.max_seqs or nil,
+      soft_seqs = cap.soft_seqs,
       held = tonumber(redis.call('HGET', K_HELD, name) or '0'),
       seqs = tonumber(redis.call('HGET', K_SEQS, name) or '0'),
     }
@@ -56,8 +57,11 @@ for _, name in ipairs(names) do
   end
 end
 
-local function fits(e, footprint)
+local function fits(e, footprint, exempt)
   if e.max_seqs and e.seqs >= e.max_seqs then
+    return false
+  end
+  if not exempt and e.soft_seqs and e.seqs >= e.soft_seqs then
     return false
   end
   return e.budget == nil or e.held + footprint <= e.budget or e.seqs == 0
@@ -119,7 +123,7 @@ while not done do
         for _, e in ipairs(cands) do
           if not blocked[e.name] then
             open = true
-            if fits(e, rec.f) and (best == nil or free(e) > free(best)
+            if fits(e, rec.f, rec.x) and (best == nil or free(e) > free(best)
                 or (free(e) == free(best) and e.seqs < best.seqs)) then
               best = e
             end
