@@ -410,15 +410,43 @@ def build() -> dict[str, Any]:
             [(f"max by (backend) (driftsched_admission_held_seqs{{{B}}})", "{{backend}}")],
         )
     )
+    g.add(
+        timeseries(
+            "TPOT governor: sequence cap by engine",
+            "Sequences admission may place on each engine (max_num_seqs capped by the "
+            "TPOT governor; premium may pass the cap). Exported with the driftsched policy.",
+            [(f"min by (backend) (driftsched_admission_seq_cap{{{B}}})", "{{backend}}")],
+        )
+    )
+    g.add(
+        timeseries(
+            "TPOT governor: live time per output token by engine",
+            "Mean seconds between two tokens of a stream, from the engine's generation "
+            "counter (the governor's smoothed signal), against the tightest TPOT SLO.",
+            [(f"max by (backend) (driftsched_backend_tpot_seconds{{{B}}})", "{{backend}}")],
+            unit="s",
+        )
+    )
 
     g.row("Token drift and estimator")
     g.add(
         timeseries(
             "Drift ratio by tenant",
             "Actual / predicted output tokens over the drift "
-            "window (1 = calibrated, > 1 = longer than predicted); mean over "
-            "replicas. Exported with the driftsched policy.",
+            "window, relative to the tenant's usual ratio (1 = as usual, > 1 = longer "
+            "than the estimator usually predicts for it); mean over replicas. Exported "
+            "with the driftsched policy.",
             [(f"avg by (tenant) (driftsched_tenant_drift_ratio{{{T}}})", "{{tenant}}")],
+        )
+    )
+    g.add(
+        timeseries(
+            "Class SLO attainment (rolling, gateway)",
+            "Share of each class level's requests of the last slo_window_s that met their "
+            "TTFT and TPOT SLOs (failures count as misses): the drift controller throttles "
+            "drifting tenants only while a more important level is under its target.",
+            [("min by (level) (driftsched_class_slo_attainment)", "level {{level}}")],
+            unit="percentunit",
         )
     )
     g.add(
@@ -431,9 +459,9 @@ def build() -> dict[str, Any]:
     g.add(
         timeseries(
             "Estimator error by tenant",
-            "|ln(actual / predicted)| over the drift "
-            "window: 0 = exact, 0.69 = off by 2x. Derived from the drift ratio (the "
-            "gateway exports no separate estimator-error series).",
+            "|ln(drift ratio)|: how far the tenant's recent outputs are from the "
+            "estimator's usual calibration for it (0 = as usual, 0.69 = 2x). Derived from "
+            "the drift ratio (the gateway exports no separate estimator-error series).",
             [(f"abs(ln(avg by (tenant) (driftsched_tenant_drift_ratio{{{T}}})))", "{{tenant}}")],
         )
     )
