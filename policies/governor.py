@@ -170,15 +170,19 @@ class TpotGovernor:
         if st is None or generation_tokens is None or self.target_s is None:
             return "none"
         p = self.params
-        last, st._last = st._last, (scraped_at, generation_tokens, running)
-        if last is None or scraped_at <= last[0]:
-            if last is not None and scraped_at <= last[0]:
-                st._last = last
+        last = st._last
+        if last is not None and scraped_at <= last[0]:
+            return "none"  # the same scrape again
+        st._last = (scraped_at, generation_tokens, running)
+        if last is None:
             return "none"
         dt, dgen = scraped_at - last[0], generation_tokens - last[1]
-        if dgen <= 0 or dgen < 0.5 * (last[2] + running) * 0.5:
-            return "none"  # idle, restarted (counter reset), or too little to measure
-        tpot = 0.5 * (last[2] + running) * dt / dgen
+        mean_running = 0.5 * (last[2] + running)
+        # idle, restarted (the counter went back), or under half a token per stream in the
+        # interval: no rate to measure
+        if dgen <= 0 or dgen < 0.5 * mean_running:
+            return "none"
+        tpot = mean_running * dt / dgen
         st.tpot_s = tpot if st.tpot_s is None else st.tpot_s + p.smoothing * (tpot - st.tpot_s)
         if now < st._next_change:
             return "none"
