@@ -155,3 +155,16 @@ def test_outer_loop_tightens_the_target_while_the_streams_tail_misses_the_slo() 
         t += 0.25
         gov.observe_stream(0.500, t)
     assert gov.headroom == pytest.approx(0.5)
+
+
+def test_config_and_params_agree_on_every_default() -> None:
+    """``scheduler.governor`` (pydantic, validated config) and :class:`GovernorParams` (the
+    governor's own) name the same knobs with the same defaults; ``enabled`` is auto (None)
+    in the config only."""
+    from dataclasses import fields
+
+    from proxy.config import GovernorConfig
+
+    cfg = GovernorConfig().model_dump()
+    assert cfg.pop("enabled") is None
+    assert cfg == {f.name: f.default for f in fields(GovernorParams) if f.name != "enabled"}

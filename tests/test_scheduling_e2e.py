@@ -43,6 +43,20 @@ def chat(gw: GatewayThread, tenant: str, content: str, max_tokens: int, **extra:
                             "max_tokens": max_tokens, **extra})
 
 
+def burst(gw: GatewayThread, tenant: str, kind: str, start: int, n: int,
+          stream: bool = False) -> None:
+    """``n`` concurrent chats of ``tenant`` with prompts ``"<kind> <i>"``; all must succeed."""
+    def one(i: int) -> None:
+        r = chat(gw, tenant, f"{kind} {i}", 1000, stream=stream)
+        assert r.status_code == 200, r.text
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(start, start + n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 @pytest.fixture
 def priority_gw(tmp_path: Path) -> Iterator[GatewayThread]:
     g = gateway(tmp_path, {"type": "priority", "parameters": {"aging_s": 60}},
@@ -104,25 +118,13 @@ def drift_gw(tmp_path: Path) -> Iterator[GatewayThread]:
 
 def test_drift_controller_throttles_a_drifting_tenant(drift_gw: GatewayThread) -> None:
     gw = drift_gw
-
-    def burst(kind: str, start: int, n: int) -> None:
-        def one(i: int) -> None:
-            r = chat(gw, "drifty", f"{kind} {i}", 1000)
-            assert r.status_code == 200, r.text
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(start, start + n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
     for b in range(4):  # the estimator learns this tenant's ~20-token outputs
-        burst("short", b * 10, 10)
+        burst(gw, "drifty", "short", b * 10, 10)
     before = gw.admin("GET", "/admin/scheduler").json()["drift"]["drifty"]
     assert before["decreases"] == 0 and before["limit"] == 8, before
     # outputs become 4x longer, for a burst that arrives at once (as under load: requests are
     # predicted when they arrive, so a queue full of them carries the stale prediction)
-    burst("long", 0, 40)
+    burst(gw, "drifty", "long", 0, 40)
     view = gw.admin("GET", "/admin/scheduler").json()
     after = view["drift"]["drifty"]
     assert after["decreases"] >= 1, json.dumps(view)
@@ -160,32 +162,21 @@ def test_drift_throttles_only_while_a_higher_class_misses_its_slo(gated_gw: Gate
     ``overload`` experiment."""
     gw = gated_gw
 
-    def burst(tenant: str, kind: str, start: int, n: int) -> None:
-        def one(i: int) -> None:
-            r = chat(gw, tenant, f"{kind} {i}", 1000, stream=tenant == "gold")
-            assert r.status_code == 200, r.text
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(start, start + n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
     def view() -> dict[str, Any]:
         return dict(gw.admin("GET", "/admin/scheduler").json())
 
     for b in range(4):
-        burst("drifty", "short", b * 10, 10)
+        burst(gw, "drifty", "short", b * 10, 10)
     v = view()
     assert v["drift"]["drifty"]["decreases"] == 0 and v["drift_pressure"] == [], v
-    burst("gold", "gold", 0, 10)  # premium misses every TTFT SLO
+    burst(gw, "gold", "gold", 0, 10, stream=True)  # premium misses every TTFT SLO
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and view()["drift_pressure"] != [0]:
         time.sleep(0.2)
     v = view()
     assert v["slo_attainment"]["0"]["attainment"] == 0.0 and v["drift_pressure"] == [0], v
     assert v["drift"]["drifty"]["decreases"] == 0  # pressure alone cuts nobody who is calm
-    burst("drifty", "long", 0, 40)  # 4x drift while premium suffers
+    burst(gw, "drifty", "long", 0, 40)  # 4x drift while premium suffers
     v = view()
     cut = v["drift"]["drifty"]
     assert cut["decreases"] >= 1 and cut["limit"] < 8 and cut["pressured"], json.dumps(v)
