@@ -39,7 +39,7 @@ from proxy.openai_api import OpenAIHandler
 from proxy.scheduler import Scheduler
 from proxy.shaping import Shaper
 from proxy.store import build_store
-from proxy.store.queues import build_queue
+from proxy.admission.build import build_queue
 
 log = logging.getLogger("driftsched.app")
 

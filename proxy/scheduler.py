@@ -3,7 +3,7 @@
 The gateway side of scheduling. Per request:
 
 1. **estimate** output tokens (River estimator: ``p50`` for ordering, ``p90`` for capacity);
-2. **enqueue** a :class:`~proxy.store.queue_base.QueueItem` whose score is the active
+2. **enqueue** a :class:`~proxy.admission.base.QueueItem` whose score is the active
    policy's key and whose footprint is prompt + ``p90`` (capped by ``max_tokens``);
 3. **wait** for the grant that any replica's dispatch makes once the tenant is under its
    (drift-adjusted) concurrency limit and an engine has room for the footprint; the grant
@@ -47,7 +47,7 @@ from proxy.errors import QueueTimeout, StoreUnavailable
 from proxy.requests import ParsedRequest
 from proxy.store.base import StoreUnavailable as StoreDown
 from proxy.store.base import Tenant
-from proxy.store.queue_base import AdmissionQueue, EngineCapacity, EngineLoad, Grant, QueueItem
+from proxy.admission.base import AdmissionQueue, EngineCapacity, EngineLoad, Grant, QueueItem
 
 log = logging.getLogger("driftsched.scheduler")
 #: shorter answers' TPOT is not held against the SLO in the controller's feedback

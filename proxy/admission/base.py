@@ -1,11 +1,13 @@
 """The admission-queue contract: value types and the :class:`AdmissionQueue` protocol.
 
-It answers one question: *which queued request may go to which engine now?* One global
-order over every queued request (``score``, lower first, then enqueue order) and one view of
-every engine's held capacity, shared by all gateway replicas. Two implementations satisfy it
-(``memory`` for one process, ``redis`` for N replicas); one contract test-suite
-(``tests/test_queue_contract.py``) runs against both, and a seeded random run checks that
-both make identical decisions.
+It answers one question: *which queued request may go to which engine now?* Requests wait
+in **flows**, one per (tenant, model), each ordered by its items' ``score`` (lower first,
+then enqueue order); the next flow served is the one whose head comes first in that same
+order, so the grants follow one global order while a dispatch touches only the heads of
+flows that can be served (a tenant at its concurrency limit is parked as a whole). The
+rules live once, in :mod:`proxy.admission.core`; the memory queue runs that module and the
+redis queue repeats it in Lua, and a differential test (``tests/admission/``) drives both
+with the same random operations and asserts identical grants.
 
 Time: every method that depends on time takes ``now`` (seconds since the epoch) from the
 caller's injected clock. Replicas sharing one Redis are assumed to have NTP-synchronised
@@ -30,7 +32,7 @@ from typing import Literal, Protocol, TypeAlias
 class QueueItem:
     """A request waiting for admission."""
 
-    #: unique request id (also the id of its hold once granted)
+    #: unique request id minted by the gateway (also the id of its hold once granted)
     id: str
     tenant: str
     #: the replica holding the client connection: its :meth:`AdmissionQueue.wait` gets the grant
@@ -38,10 +40,10 @@ class QueueItem:
     model: str
     #: policy key, lower first; ties broken by enqueue order (a store-assigned sequence)
     score: float
-    #: tokens held on the engine if admitted (prompt + conservative predicted output)
+    #: tokens held on the engine if admitted (prompt + conservative predicted output);
+    #: clamped to the engine's budget at grant time (a prediction larger than an engine
+    #: is served once that engine is empty, never refused for it)
     footprint: int
-    #: the tenant's (drift-adjusted) concurrency limit when enqueued; ``None`` = unlimited
-    concurrency_limit: int | None
     #: absolute time; once ``now > deadline`` the item is dropped and reported ``"expired"``
     deadline: float
     #: may fill an engine up to ``max_seqs``, past its ``soft_seqs`` (the top class under
@@ -88,6 +90,30 @@ class EngineLoad:
     routable: bool
 
 
+@dataclass(frozen=True, slots=True)
+class QueueCaps:
+    """Depth limits checked at enqueue. ``None`` = no limit."""
+
+    #: queued items in the whole queue (every tenant, every replica)
+    max_queued: int | None = None
+    #: queued items of one tenant
+    max_queued_per_tenant: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Backlog and drain counters: queued items per backlogged tenant, grants made so far
+    (per backlogged tenant and in total) since the queue's state was created."""
+
+    queued: dict[str, int]
+    granted: dict[str, int]
+    granted_total: int
+
+
+#: what :meth:`AdmissionQueue.enqueue` says: queued, already known (a no-op), or refused
+#: because the tenant's or the whole queue's depth limit is reached
+EnqueueResult: TypeAlias = Literal["queued", "duplicate", "tenant_full", "full"]
+
 #: what :meth:`AdmissionQueue.wait` resolves to: the grant, ``"expired"``, or ``None``
 Outcome: TypeAlias = Grant | Literal["expired"]
 WaitResult: TypeAlias = Grant | Literal["expired"] | None
@@ -120,13 +146,22 @@ class AdmissionQueue(Protocol):
         """
 
     # -- queue -------------------------------------------------------------------------
-    async def enqueue(self, item: QueueItem, now: float) -> None:
-        """Queue ``item`` behind every item with a lower score or the same score.
+    async def enqueue(self, item: QueueItem, now: float) -> EnqueueResult:
+        """Queue ``item`` in its (tenant, model) flow, behind every item with a lower score
+        or the same score.
 
-        A no-op when ``item.id`` is already queued or holds a grant. Wakes
-        :meth:`wait_capacity` everywhere. An item enqueued past its deadline is dropped (and
-        reported ``"expired"``) by the next :meth:`dispatch`.
+        ``"duplicate"`` (a no-op) when ``item.id`` is already queued or holds a grant;
+        ``"tenant_full"`` / ``"full"`` (nothing queued) when the tenant's or the whole
+        queue's depth limit (:class:`QueueCaps`) is reached. Wakes :meth:`wait_capacity`
+        everywhere when queued. An item enqueued past its deadline is dropped (and reported
+        ``"expired"``) by the next :meth:`dispatch`.
         """
+
+    async def set_limits(self, limits: dict[str, int | None]) -> None:
+        """Set tenants' concurrency limits (``None`` = unlimited), read by every later
+        :meth:`dispatch` on every replica: a lower limit parks the tenant's queued items
+        at once, a higher one un-parks them. A tenant never set is unlimited. Wakes
+        :meth:`wait_capacity` everywhere when a limit changed."""
 
     async def cancel(self, item_id: str) -> bool:
         """Remove a queued item; ``False`` when it is not queued (granted: :meth:`release` it;
@@ -137,24 +172,27 @@ class AdmissionQueue(Protocol):
 
         First, lapsed leases (expiry <= ``now``) are reclaimed and every queued item with
         ``now > deadline`` is dropped, wherever it stands, and its replica is told
-        ``"expired"``. Then items are taken in order:
+        ``"expired"``. Then flow heads are taken in (score, enqueue order):
 
-        * its tenant holds ``>= concurrency_limit`` granted items: skipped, keeps its place;
-        * no routable, fresh engine serves ``item.model``: skipped, keeps its place;
+        * a tenant holding ``>= limit`` granted items (:meth:`set_limits`) is parked: its
+          flows are not looked at, and keep their places;
+        * a flow whose model no routable, fresh engine serves waits, keeping its place;
         * otherwise the candidate engines are those serving the model with ``seqs < max_seqs``
-          and ``held + footprint <= budget`` -- an engine holding nothing takes any one item,
-          so a request larger than every budget cannot block the queue until its deadline.
-          The one with the most free tokens wins (unlimited = most; ties: fewer seqs, then
-          name). Granted: the item leaves the queue, holds ``footprint`` tokens and one seq
-          on that engine under a lease expiring at ``now + lease_ttl_s``, counts in its
+          (and ``< soft_seqs`` unless the item is exempt) and ``held + min(footprint,
+          budget) <= budget`` -- so an engine holding nothing takes any one item. The one
+          with the most free tokens wins (unlimited = most; ties: fewer seqs, then name).
+          Granted: the item leaves the queue, holds ``min(footprint, budget)`` tokens and one
+          seq on that engine under a lease expiring at ``now + lease_ttl_s``, counts in its
           tenant's in-flight, and its replica is notified;
-        * no candidate has room: the item **blocks** every engine serving its model -- no
-          later item is granted on them (strict order: nothing overtakes the head). Items
+        * no candidate has room: the head **blocks** every engine serving its model -- no
+          later item is granted on them (strict order: nothing overtakes the head). Flows
           whose engines are all blocked keep their places. With a single model this is
           "stop at the head"; with several, a full model does not stall the others.
 
-        Stops after ``max_grants`` grants or once every usable engine is blocked. An empty
-        list means nothing could be admitted now. Grants for any replica are returned.
+        Stops after ``max_grants`` grants or once every served model is blocked. Its cost is
+        O((grants + models) log n), independent of how many items wait behind the heads or
+        in parked flows. An empty list means nothing could be admitted now. Grants for any
+        replica are returned.
         """
 
     async def wait(self, item_id: str, timeout_s: float) -> WaitResult:
@@ -199,6 +237,9 @@ class AdmissionQueue(Protocol):
     async def depth(self) -> dict[str, int]:
         """Queued items per tenant (tenants with none are absent). Items past their
         deadline count until the next :meth:`dispatch` drops them."""
+
+    async def stats(self) -> QueueStats:
+        """:class:`QueueStats`: :meth:`depth` plus grant counters, for drain rates."""
 
     async def in_flight(self, tenant: str, now: float) -> int:
         """Granted items of ``tenant`` whose lease is live at ``now`` (reclaims lapsed ones)."""

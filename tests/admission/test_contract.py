@@ -12,8 +12,16 @@ from dataclasses import replace
 import pytest
 
 from proxy.config import StoreConfig
-from proxy.store.queue_base import AdmissionQueue, EngineCapacity, EngineLoad, Grant, QueueItem
-from proxy.store.queues import build_queue
+from proxy.admission.base import (
+    AdmissionQueue,
+    EngineCapacity,
+    EngineLoad,
+    Grant,
+    QueueCaps,
+    QueueItem,
+)
+from proxy.admission.build import build_queue
+from proxy.admission.memory import MemoryQueue
 
 T0 = 1_700_000_000.0
 TTL = 30.0
@@ -36,18 +44,31 @@ async def queue(request: pytest.FixtureRequest) -> AsyncIterator[AdmissionQueue]
         await q.aclose()
 
 
+async def _queue_like(
+    request: pytest.FixtureRequest, like: AdmissionQueue, caps: QueueCaps
+) -> AdmissionQueue:
+    """Another queue of the same kind as ``like`` (own state), built with ``caps``."""
+    if isinstance(like, MemoryQueue):
+        cfg = StoreConfig(type="memory")
+    else:
+        url = request.getfixturevalue("redis_server")
+        cfg = StoreConfig(type="redis", url=url, prefix=request.getfixturevalue("redis_prefix") + "c")
+    q = build_queue(cfg, REPLICA, caps=caps)
+    await q.start()
+    return q
+
+
 def make_item(
     item_id: str,
     score: float = 0.0,
     *,
     tenant: str = "acme",
     footprint: int = 100,
-    limit: int | None = None,
     model: str = "m",
     deadline: float = T0 + 60,
     replica: str = REPLICA,
 ) -> QueueItem:
-    return QueueItem(item_id, tenant, replica, model, score, footprint, limit, deadline)
+    return QueueItem(item_id, tenant, replica, model, score, footprint, deadline)
 
 
 def make_engine(
@@ -135,10 +156,8 @@ async def test_max_grants(queue: AdmissionQueue) -> None:
 
 async def test_a_long_queue_is_scanned_in_order(queue: AdmissionQueue) -> None:
     await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
-    items = [
-        make_item(f"i{n:03}", n, tenant="acme" if n % 3 else "zeta", limit=1 if n % 3 else None)
-        for n in range(150)
-    ]
+    await queue.set_limits({"acme": 1})
+    items = [make_item(f"i{n:03}", n, tenant="acme" if n % 3 else "zeta") for n in range(150)]
     await enqueue(queue, *reversed(items))
     # acme may hold one at a time: only its first item is admitted
     expected = [i.id for i in items if i.tenant == "zeta" or i.id == "i001"]
@@ -152,7 +171,8 @@ async def test_a_long_queue_is_scanned_in_order(queue: AdmissionQueue) -> None:
 # -- tenant concurrency -------------------------------------------------------------------------
 async def test_tenant_at_its_limit_is_skipped_and_keeps_its_place(queue: AdmissionQueue) -> None:
     await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
-    await enqueue(queue, make_item("a1", 0, limit=1), make_item("a2", 1, limit=1))
+    await queue.set_limits({"acme": 1})
+    await enqueue(queue, make_item("a1", 0), make_item("a2", 1))
     await enqueue(queue, make_item("z1", 2, tenant="zeta"))
     assert await dispatch_ids(queue) == ["a1", "z1"]  # a2 skipped, z1 behind it admitted
     assert await queue.depth() == {"acme": 1}
@@ -161,7 +181,8 @@ async def test_tenant_at_its_limit_is_skipped_and_keeps_its_place(queue: Admissi
 
 async def test_concurrency_skip_then_release_restores_order(queue: AdmissionQueue) -> None:
     await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
-    await enqueue(queue, make_item("a1", 0, limit=1), make_item("a2", 1, limit=1))
+    await queue.set_limits({"acme": 1})
+    await enqueue(queue, make_item("a1", 0), make_item("a2", 1))
     assert await dispatch_ids(queue) == ["a1"]
     await enqueue(queue, make_item("z1", 2, tenant="zeta"), make_item("z2", 3, tenant="zeta"))
     assert await dispatch_ids(queue, max_grants=1) == ["z1"]
@@ -170,12 +191,85 @@ async def test_concurrency_skip_then_release_restores_order(queue: AdmissionQueu
     assert await queue.in_flight("acme", T0) == 1
 
 
-async def test_limit_is_per_item_and_zero_never_admits(queue: AdmissionQueue) -> None:
+async def test_zero_never_admits_and_unset_is_unlimited(queue: AdmissionQueue) -> None:
     await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
-    await enqueue(queue, make_item("a0", 0, limit=0), make_item("a1", 1, limit=2))
-    await enqueue(queue, make_item("a2", 2, limit=2), make_item("a3", 3, limit=None))
-    assert await dispatch_ids(queue) == ["a1", "a2", "a3"]  # unlimited ignores in-flight
-    assert await queue.depth() == {"acme": 1}
+    await queue.set_limits({"zero": 0})
+    await enqueue(queue, make_item("z0", 0, tenant="zero"), make_item("a1", 1))
+    await enqueue(queue, make_item("a2", 2), make_item("a3", 3))
+    assert await dispatch_ids(queue) == ["a1", "a2", "a3"]  # acme has no limit
+    assert await queue.depth() == {"zero": 1}
+
+
+async def test_a_lower_limit_parks_queued_items_at_once(queue: AdmissionQueue) -> None:
+    """Limits are read at dispatch, not copied into items: a cut reaches queued requests."""
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    await queue.set_limits({"acme": 6})
+    await enqueue(queue, *(make_item(f"a{n}", n) for n in range(8)))
+    assert await dispatch_ids(queue, max_grants=2) == ["a0", "a1"]
+    await queue.set_limits({"acme": 2})
+    assert await dispatch_ids(queue) == []  # 2 held: at the new limit
+    await queue.release("a0")
+    await queue.set_limits({"acme": 1})
+    assert await dispatch_ids(queue) == []  # still 1 held
+    await queue.release("a1")
+    assert await dispatch_ids(queue) == ["a2"]
+    await queue.set_limits({"acme": None})  # unlimited again: everything left goes
+    assert await dispatch_ids(queue) == ["a3", "a4", "a5", "a6", "a7"]
+
+
+async def test_a_higher_limit_unparks_and_keeps_order(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    await queue.set_limits({"acme": 1})
+    await enqueue(queue, make_item("a0", 0), make_item("a1", 1), make_item("a2", 5))
+    await enqueue(queue, make_item("z0", 2, tenant="zeta"), make_item("z1", 6, tenant="zeta"))
+    assert await dispatch_ids(queue, max_grants=2) == ["a0", "z0"]
+    await queue.set_limits({"acme": 3})
+    assert await dispatch_ids(queue) == ["a1", "a2", "z1"]
+    assert await queue.in_flight("acme", T0) == 3
+
+
+async def test_limits_span_models(queue: AdmissionQueue) -> None:
+    """A tenant's limit counts its holds on every model; its flows park together."""
+    engines = [make_engine("e1", None, models=("m",)), make_engine("e2", None, models=("n",))]
+    await queue.set_engines(engines, T0, ENGINE_TTL)
+    await queue.set_limits({"acme": 2})
+    await enqueue(queue, make_item("m0", 0), make_item("n0", 1, model="n"))
+    await enqueue(queue, make_item("m1", 2), make_item("n1", 3, model="n"))
+    assert await dispatch_ids(queue) == ["m0", "n0"]
+    await queue.release("n0")
+    assert await dispatch_ids(queue) == ["m1"]
+
+
+# -- caps ---------------------------------------------------------------------------------------
+async def test_depth_caps_refuse_at_enqueue(
+    request: pytest.FixtureRequest, queue: AdmissionQueue
+) -> None:
+    caps = QueueCaps(max_queued=3, max_queued_per_tenant=2)
+    q = await _queue_like(request, queue, caps)
+    try:
+        assert await q.enqueue(make_item("a1"), T0) == "queued"
+        assert await q.enqueue(make_item("a2"), T0) == "queued"
+        assert await q.enqueue(make_item("a3"), T0) == "tenant_full"
+        assert await q.enqueue(make_item("a1"), T0) == "duplicate"
+        assert await q.enqueue(make_item("z1", tenant="zeta"), T0) == "queued"
+        assert await q.enqueue(make_item("y1", tenant="yota"), T0) == "full"
+        assert await q.depth() == {"acme": 2, "zeta": 1}
+        await q.cancel("a1")
+        assert await q.enqueue(make_item("y1", tenant="yota"), T0) == "queued"
+    finally:
+        await q.aclose()
+
+
+async def test_stats_count_grants(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine(budget=None)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a1"), make_item("a2", 1), make_item("z1", 2, tenant="zeta"))
+    assert await dispatch_ids(queue, max_grants=2) == ["a1", "a2"]
+    stats = await queue.stats()
+    assert stats.queued == {"zeta": 1}
+    assert stats.granted == {"zeta": 0}
+    assert stats.granted_total == 2
+    await enqueue(queue, make_item("a3", 3))
+    assert (await queue.stats()).granted == {"acme": 2, "zeta": 0}
 
 
 # -- capacity -----------------------------------------------------------------------------------
@@ -197,14 +291,17 @@ async def test_footprint_equal_to_free_space_fits(queue: AdmissionQueue) -> None
     assert await dispatch_ids(queue) == ["a", "b"]
 
 
-async def test_oversize_item_goes_to_an_empty_engine(queue: AdmissionQueue) -> None:
+async def test_oversize_item_is_clamped_to_the_budget(queue: AdmissionQueue) -> None:
+    """A predicted footprint beyond the engine's budget holds the whole budget: it goes to
+    an empty engine (and blocks what follows until then), never starves."""
     await queue.set_engines([make_engine(budget=1000)], T0, ENGINE_TTL)
     await enqueue(queue, make_item("small", 0, footprint=10), make_item("huge", 1, footprint=5000))
     await enqueue(queue, make_item("after", 2, footprint=10))
     assert await dispatch_ids(queue) == ["small"]  # huge waits for an empty engine
     await queue.release("small")
-    assert await dispatch_ids(queue) == ["huge"]
-    assert load_of(await queue.loads(T0), "e1") == (5000, 1)
+    grants = await queue.dispatch(T0, TTL)
+    assert [(g.id, g.footprint) for g in grants] == [("huge", 1000)]
+    assert load_of(await queue.loads(T0), "e1") == (1000, 1)
 
 
 async def test_most_free_tokens_wins(queue: AdmissionQueue) -> None:
@@ -444,8 +541,9 @@ async def test_grant_keeps_its_granted_footprint(queue: AdmissionQueue) -> None:
 
 async def test_lapsed_leases_are_reclaimed(queue: AdmissionQueue) -> None:
     await queue.set_engines([make_engine("e1", 1000)], T0, 100)
-    await enqueue(queue, make_item("a", 0, footprint=600, limit=1))
-    await enqueue(queue, make_item("b", 1, footprint=600, limit=1))
+    await queue.set_limits({"acme": 1})
+    await enqueue(queue, make_item("a", 0, footprint=600))
+    await enqueue(queue, make_item("b", 1, footprint=600))
     assert await dispatch_ids(queue, ttl=10.0) == ["a"]
     assert await queue.in_flight("acme", T0 + 9.9) == 1
     assert await dispatch_ids(queue, now=T0 + 9.9) == []

@@ -1,4 +1,4 @@
-"""Build the admission queue (:class:`~proxy.store.queue_base.AdmissionQueue`) from config.
+"""Build the admission queue (:class:`~proxy.admission.base.AdmissionQueue`) from config.
 
 The queue lives in the same backend as the store (``store.type``): ``memory`` for one
 process, ``redis`` for N replicas sharing one Redis. Then ``await queue.start()`` in the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from proxy.store.queue_base import AdmissionQueue
+from proxy.admission.base import AdmissionQueue, QueueCaps
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -20,20 +20,25 @@ __all__ = ["build_queue"]
 
 
 def build_queue(
-    cfg: StoreConfig, replica_id: str, *, redis_client: Redis | None = None
+    cfg: StoreConfig,
+    replica_id: str,
+    *,
+    caps: QueueCaps | None = None,
+    redis_client: Redis | None = None,
 ) -> AdmissionQueue:
     """A new, not yet started queue for ``cfg.type``.
 
     ``replica_id``: this gateway process, unique among live replicas (grants for the
-    requests whose connection it holds are delivered to it). ``redis_client``: (redis only)
+    requests whose connection it holds are delivered to it). ``caps``: depth limits
+    checked at enqueue (default: none). ``redis_client``: (redis only)
     an existing ``redis.asyncio.Redis`` to share, e.g. the store's; its owner closes it.
     """
     if cfg.type == "memory":
-        from proxy.store.queue_memory import MemoryQueue
+        from proxy.admission.memory import MemoryQueue
 
-        return MemoryQueue(replica_id)
+        return MemoryQueue(replica_id, caps)
     if cfg.type == "redis":
-        from proxy.store.queue_redis import RedisQueue
+        from proxy.admission.redis import RedisQueue
 
-        return RedisQueue(replica_id, cfg.url, prefix=cfg.prefix, client=redis_client)
+        return RedisQueue(replica_id, cfg.url, prefix=cfg.prefix, caps=caps, client=redis_client)
     raise ValueError(f"store.type: unknown store {cfg.type!r}; known: ['memory', 'redis']")

@@ -1,18 +1,25 @@
 """The shared admission queue: Redis, for N gateway replicas with one order and one ledger.
 
 Why choose it: more than one gateway process in front of one engine pool. Every step that
-changes the queue or the ledger is one Lua script (``lua/common.lua`` + ``lua/queue_common.lua``
-+ ``lua/queue_<name>.lua``, loaded once, run by EVALSHA), so replicas that dispatch at the
-same moment grant each item once and never over-commit an engine. Holds are leases: a
-crashed replica's capacity comes back when its leases lapse. Each instance holds ONE pub/sub
-connection, subscribed to its replica's outcome channel and to the capacity channel; its
-reader task fills the replica-local mailbox and rings the capacity bell.
+changes the queue or the ledger is one Lua script (``lua/common.lua`` + ``lua/<name>.lua``,
+loaded once, run by EVALSHA), and the scripts repeat :mod:`proxy.admission.core` function
+for function, so replicas decide as the memory queue would, and replicas that dispatch at
+the same moment grant each item once and never over-commit an engine. Holds are leases: a
+crashed replica's capacity comes back when its leases lapse. Each instance holds ONE
+pub/sub connection, subscribed to its replica's outcome channel and to the capacity
+channel; its reader task fills the replica-local mailbox and rings the capacity bell.
 
 Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
 
-* ``P:{q}:queue`` zset ``"<seq:016d>:<id>"`` -> score (equal scores keep enqueue order);
-  ``:items`` hash id -> item JSON ``{t, r, m, f, c?, q}``; ``:deadlines`` zset id ->
-  deadline; ``:seq`` enqueue counter; ``:depth`` hash tenant -> queued items.
+* ``P:{q}:items`` hash id -> item JSON ``{t, r, m, f, x?, q}`` (``q``: enqueue seq);
+  ``:deadlines`` zset id -> deadline; ``:seq`` enqueue counter; ``:depth`` hash tenant ->
+  queued items.
+* flows: ``P:{q}:flow:<len(model)>:<model>:<tenant>`` zset ``"<seq:016d>:<id>"`` -> score;
+  ``P:{q}:ready:<model>`` zset ``"<head seq:016d>:<tenant>"`` -> head score, the heads of
+  the model's flows whose tenant is under its limit; ``:fhead`` hash flow name -> its
+  member in the ready zset; ``P:{q}:tmodels:<tenant>`` set of the tenant's flow models.
+* ``:limits`` hash tenant -> concurrency limit (absent: unlimited); ``:granted`` hash
+  tenant -> grants made (field ``""``: all tenants).
 * ``P:{q}:engines`` hash name -> capacity JSON; ``:fresh`` hash name -> valid-until;
   ``:held`` / ``:seqs`` hash engine -> tokens / sequences held.
 * ``P:{q}:holds`` hash id -> hold JSON ``{e, t, r, f, g}`` (current and granted
@@ -22,10 +29,11 @@ Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
 * channels (not keys) ``P:queue:replica:<replica>`` (JSON outcome) and
   ``P:queue:capacity``.
 
-Redis Cluster trade-off: one hash tag puts the whole queue and ledger on one shard, so a
-dispatch sees one global order and one capacity view atomically; that shard carries all
-admission traffic (a few scripts per request). Sharding by model or engine group would
-scale further but gives up strict cross-shard order; not needed below ~10k admissions/s.
+Per-flow keys are derived inside the scripts from the declared ``:seq`` key, so they share
+its hash tag and slot. Redis Cluster trade-off: one hash tag puts the whole queue and ledger
+on one shard, so a dispatch sees one global order and one capacity view atomically; that
+shard carries all admission traffic (a few scripts per request). Sharding by model or
+engine group would scale further but gives up strict cross-shard order.
 """
 
 from __future__ import annotations
@@ -43,15 +51,18 @@ from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from proxy.store.queue_base import (
+from proxy.admission.base import (
     EngineCapacity,
     EngineLoad,
+    EnqueueResult,
     Grant,
     Outcome,
+    QueueCaps,
     QueueItem,
+    QueueStats,
     WaitResult,
 )
-from proxy.store.queue_mailbox import Bell, Mailbox, Snapshot
+from proxy.admission.mailbox import Bell, Mailbox, Snapshot
 from proxy.store.redis import _num, _str, _unavailable_on_io_error, connect
 
 TYPE = "redis"
@@ -60,6 +71,8 @@ log = logging.getLogger("driftsched.store.queue")
 
 _SCRIPTS = (
     "enqueue",
+    "set_limits",
+    "stats",
     "cancel",
     "dispatch",
     "release",
@@ -71,7 +84,6 @@ _SCRIPTS = (
 )
 _KEYS = (
     "seq",
-    "queue",
     "items",
     "deadlines",
     "depth",
@@ -83,15 +95,18 @@ _KEYS = (
     "leases",
     "inflight",
     "expired",
+    "fhead",
+    "limits",
+    "granted",
 )
+_ENQUEUED: dict[int, EnqueueResult] = {1: "queued", 0: "duplicate", -1: "tenant_full", -2: "full"}
 #: how long an "expired" outcome stays visible to a late :meth:`RedisQueue.wait`
 EXPIRED_MEMORY_S = 600.0
 
 
 def _load_script(name: str) -> str:
-    lua = resources.files("proxy.store").joinpath("lua")
-    parts = ("common.lua", "queue_common.lua", f"queue_{name}.lua")
-    return "\n".join(lua.joinpath(p).read_text() for p in parts)
+    lua = resources.files("proxy.admission").joinpath("lua")
+    return "\n".join(lua.joinpath(p).read_text() for p in ("common.lua", f"{name}.lua"))
 
 
 def _capacity_json(cap: EngineCapacity) -> str:
@@ -113,8 +128,6 @@ def _item_json(item: QueueItem) -> str:
         "m": item.model,
         "f": int(item.footprint),
     }
-    if item.concurrency_limit is not None:
-        d["c"] = int(item.concurrency_limit)
     if item.exempt:
         d["x"] = True
     return json.dumps(d, separators=(",", ":"))
@@ -132,7 +145,7 @@ def _outcome(raw: str, replica: str) -> tuple[str, Outcome] | None:
 
 
 class RedisQueue:
-    """:class:`~proxy.store.queue_base.AdmissionQueue` on Redis. Safe for many tasks and
+    """:class:`~proxy.admission.base.AdmissionQueue` on Redis. Safe for many tasks and
     many processes; ``replica_id`` must be unique among live replicas (it routes grants).
 
     ``client``: an already configured ``redis.asyncio.Redis`` to share (e.g. the store's;
@@ -147,11 +160,13 @@ class RedisQueue:
         url: str = "redis://127.0.0.1:6379/0",
         *,
         prefix: str = "driftsched",
+        caps: QueueCaps | None = None,
         client: Redis | None = None,
         max_connections: int = 64,
         socket_timeout_s: float = 5.0,
     ) -> None:
         self.replica_id = replica_id
+        self.caps = caps or QueueCaps()
         self._url = url
         self._keys = [f"{prefix}:{{q}}:{k}" for k in _KEYS]
         self._channels = f"{prefix}:queue:"
@@ -269,16 +284,26 @@ class RedisQueue:
         pairs = [x for cap in engines for x in (cap.name, _capacity_json(cap))]
         await self._run("set_engines", _num(now), _num(now + ttl_s), *pairs)
 
+    @_unavailable_on_io_error
+    async def set_limits(self, limits: dict[str, int | None]) -> None:
+        if limits:
+            pairs = [x for t, n in limits.items() for x in (t, "" if n is None else str(int(n)))]
+            await self._run("set_limits", *pairs)
+
     # -- queue ---------------------------------------------------------------------------
     @_unavailable_on_io_error
-    async def enqueue(self, item: QueueItem, now: float) -> None:
-        await self._run(
+    async def enqueue(self, item: QueueItem, now: float) -> EnqueueResult:
+        caps = self.caps
+        code = await self._run(
             "enqueue",
             item.id,
             _num(float(item.score)),
             _num(float(item.deadline)),
             _item_json(item),
+            "" if caps.max_queued_per_tenant is None else str(caps.max_queued_per_tenant),
+            "" if caps.max_queued is None else str(caps.max_queued),
         )
+        return _ENQUEUED[int(code)]
 
     @_unavailable_on_io_error
     async def cancel(self, item_id: str) -> bool:
@@ -367,6 +392,13 @@ class RedisQueue:
     async def depth(self) -> dict[str, int]:
         raw = await self._client_or_raise().hgetall(self.key("depth"))
         return {_str(t): int(n) for t, n in raw.items()}
+
+    @_unavailable_on_io_error
+    async def stats(self) -> QueueStats:
+        total, rows = await self._run("stats")
+        queued = {_str(t): int(n) for t, n, _ in rows}
+        granted = {_str(t): int(g) for t, _, g in rows}
+        return QueueStats(queued, granted, int(total))
 
     @_unavailable_on_io_error
     async def in_flight(self, tenant: str, now: float) -> int:

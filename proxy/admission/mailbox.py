@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeAlias
 
-from proxy.store.queue_base import Outcome, WaitResult
+from proxy.admission.base import Outcome, WaitResult
 
 #: what the shared state says about an item: its outcome, still ``"queued"``, or ``None``
 #: (not queued, not granted, not recently expired)
@@ -44,7 +44,7 @@ class Mailbox:
     async def wait(
         self, item_id: str, timeout_s: float, snapshot: Callable[[], Awaitable[Snapshot]]
     ) -> WaitResult:
-        """:meth:`~proxy.store.queue_base.AdmissionQueue.wait` on top of ``snapshot``.
+        """:meth:`~proxy.admission.base.AdmissionQueue.wait` on top of ``snapshot``.
 
         The slot is registered before the shared state is read, so an outcome published
         after the read reaches the slot, and one reached before it is in the read.

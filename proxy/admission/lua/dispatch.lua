@@ -1,5 +1,4 @@
--- Admit what fits now, in (score, seq) order (AdmissionQueue.dispatch; queue_memory.py
--- repeats this step for step).
+-- Admit what fits now (AdmissionQueue.dispatch; core.py: dispatch, step for step).
 -- ARGV: channels, now, lease_ttl_s, max_grants, the calling replica, expired memory (s)
 -- Returns {{id, tenant, replica, engine, footprint}..., {expired id of the caller}...}:
 -- outcomes for the caller are returned, not published; other replicas get a message.
@@ -32,7 +31,7 @@ redis.call('ZREMRANGEBYSCORE', K_EXPIRED, '-inf', fmt(now - tonumber(ARGV[6])))
 -- the usable engines (routable and fresh), by name, and the ones serving each model
 local names = redis.call('HKEYS', K_ENGINES)
 table.sort(names)
-local usable, by_model = 0, {}
+local by_model, models = {}, {}
 for _, name in ipairs(names) do
   local cap = cjson.decode(redis.call('HGET', K_ENGINES, name))
   local fresh = tonumber(redis.call('HGET', K_FRESH, name)) or 0
@@ -45,16 +44,24 @@ for _, name in ipairs(names) do
       held = tonumber(redis.call('HGET', K_HELD, name) or '0'),
       seqs = tonumber(redis.call('HGET', K_SEQS, name) or '0'),
     }
-    usable = usable + 1
     for _, model in ipairs(cap.models) do
       local list = by_model[model]
       if list == nil then
         list = {}
         by_model[model] = list
+        models[#models + 1] = model
       end
       list[#list + 1] = e
     end
   end
+end
+
+-- what `footprint` holds on engine e: never more than its whole budget
+local function charge(e, footprint)
+  if e.budget ~= nil and footprint > e.budget then
+    return e.budget
+  end
+  return footprint
 end
 
 local function fits(e, footprint, exempt)
@@ -64,7 +71,7 @@ local function fits(e, footprint, exempt)
   if not exempt and e.soft_seqs and e.seqs >= e.soft_seqs then
     return false
   end
-  return e.budget == nil or e.held + footprint <= e.budget or e.seqs == 0
+  return e.budget == nil or e.held + charge(e, footprint) <= e.budget
 end
 
 local function free(e)
@@ -75,85 +82,78 @@ local function free(e)
 end
 
 local function grant(id, rec, e)
-  dequeue(id, rec)
-  redis.call('HSET', K_HOLDS, id, cjson.encode({e = e.name, t = rec.t, r = rec.r, f = rec.f, g = rec.f}))
+  local f = charge(e, rec.f)
+  redis.call('HSET', K_HOLDS, id, cjson.encode({e = e.name, t = rec.t, r = rec.r, f = f, g = f}))
   redis.call('ZADD', K_LEASES, expiry, id)
-  if rec.f ~= 0 then
-    redis.call('HINCRBY', K_HELD, e.name, rec.f)
+  if f ~= 0 then
+    redis.call('HINCRBY', K_HELD, e.name, f)
   end
   redis.call('HINCRBY', K_SEQS, e.name, 1)
   redis.call('HINCRBY', K_INFLIGHT, rec.t, 1)
-  e.held = e.held + rec.f
+  redis.call('HINCRBY', K_GRANTED, rec.t, 1)
+  redis.call('HINCRBY', K_GRANTED, '', 1)
+  e.held = e.held + f
   e.seqs = e.seqs + 1
+  dequeue(id, rec) -- also re-lists the flow's next head
+  if limited(rec.t) then
+    tenant_sync(rec.t)
+  end
   if rec.r ~= me then
-    local msg = {k = 'g', id = id, t = rec.t, e = e.name, f = rec.f}
+    local msg = {k = 'g', id = id, t = rec.t, e = e.name, f = f}
     redis.call('PUBLISH', CH_REPLICA .. rec.r, cjson.encode(msg))
   end
-  grants[#grants + 1] = {id, rec.t, rec.r, e.name, tostring(rec.f)}
+  grants[#grants + 1] = {id, rec.t, rec.r, e.name, tostring(f)}
 end
 
-local blocked, n_blocked = {}, 0
-local inflight = {}
--- read the queue in growing chunks: most dispatches stop within the first few items
-local start, chunk = 0, 8
-local done = usable == 0 or max_grants <= 0
-while not done do
-  local members = redis.call('ZRANGE', K_QUEUE, start, start + chunk - 1)
-  if #members == 0 then
+-- each model's first ready flow head: {score, seq, member}, false when none
+local function ready_top(model)
+  local top = redis.call('ZRANGE', ready_key(model), 0, 0, 'WITHSCORES')
+  if not top[1] then
+    return false
+  end
+  return {tonumber(top[2]), tonumber(string.sub(top[1], 1, 16)), top[1]}
+end
+
+local blocked, dead = {}, {}
+while #grants < max_grants do
+  local best, best_model = nil, nil
+  for _, model in ipairs(models) do
+    if not dead[model] then
+      local open = false
+      for _, e in ipairs(by_model[model]) do
+        if not blocked[e.name] then
+          open = true
+          break
+        end
+      end
+      local top = open and ready_top(model)
+      if not top then
+        dead[model] = true
+      elseif best == nil or top[1] < best[1] or (top[1] == best[1] and top[2] < best[2]) then
+        best, best_model = top, model
+      end
+    end
+  end
+  if best == nil then
     break
   end
-  local ids = {}
-  for i, m in ipairs(members) do
-    ids[i] = string.sub(m, 18)
-  end
-  local raws = redis.call('HMGET', K_ITEMS, unpack(ids))
-  local removed = 0
-  for i, id in ipairs(ids) do
-    local raw = raws[i]
-    if raw then
-      local rec = cjson.decode(raw)
-      local n = inflight[rec.t]
-      if n == nil then
-        n = tonumber(redis.call('HGET', K_INFLIGHT, rec.t) or '0')
-        inflight[rec.t] = n
-      end
-      local cands = by_model[rec.m]
-      if cands and (rec.c == nil or n < rec.c) then
-        local best, open = nil, false
-        for _, e in ipairs(cands) do
-          if not blocked[e.name] then
-            open = true
-            if fits(e, rec.f, rec.x) and (best == nil or free(e) > free(best)
-                or (free(e) == free(best) and e.seqs < best.seqs)) then
-              best = e
-            end
-          end
-        end
-        if best then
-          grant(id, rec, best)
-          inflight[rec.t] = n + 1
-          removed = removed + 1
-          if #grants >= max_grants then
-            done = true
-          end
-        elseif open then
-          for _, e in ipairs(cands) do
-            if not blocked[e.name] then
-              blocked[e.name] = true
-              n_blocked = n_blocked + 1
-            end
-          end
-          if n_blocked >= usable then
-            done = true
-          end
-        end
-      end
-    end
-    if done then
-      break
+  local tenant = string.sub(best[3], 18)
+  local head = redis.call('ZRANGE', flow_key(tenant, best_model), 0, 0)
+  local id = string.sub(head[1], 18)
+  local rec = cjson.decode(redis.call('HGET', K_ITEMS, id))
+  local engine = nil
+  for _, e in ipairs(by_model[best_model]) do
+    if not blocked[e.name] and fits(e, rec.f, rec.x) and (engine == nil
+        or free(e) > free(engine) or (free(e) == free(engine) and e.seqs < engine.seqs)) then
+      engine = e
     end
   end
-  start = start + #members - removed
-  chunk = math.min(chunk * 2, 256)
+  if engine then
+    grant(id, rec, engine)
+  else
+    for _, e in ipairs(by_model[best_model]) do
+      blocked[e.name] = true
+    end
+  end
 end
 return {grants, mine_expired}

@@ -1,0 +1,470 @@
+"""The admission core: the one place the admission rules are written (in Python).
+
+Pure and clock-injected: no I/O, no awaiting, no reading of the system clock; every method
+takes ``now`` from the caller and runs to completion, so on one event loop each call is
+atomic. :class:`~proxy.admission.memory.MemoryQueue` is this class plus replica-local
+delivery; :mod:`proxy.admission.redis` runs the same rules in Lua (``lua/*.lua``, which
+mirror the functions here name for name) and ``tests/admission/test_differential.py``
+checks that both make the same decisions on random operation sequences.
+
+Shape, after llm-d's flow control (bands, flows, ordering):
+
+* **flows**: one per (tenant, model) with something queued, a min-heap of
+  ``(score, seq, id)`` (the policy's key, then enqueue order);
+* **ready heaps**: one per model, holding the head of every flow of that model whose tenant
+  is under its concurrency limit. "Which flow next?" is the ready head that comes first in
+  (score, seq) over the models that still have engine room, which is exactly the global
+  (score, seq) order over every item a dispatch may grant;
+* a tenant at its limit is **parked**: its flows leave the ready heaps (and come back when
+  a hold is freed or its limit rises), so a throttled tenant's backlog costs nothing;
+* every heap uses lazy deletion: an entry is live only if it still matches the current
+  state (the item's seq, the flow's ready token), and heaps are rebuilt when more than half
+  stale.
+
+Dispatch therefore costs O((grants + models) log n), whatever the depth of the queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from proxy.admission.base import (
+    EngineCapacity,
+    EngineLoad,
+    EnqueueResult,
+    Grant,
+    QueueCaps,
+    QueueItem,
+    QueueStats,
+)
+
+#: how long an "expired" outcome stays visible to a late waiter
+EXPIRED_MEMORY_S = 600.0
+
+
+@dataclass(slots=True)
+class _Hold:
+    engine: str
+    tenant: str
+    replica: str
+    footprint: int
+    granted: int
+    expiry: float
+
+    def grant(self, item_id: str) -> Grant:
+        return Grant(item_id, self.tenant, self.replica, self.engine, self.granted)
+
+
+@dataclass(slots=True)
+class _Flow:
+    tenant: str
+    model: str
+    #: (score, seq, id); entries whose seq is not the item's are stale
+    heap: list[tuple[float, int, str]] = field(default_factory=list)
+    live: int = 0
+    #: the (score, seq) this flow is listed under in its model's ready heap, else None
+    ready: tuple[float, int] | None = None
+    #: matches the live ready-heap entry of this flow (global counter: never reused)
+    token: int = 0
+
+
+@dataclass(slots=True)
+class _Usable:
+    """An engine as one dispatch sees it, updated as it grants."""
+
+    name: str
+    budget: int | None
+    max_seqs: int | None
+    soft_seqs: int | None
+    held: int
+    seqs: int
+
+    def charge(self, footprint: int) -> int:
+        """What ``footprint`` holds here: never more than the whole budget."""
+        return footprint if self.budget is None else min(footprint, self.budget)
+
+    def fits(self, footprint: int, exempt: bool) -> bool:
+        if self.max_seqs is not None and self.seqs >= self.max_seqs:
+            return False
+        if not exempt and self.soft_seqs is not None and self.seqs >= self.soft_seqs:
+            return False
+        return self.budget is None or self.held + self.charge(footprint) <= self.budget
+
+    def free(self) -> float:
+        return math.inf if self.budget is None else float(self.budget - self.held)
+
+
+def _too_stale(heap: list[tuple[float, int, str]] | list[tuple[float, int, int, str]],
+               live: int) -> bool:
+    return len(heap) > 2 * live + 64
+
+
+class AdmissionCore:
+    """All admission state of one queue and the rules over it (module doc).
+
+    Not thread-safe; one event loop. Outcomes are returned, never delivered: the caller
+    (the memory queue) tells waiters.
+    """
+
+    def __init__(self, caps: QueueCaps | None = None) -> None:
+        self.caps = caps or QueueCaps()
+        self._seq = 0
+        self._token = 0
+        self._items: dict[str, tuple[QueueItem, int]] = {}
+        self._flows: dict[tuple[str, str], _Flow] = {}
+        #: model -> (score, seq, token, tenant) of ready flow heads
+        self._ready: dict[str, list[tuple[float, int, int, str]]] = {}
+        #: model -> flows listed in its ready heap
+        self._ready_live: dict[str, int] = {}
+        #: tenant -> models of its non-empty flows
+        self._tenant_models: dict[str, set[str]] = {}
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._depth: dict[str, int] = {}
+        self._limits: dict[str, int] = {}
+        self._engines: dict[str, tuple[EngineCapacity, float]] = {}
+        self._held: dict[str, int] = {}
+        self._seqs: dict[str, int] = {}
+        self._holds: dict[str, _Hold] = {}
+        self._leases: list[tuple[float, int, str]] = []
+        self._inflight: dict[str, int] = {}
+        self._granted: dict[str, int] = {}
+        self._granted_total = 0
+        self._expired: OrderedDict[str, float] = OrderedDict()
+
+    # -- tenants -----------------------------------------------------------------------------
+    def _limited(self, tenant: str) -> bool:
+        limit = self._limits.get(tenant)
+        return limit is not None and self._inflight.get(tenant, 0) >= limit
+
+    def set_limits(self, limits: dict[str, int | None]) -> bool:
+        """Set concurrency limits; True when one changed (``None`` = unlimited)."""
+        changed = False
+        for tenant, limit in limits.items():
+            old = self._limits.get(tenant)
+            if limit == old:
+                continue
+            if limit is None:
+                del self._limits[tenant]
+            else:
+                self._limits[tenant] = max(0, int(limit))
+            changed = True
+            self._tenant_sync(tenant)
+        return changed
+
+    def _tenant_sync(self, tenant: str) -> None:
+        for model in sorted(self._tenant_models.get(tenant, ())):
+            self._flow_sync(self._flows[(tenant, model)])
+
+    # -- flows -------------------------------------------------------------------------------
+    def _head(self, flow: _Flow) -> tuple[float, int, str] | None:
+        heap = flow.heap
+        while heap:
+            score, seq, item_id = heap[0]
+            found = self._items.get(item_id)
+            if found is not None and found[1] == seq:
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    def _flow_sync(self, flow: _Flow) -> None:
+        """List the flow's head in its model's ready heap iff it has one and its tenant is
+        under its limit; forget the flow once empty."""
+        if _too_stale(flow.heap, flow.live):
+            flow.heap = [e for e in flow.heap
+                         if (f := self._items.get(e[2])) is not None and f[1] == e[1]]
+            heapq.heapify(flow.heap)
+        head = self._head(flow) if flow.live > 0 else None
+        want = head[:2] if head is not None and not self._limited(flow.tenant) else None
+        if want != flow.ready:
+            model = flow.model
+            live = self._ready_live.get(model, 0) + (want is not None) - (flow.ready is not None)
+            self._ready_live[model] = live
+            self._token += 1
+            flow.token = self._token
+            flow.ready = want
+            ready = self._ready.setdefault(model, [])
+            if want is not None:
+                heapq.heappush(ready, (want[0], want[1], flow.token, flow.tenant))
+            if _too_stale(ready, live):
+                ready[:] = [e for e in ready if self._ready_valid(e, model)]
+                heapq.heapify(ready)
+        if flow.live <= 0:
+            del self._flows[(flow.tenant, flow.model)]
+            models = self._tenant_models[flow.tenant]
+            models.discard(flow.model)
+            if not models:
+                del self._tenant_models[flow.tenant]
+
+    def _ready_valid(self, entry: tuple[float, int, int, str], model: str) -> bool:
+        flow = self._flows.get((entry[3], model))
+        return flow is not None and flow.token == entry[2] and flow.ready is not None
+
+    def _ready_top(self, model: str) -> tuple[float, int, int, str] | None:
+        heap = self._ready.get(model)
+        while heap:
+            if self._ready_valid(heap[0], model):
+                return heap[0]
+            heapq.heappop(heap)
+        return None
+
+    # -- engines -----------------------------------------------------------------------------
+    def set_engines(self, engines: list[EngineCapacity], now: float, ttl_s: float) -> bool:
+        """Upsert the capacity view; True when it changed (AdmissionQueue.set_engines)."""
+        fresh_until = now + ttl_s
+        changed = False
+        for cap in engines:
+            old = self._engines.get(cap.name)
+            if old is None or old[0] != cap or old[1] <= now:
+                changed = True
+            self._engines[cap.name] = (cap, fresh_until)
+        listed = {cap.name for cap in engines}
+        for name, (_, fresh) in list(self._engines.items()):
+            if name not in listed and fresh <= now and name not in self._seqs:
+                del self._engines[name]
+        return changed
+
+    # -- queue -------------------------------------------------------------------------------
+    def enqueue(self, item: QueueItem) -> EnqueueResult:
+        if item.id in self._items or item.id in self._holds:
+            return "duplicate"
+        caps = self.caps
+        if caps.max_queued_per_tenant is not None and \
+                self._depth.get(item.tenant, 0) >= caps.max_queued_per_tenant:
+            return "tenant_full"
+        if caps.max_queued is not None and len(self._items) >= caps.max_queued:
+            return "full"
+        self._seq += 1
+        seq = self._seq
+        self._items[item.id] = (item, seq)
+        key = (item.tenant, item.model)
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._flows[key] = _Flow(item.tenant, item.model)
+            self._tenant_models.setdefault(item.tenant, set()).add(item.model)
+        heapq.heappush(flow.heap, (item.score, seq, item.id))
+        flow.live += 1
+        heapq.heappush(self._deadlines, (item.deadline, seq, item.id))
+        self._depth[item.tenant] = self._depth.get(item.tenant, 0) + 1
+        self._flow_sync(flow)
+        return "queued"
+
+    def _dequeue(self, item_id: str) -> QueueItem | None:
+        entry = self._items.pop(item_id, None)
+        if entry is None:
+            return None
+        item = entry[0]
+        left = self._depth[item.tenant] - 1
+        if left > 0:
+            self._depth[item.tenant] = left
+        else:
+            del self._depth[item.tenant]
+        flow = self._flows[(item.tenant, item.model)]
+        flow.live -= 1
+        self._flow_sync(flow)
+        return item
+
+    def cancel(self, item_id: str) -> bool:
+        if self._dequeue(item_id) is None:
+            return False
+        self._compact()
+        return True
+
+    def queued(self, item_id: str) -> bool:
+        return item_id in self._items
+
+    def expired(self, item_id: str) -> bool:
+        return item_id in self._expired
+
+    def _expire(self, now: float) -> list[QueueItem]:
+        out = []
+        heap = self._deadlines
+        while heap and heap[0][0] < now:
+            _, seq, item_id = heapq.heappop(heap)
+            found = self._items.get(item_id)
+            if found is not None and found[1] == seq:
+                self._dequeue(item_id)
+                self._expired[item_id] = now
+                out.append(found[0])
+        while self._expired:
+            item_id, at = next(iter(self._expired.items()))
+            if at > now - EXPIRED_MEMORY_S:
+                break
+            del self._expired[item_id]
+        return out
+
+    def _compact(self) -> None:
+        """Rebuild the deadline and lease heaps once mostly stale (never mid-dispatch);
+        flow and ready heaps are filtered where they grow (:meth:`_flow_sync`)."""
+        live = len(self._items)
+        if _too_stale(self._deadlines, live):
+            self._deadlines = [(i.deadline, s, i.id) for i, s in self._items.values()]
+            heapq.heapify(self._deadlines)
+        if _too_stale(self._leases, len(self._holds)):
+            self._leases = [(h.expiry, 0, i) for i, h in self._holds.items()]
+            heapq.heapify(self._leases)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def dispatch(
+        self, now: float, lease_ttl_s: float, max_grants: int = 64
+    ) -> tuple[list[Grant], list[QueueItem]]:
+        """Admit what fits now (AdmissionQueue.dispatch): the grants made and the items
+        dropped as expired, in that order of the work."""
+        self._reclaim(now)
+        expired = self._expire(now)
+        usable: dict[str, _Usable] = {}
+        by_model: dict[str, list[_Usable]] = {}
+        for name in sorted(self._engines):
+            cap, fresh_until = self._engines[name]
+            if not cap.routable or now >= fresh_until:
+                continue
+            u = usable[name] = _Usable(name, cap.budget_tokens, cap.max_seqs, cap.soft_seqs,
+                                       self._held.get(name, 0), self._seqs.get(name, 0))
+            for model in cap.models:
+                by_model.setdefault(model, []).append(u)
+        grants: list[Grant] = []
+        blocked: set[str] = set()
+        dead: set[str] = set()  # models with no ready flow or no open engine this dispatch
+        expiry = now + lease_ttl_s
+        while len(grants) < max_grants:
+            best: tuple[float, int, int, str] | None = None
+            best_model = ""
+            for model, cands in by_model.items():
+                if model in dead:
+                    continue
+                top = self._ready_top(model)
+                if top is None or all(u.name in blocked for u in cands):
+                    dead.add(model)
+                    continue
+                if best is None or top[:2] < best[:2]:
+                    best, best_model = top, model
+            if best is None:
+                break
+            flow = self._flows[(best[3], best_model)]
+            head = self._head(flow)
+            assert head is not None
+            item = self._items[head[2]][0]
+            engine: _Usable | None = None
+            for u in by_model[best_model]:
+                if u.name in blocked or not u.fits(item.footprint, item.exempt):
+                    continue
+                if engine is None or u.free() > engine.free() or \
+                        (u.free() == engine.free() and u.seqs < engine.seqs):
+                    engine = u
+            if engine is None:
+                blocked.update(u.name for u in by_model[best_model])
+                continue
+            grants.append(self._grant(item, engine, expiry))
+        self._compact()
+        return grants, expired
+
+    def _grant(self, item: QueueItem, engine: _Usable, expiry: float) -> Grant:
+        charge = engine.charge(item.footprint)
+        self._holds[item.id] = hold = _Hold(engine.name, item.tenant, item.replica, charge,
+                                            charge, expiry)
+        heapq.heappush(self._leases, (expiry, 0, item.id))
+        engine.held += charge
+        engine.seqs += 1
+        self._held[engine.name] = engine.held
+        self._seqs[engine.name] = engine.seqs
+        self._inflight[item.tenant] = self._inflight.get(item.tenant, 0) + 1
+        self._granted[item.tenant] = self._granted.get(item.tenant, 0) + 1
+        self._granted_total += 1
+        self._dequeue(item.id)  # also re-lists the flow's next head
+        if self._limited(item.tenant):
+            self._tenant_sync(item.tenant)
+        return hold.grant(item.id)
+
+    # -- holds -------------------------------------------------------------------------------
+    def grant_of(self, item_id: str) -> Grant | None:
+        hold = self._holds.get(item_id)
+        return None if hold is None else hold.grant(item_id)
+
+    def _drop_hold(self, item_id: str) -> bool:
+        hold = self._holds.pop(item_id, None)
+        if hold is None:
+            return False
+        seqs = self._seqs.get(hold.engine, 0) - 1
+        if seqs > 0:
+            self._seqs[hold.engine] = seqs
+            self._held[hold.engine] = self._held.get(hold.engine, 0) - hold.footprint
+        else:
+            self._seqs.pop(hold.engine, None)
+            self._held.pop(hold.engine, None)
+        n = self._inflight.get(hold.tenant, 0) - 1
+        if n > 0:
+            self._inflight[hold.tenant] = n
+        else:
+            self._inflight.pop(hold.tenant, None)
+        limit = self._limits.get(hold.tenant)
+        if limit is not None and max(n, 0) == limit - 1:
+            self._tenant_sync(hold.tenant)  # just fell under its limit: un-park
+        return True
+
+    def _reclaim(self, now: float) -> None:
+        heap = self._leases
+        while heap and heap[0][0] <= now:
+            expiry, _, item_id = heapq.heappop(heap)
+            hold = self._holds.get(item_id)
+            if hold is not None and hold.expiry == expiry:
+                self._drop_hold(item_id)
+
+    def release(self, item_id: str) -> bool:
+        """Free the hold and dequeue; True when something was freed."""
+        freed = self._drop_hold(item_id)
+        freed = self._dequeue(item_id) is not None or freed
+        if freed:
+            self._compact()
+        return freed
+
+    def grow(self, item_id: str, delta_tokens: int) -> bool:
+        """Charge ``delta_tokens`` more to the hold; True when its footprint shrank."""
+        hold = self._holds.get(item_id)
+        if hold is None:
+            return False
+        footprint = max(0, hold.footprint + delta_tokens)
+        self._held[hold.engine] = self._held.get(hold.engine, 0) + footprint - hold.footprint
+        shrunk = footprint < hold.footprint
+        hold.footprint = footprint
+        return shrunk
+
+    def renew(self, item_ids: list[str], now: float, lease_ttl_s: float) -> int:
+        expiry = now + lease_ttl_s
+        renewed = 0
+        for item_id in item_ids:
+            hold = self._holds.get(item_id)
+            if hold is not None and hold.expiry > now:
+                if expiry > hold.expiry:
+                    hold.expiry = expiry
+                    heapq.heappush(self._leases, (expiry, 0, item_id))
+                renewed += 1
+        self._compact()
+        return renewed
+
+    # -- views -------------------------------------------------------------------------------
+    def loads(self, now: float) -> list[EngineLoad]:
+        self._reclaim(now)
+        out: list[EngineLoad] = []
+        for name in sorted(self._engines.keys() | self._seqs.keys()):
+            held, seqs = self._held.get(name, 0), self._seqs.get(name, 0)
+            eng = self._engines.get(name)
+            if eng is None:
+                out.append(EngineLoad(name, held, seqs, None, None, False))
+                continue
+            cap, fresh = eng
+            routable = cap.routable and now < fresh
+            out.append(EngineLoad(name, held, seqs, cap.budget_tokens, cap.max_seqs, routable))
+        return out
+
+    def depth(self) -> dict[str, int]:
+        return dict(self._depth)
+
+    def stats(self) -> QueueStats:
+        granted = {t: self._granted.get(t, 0) for t in self._depth}
+        return QueueStats(dict(self._depth), granted, self._granted_total)
+
+    def in_flight(self, tenant: str, now: float) -> int:
+        self._reclaim(now)
+        return self._inflight.get(tenant, 0)

@@ -1,0 +1,131 @@
+-- Admission-queue prelude, prepended to every queue script. It repeats
+-- proxy/admission/core.py function for function (same names, same order of effects), so
+-- both queues decide identically; tests/admission/test_differential.py checks it.
+-- Every script gets the same KEYS, all under one hash tag, and ARGV[1] = the channel
+-- prefix; its own ARGV start at 2. Layout: proxy/admission/redis.py documents it.
+local K_SEQ, K_ITEMS, K_DEADLINES, K_DEPTH = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_ENGINES, K_FRESH, K_HELD, K_SEQS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_HOLDS, K_LEASES, K_INFLIGHT, K_EXPIRED = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_FHEAD, K_LIMITS, K_GRANTED = KEYS[13], KEYS[14], KEYS[15]
+-- per-flow, per-model and per-tenant keys share the hash tag: derived from the seq key
+local BASE = string.sub(K_SEQ, 1, -4)
+local CH_CAPACITY = ARGV[1] .. 'capacity'
+local CH_REPLICA = ARGV[1] .. 'replica:'
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+-- A flow's name: the model length-prefixed, so any model and tenant strings are unambiguous.
+local function flow_name(tenant, model)
+  return #model .. ':' .. model .. ':' .. tenant
+end
+local function flow_key(tenant, model)
+  return BASE .. 'flow:' .. flow_name(tenant, model)
+end
+local function ready_key(model)
+  return BASE .. 'ready:' .. model
+end
+local function tmodels_key(tenant)
+  return BASE .. 'tmodels:' .. tenant
+end
+
+-- The member of an item in its flow, and of a flow head in its model's ready zset: the
+-- sequence number first, so equal scores keep enqueue order.
+local function member(seq, id)
+  return string.format('%016d', seq) .. ':' .. id
+end
+
+-- HINCRBY that deletes the field when it reaches 0 or below; returns the new value.
+local function count(key, field, delta)
+  local n = redis.call('HINCRBY', key, field, delta)
+  if n <= 0 then
+    redis.call('HDEL', key, field)
+    return 0
+  end
+  return n
+end
+
+local function limited(tenant)
+  local limit = redis.call('HGET', K_LIMITS, tenant)
+  if not limit then
+    return false
+  end
+  return tonumber(redis.call('HGET', K_INFLIGHT, tenant) or '0') >= tonumber(limit)
+end
+
+-- List the flow's head in its model's ready zset iff it has one and its tenant is under
+-- its limit; forget the flow once empty (core.py: _flow_sync).
+local function flow_sync(tenant, model)
+  local fkey = flow_key(tenant, model)
+  local name = flow_name(tenant, model)
+  local head = redis.call('ZRANGE', fkey, 0, 0, 'WITHSCORES')
+  local want = nil
+  if head[1] and not limited(tenant) then
+    want = string.sub(head[1], 1, 16) .. ':' .. tenant
+  end
+  local cur = redis.call('HGET', K_FHEAD, name)
+  if cur ~= want then
+    if cur then
+      redis.call('ZREM', ready_key(model), cur)
+    end
+    if want then
+      redis.call('ZADD', ready_key(model), head[2], want)
+      redis.call('HSET', K_FHEAD, name, want)
+    else
+      redis.call('HDEL', K_FHEAD, name)
+    end
+  end
+  if not head[1] then
+    redis.call('SREM', tmodels_key(tenant), model)
+  end
+end
+
+local function tenant_sync(tenant)
+  local models = redis.call('SMEMBERS', tmodels_key(tenant))
+  table.sort(models)
+  for _, model in ipairs(models) do
+    flow_sync(tenant, model)
+  end
+end
+
+-- Remove a queued item (its record decoded as `rec`) from every queue structure.
+local function dequeue(id, rec)
+  redis.call('ZREM', flow_key(rec.t, rec.m), member(rec.q, id))
+  redis.call('HDEL', K_ITEMS, id)
+  redis.call('ZREM', K_DEADLINES, id)
+  count(K_DEPTH, rec.t, -1)
+  flow_sync(rec.t, rec.m)
+end
+
+-- Free a hold: its engine's tokens and seq, its tenant's in-flight slot. True when held.
+local function drop_hold(id)
+  local raw = redis.call('HGET', K_HOLDS, id)
+  redis.call('ZREM', K_LEASES, id)
+  if not raw then
+    return false
+  end
+  local h = cjson.decode(raw)
+  redis.call('HDEL', K_HOLDS, id)
+  if count(K_SEQS, h.e, -1) > 0 then
+    if h.f ~= 0 then
+      redis.call('HINCRBY', K_HELD, h.e, -h.f)
+    end
+  else
+    redis.call('HDEL', K_HELD, h.e)
+  end
+  local n = count(K_INFLIGHT, h.t, -1)
+  local limit = redis.call('HGET', K_LIMITS, h.t)
+  if limit and n == tonumber(limit) - 1 then
+    tenant_sync(h.t) -- just fell under its limit: un-park
+  end
+  return true
+end
+
+-- Reclaim every hold whose lease lapsed at `now` (expiry <= now).
+local function reclaim(now_arg)
+  local lapsed = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now_arg)
+  for _, id in ipairs(lapsed) do
+    drop_hold(id)
+  end
+end

@@ -1,0 +1,25 @@
+-- Queue an item in its flow (AdmissionQueue.enqueue; core.py: enqueue).
+-- ARGV: channels, id, score, deadline, record JSON {t, r, m, f, x?}, max queued per tenant
+-- ('' = none), max queued ('' = none).
+-- Returns 1 queued, 0 duplicate, -1 tenant full, -2 full.
+local id = ARGV[2]
+if redis.call('HEXISTS', K_ITEMS, id) == 1 or redis.call('HEXISTS', K_HOLDS, id) == 1 then
+  return 0
+end
+local rec = cjson.decode(ARGV[5])
+local cap_t, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
+if cap_t and tonumber(redis.call('HGET', K_DEPTH, rec.t) or '0') >= cap_t then
+  return -1
+end
+if cap and redis.call('HLEN', K_ITEMS) >= cap then
+  return -2
+end
+rec.q = redis.call('INCR', K_SEQ)
+redis.call('HSET', K_ITEMS, id, cjson.encode(rec))
+redis.call('SADD', tmodels_key(rec.t), rec.m)
+redis.call('ZADD', flow_key(rec.t, rec.m), ARGV[3], member(rec.q, id))
+redis.call('ZADD', K_DEADLINES, ARGV[4], id)
+redis.call('HINCRBY', K_DEPTH, rec.t, 1)
+flow_sync(rec.t, rec.m)
+redis.call('PUBLISH', CH_CAPACITY, 'enqueue')
+return 1

@@ -1,0 +1,119 @@
+"""The embedded admission queue: one process, no services.
+
+Why choose it: a single gateway process. Nothing is shared between processes; use the redis
+queue for replicas. It is :class:`~proxy.admission.core.AdmissionCore` (the admission rules)
+plus replica-local delivery of outcomes (:class:`~proxy.admission.mailbox.Mailbox`) and
+capacity wake-ups (:class:`~proxy.admission.mailbox.Bell`). Every method runs to completion
+without awaiting anything, so each one is atomic on the event loop.
+"""
+
+from __future__ import annotations
+
+from proxy.admission.base import (
+    EngineCapacity,
+    EngineLoad,
+    EnqueueResult,
+    Grant,
+    QueueCaps,
+    QueueItem,
+    QueueStats,
+    WaitResult,
+)
+from proxy.admission.core import AdmissionCore
+from proxy.admission.mailbox import Bell, Mailbox, Snapshot
+
+TYPE = "memory"
+
+
+class MemoryQueue:
+    """:class:`~proxy.admission.base.AdmissionQueue` in process memory (one event loop).
+
+    ``replica_id`` only names this process; every outcome is delivered locally.
+    """
+
+    def __init__(self, replica_id: str = "local", caps: QueueCaps | None = None) -> None:
+        self.replica_id = replica_id
+        self.core = AdmissionCore(caps)
+        self._mailbox = Mailbox()
+        self._bell = Bell()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self._mailbox.close()
+        self._bell.ring()
+
+    # -- engines and limits ----------------------------------------------------------------
+    async def set_engines(self, engines: list[EngineCapacity], now: float, ttl_s: float) -> None:
+        if self.core.set_engines(engines, now, ttl_s):
+            self._bell.ring()
+
+    async def set_limits(self, limits: dict[str, int | None]) -> None:
+        if self.core.set_limits(limits):
+            self._bell.ring()
+
+    # -- queue ---------------------------------------------------------------------------
+    async def enqueue(self, item: QueueItem, now: float) -> EnqueueResult:
+        result = self.core.enqueue(item)
+        if result == "queued":
+            self._bell.ring()
+        return result
+
+    async def cancel(self, item_id: str) -> bool:
+        self._mailbox.discard(item_id)
+        if not self.core.cancel(item_id):
+            return False
+        self._bell.ring()
+        return True
+
+    async def dispatch(self, now: float, lease_ttl_s: float, max_grants: int = 64) -> list[Grant]:
+        grants, expired = self.core.dispatch(now, lease_ttl_s, max_grants)
+        for item in expired:
+            self._mailbox.deliver(item.id, "expired")
+        for grant in grants:
+            self._mailbox.deliver(grant.id, grant)
+        return grants
+
+    async def wait(self, item_id: str, timeout_s: float) -> WaitResult:
+        core = self.core
+
+        async def snapshot() -> Snapshot:
+            grant = core.grant_of(item_id)
+            if grant is not None:
+                return grant
+            if core.expired(item_id):
+                return "expired"
+            return "queued" if core.queued(item_id) else None
+
+        return await self._mailbox.wait(item_id, timeout_s, snapshot)
+
+    # -- holds ---------------------------------------------------------------------------
+    async def release(self, item_id: str) -> None:
+        self._mailbox.discard(item_id)
+        if self.core.release(item_id):
+            self._bell.ring()
+
+    async def grow(self, item_id: str, delta_tokens: int) -> None:
+        if self.core.grow(item_id, delta_tokens):
+            self._bell.ring()
+
+    async def renew(self, item_ids: list[str], now: float, lease_ttl_s: float) -> int:
+        return self.core.renew(item_ids, now, lease_ttl_s)
+
+    async def wait_capacity(self, timeout_s: float) -> None:
+        await self._bell.wait(timeout_s)
+
+    # -- views ---------------------------------------------------------------------------
+    async def loads(self, now: float) -> list[EngineLoad]:
+        return self.core.loads(now)
+
+    async def depth(self) -> dict[str, int]:
+        return self.core.depth()
+
+    async def stats(self) -> QueueStats:
+        return self.core.stats()
+
+    async def in_flight(self, tenant: str, now: float) -> int:
+        return self.core.in_flight(tenant, now)

@@ -1,0 +1,169 @@
+"""Differential test: the memory queue (the admission core) and the Redis queue (the same rules
+in Lua) make identical decisions on random operation sequences (Hypothesis).
+
+Every operation of :class:`~proxy.admission.base.AdmissionQueue` is drawn: enqueue (with
+depth caps), cancel, dispatch, release, grow, renew, limit changes, engine-view changes
+and clock steps. After each one both queues must agree on its result, on the depth, the
+stats and every engine's load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.admission.base import EngineCapacity, QueueCaps, QueueItem
+from proxy.admission.memory import MemoryQueue
+from proxy.admission.redis import RedisQueue
+
+pytestmark = pytest.mark.redis
+
+T0 = 1_700_000_000.0
+TENANTS = ["acme", "zeta", "équipe/ü", "t:3"]
+MODELS = ["m1", "org/m:2"]
+ENGINES = ["e1", "e2", "e3"]
+CAPS = QueueCaps(max_queued=40, max_queued_per_tenant=16)
+_prefixes = itertools.count()
+
+engine_spec = st.tuples(
+    st.sampled_from(ENGINES),
+    st.lists(st.sampled_from(MODELS), min_size=1, max_size=2, unique=True),
+    st.sampled_from([None, 300, 1000, 2000]),  # budget
+    st.sampled_from([None, 1, 2, 4]),  # max_seqs
+    st.sampled_from([None, 1, 3]),  # soft_seqs
+    st.booleans(),  # routable (mostly)
+)
+enqueue_op = st.tuples(
+        st.just("enqueue"),
+        st.integers(0, len(TENANTS) - 1),
+        st.integers(0, len(MODELS) - 1),
+        st.sampled_from([0.0, 1.0, 2.0, 2.5, 5.0, -1.0]),  # score (ties are common)
+        st.integers(0, 2500),  # footprint (some beyond every budget)
+        st.booleans(),  # exempt
+        st.sampled_from([0.0, 5.0, 30.0, 300.0]),  # deadline offset
+)
+dispatch_op = st.tuples(st.just("dispatch"), st.sampled_from([2.0, 8.0, 30.0]),
+                        st.sampled_from([1, 2, 64]))
+# enqueues and dispatches are drawn most often, so queues grow deep and engines fill
+ops = st.one_of(
+    enqueue_op, enqueue_op, enqueue_op, enqueue_op, dispatch_op, dispatch_op,
+    st.tuples(st.just("engines"), st.lists(engine_spec, max_size=3, unique_by=lambda e: e[0]),
+              st.sampled_from([5.0, 60.0])),
+    st.tuples(st.just("release"), st.integers(0, 1000)),
+    st.tuples(st.just("grow"), st.integers(0, 1000), st.integers(-400, 400)),
+    st.tuples(st.just("renew"), st.integers(0, 1000)),
+    st.tuples(st.just("cancel"), st.integers(0, 1000)),
+    st.tuples(st.just("limits"), st.integers(0, len(TENANTS) - 1),
+              st.sampled_from([None, 0, 1, 2, 3])),
+    st.tuples(st.just("clock"), st.sampled_from([0.3, 1.0, 4.0, 20.0])),
+    st.tuples(st.just("in_flight"), st.integers(0, len(TENANTS) - 1)),
+)
+
+
+@dataclass
+class Run:
+    mem: MemoryQueue
+    red: RedisQueue
+    now: float = T0
+    ids: list[str] = field(default_factory=list)
+    granted: list[str] = field(default_factory=list)
+
+
+async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
+    mem, red = run.mem, run.red
+    kind = op[0]
+    if kind == "enqueue":
+        _, t, m, score, footprint, exempt, dl = op
+        item = QueueItem(f"i{n}", TENANTS[t], "r1", MODELS[m], score, footprint,
+                         run.now + dl, exempt)
+        run.ids.append(item.id)
+        assert await mem.enqueue(item, run.now) == await red.enqueue(item, run.now)
+    elif kind == "dispatch":
+        gm = await mem.dispatch(run.now, op[1], op[2])
+        gr = await red.dispatch(run.now, op[1], op[2])
+        assert gm == gr
+        run.granted += [g.id for g in gm]
+    elif kind == "engines":
+        engines = [EngineCapacity(name, tuple(models), budget, max_seqs, routable, soft)
+                   for name, models, budget, max_seqs, soft, routable in op[1]]
+        await mem.set_engines(engines, run.now, op[2])
+        await red.set_engines(engines, run.now, op[2])
+    elif kind in ("release", "grow", "renew") and run.granted:
+        victim = run.granted[op[1] % len(run.granted)]
+        if kind == "release":
+            run.granted.remove(victim)
+            await mem.release(victim)
+            await red.release(victim)
+        elif kind == "grow":
+            await mem.grow(victim, op[2])
+            await red.grow(victim, op[2])
+        else:
+            ids = [victim, "nobody"]
+            assert await mem.renew(ids, run.now, 8.0) == await red.renew(ids, run.now, 8.0)
+    elif kind == "cancel" and run.ids:
+        victim = run.ids[op[1] % len(run.ids)]
+        assert await mem.cancel(victim) == await red.cancel(victim)
+    elif kind == "limits":
+        limits = {TENANTS[op[1]]: op[2]}
+        await mem.set_limits(limits)
+        await red.set_limits(limits)
+    elif kind == "clock":
+        run.now += op[1]
+    elif kind == "in_flight":
+        t = TENANTS[op[1]]
+        assert await mem.in_flight(t, run.now) == await red.in_flight(t, run.now)
+    assert await mem.depth() == await red.depth()
+    assert await mem.stats() == await red.stats()
+    assert await mem.loads(run.now) == await red.loads(run.now)
+
+
+async def play(url: str, prefix: str, sequence: list[tuple]) -> None:  # type: ignore[type-arg]
+    red = RedisQueue("r1", url, prefix=prefix, caps=CAPS)
+    await red.start()
+    run = Run(MemoryQueue("r1", CAPS), red)
+    try:
+        await run.mem.set_engines([EngineCapacity("e1", tuple(MODELS), 1000, 4, True)], T0, 60)
+        await red.set_engines([EngineCapacity("e1", tuple(MODELS), 1000, 4, True)], T0, 60)
+        for n, op in enumerate(sequence):
+            try:
+                await step(run, op, n)
+            except AssertionError as e:
+                raise AssertionError(f"operation {n}: {op!r}") from e
+    finally:
+        await run.mem.aclose()
+        await red.aclose()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(sequence=st.lists(ops, min_size=30, max_size=200))
+def test_memory_and_redis_decide_alike(
+    redis_server: str, redis_prefix: str, sequence: list[tuple]  # type: ignore[type-arg]
+) -> None:
+    asyncio.run(play(redis_server, f"{redis_prefix}-d{next(_prefixes)}", sequence))
+
+
+def test_a_long_mixed_run_decides_alike(redis_server: str, redis_prefix: str) -> None:
+    """One long fixed run (many tenants backlogged at once, parks and un-parks, expiry)."""
+    seq: list[tuple] = [("engines", [("e1", MODELS, 2000, 4, 3, True),  # type: ignore[type-arg]
+                                     ("e2", ["m1"], 1000, 2, None, True)], 60.0)]
+    for n in range(300):
+        seq.append(("enqueue", n % 4, n % 2, float(n % 7), (n * 97) % 1300, n % 11 == 0,
+                    [5.0, 30.0, 300.0][n % 3]))
+        if n % 5 == 0:
+            seq.append(("limits", n % 4, [None, 1, 2, 3][(n // 5) % 4]))
+        if n % 3 == 0:
+            seq.append(("dispatch", 8.0, 64))
+        if n % 4 == 0:
+            seq.append(("release", n))
+        if n % 17 == 0:
+            seq.append(("clock", 4.0))
+        if n % 29 == 0:
+            seq.append(("engines", [("e1", MODELS, 2000, 4, 3, True),
+                                    ("e2", ["m1"], 1000, 2, None, True)], 60.0))
+    asyncio.run(play(redis_server, f"{redis_prefix}-long", seq))
