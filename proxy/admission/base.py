@@ -211,6 +211,12 @@ class AdmissionQueue(Protocol):
         in-flight slot (also dequeues it if still queued). Idempotent. Wakes
         :meth:`wait_capacity` everywhere when something was freed."""
 
+    async def move(self, item_id: str, engine: str) -> bool:
+        """Move a hold (its footprint and sequence) to ``engine``: the request is served by
+        a fallback because its granted engine failed. No capacity check (it is already
+        running); ``False`` when not held or already there. Wakes :meth:`wait_capacity`
+        everywhere when moved (the old engine has room again)."""
+
     async def grow(self, item_id: str, delta_tokens: int) -> None:
         """Charge ``delta_tokens`` more (or, negative, fewer) to the hold's engine.
 

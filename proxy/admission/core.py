@@ -419,6 +419,23 @@ class AdmissionCore:
             self._compact()
         return freed
 
+    def move(self, item_id: str, engine: str) -> bool:
+        """Move a hold to ``engine`` (a fallback after its engine failed); True when moved."""
+        hold = self._holds.get(item_id)
+        if hold is None or hold.engine == engine:
+            return False
+        seqs = self._seqs.get(hold.engine, 0) - 1
+        if seqs > 0:
+            self._seqs[hold.engine] = seqs
+            self._held[hold.engine] = self._held.get(hold.engine, 0) - hold.footprint
+        else:
+            self._seqs.pop(hold.engine, None)
+            self._held.pop(hold.engine, None)
+        self._seqs[engine] = self._seqs.get(engine, 0) + 1
+        self._held[engine] = self._held.get(engine, 0) + hold.footprint
+        hold.engine = engine
+        return True
+
     def grow(self, item_id: str, delta_tokens: int) -> bool:
         """Charge ``delta_tokens`` more to the hold; True when its footprint shrank."""
         hold = self._holds.get(item_id)

@@ -95,6 +95,12 @@ class MemoryQueue:
         if self.core.release(item_id):
             self._bell.ring()
 
+    async def move(self, item_id: str, engine: str) -> bool:
+        moved = self.core.move(item_id, engine)
+        if moved:
+            self._bell.ring()
+        return moved
+
     async def grow(self, item_id: str, delta_tokens: int) -> None:
         if self.core.grow(item_id, delta_tokens):
             self._bell.ring()

@@ -76,6 +76,7 @@ _SCRIPTS = (
     "cancel",
     "dispatch",
     "release",
+    "move",
     "grow",
     "renew",
     "set_engines",
@@ -357,6 +358,10 @@ class RedisQueue:
     async def release(self, item_id: str) -> None:
         self._mailbox.discard(item_id)
         await self._run("release", item_id)
+
+    @_unavailable_on_io_error
+    async def move(self, item_id: str, engine: str) -> bool:
+        return bool(await self._run("move", item_id, engine))
 
     @_unavailable_on_io_error
     async def grow(self, item_id: str, delta_tokens: int) -> None:

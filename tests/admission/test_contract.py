@@ -616,3 +616,17 @@ async def test_close_ends_pending_waits(queue: AdmissionQueue) -> None:
     await queue.aclose()
     assert await asyncio.wait_for(waiter, 2.0) is None
     await queue.aclose()
+
+
+async def test_move_carries_the_hold_to_another_engine(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 1000), make_engine("e2", 1000)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", footprint=300))
+    (g,) = await queue.dispatch(T0, TTL)
+    other = "e2" if g.backend == "e1" else "e1"
+    assert await queue.move("a", g.backend) is False  # already there
+    assert await queue.move("a", other) is True
+    assert load_of(await queue.loads(T0), other) == (300, 1)
+    assert g.backend not in {x.name for x in await queue.loads(T0) if x.seqs}
+    await queue.release("a")
+    assert [(x.held_tokens, x.seqs) for x in await queue.loads(T0)] == [(0, 0), (0, 0)]
+    assert await queue.move("a", "e1") is False  # not held

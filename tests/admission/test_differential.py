@@ -2,7 +2,7 @@
 in Lua) make identical decisions on random operation sequences (Hypothesis).
 
 Every operation of :class:`~proxy.admission.base.AdmissionQueue` is drawn: enqueue (with
-depth caps), cancel, dispatch, release, grow, renew, limit changes, engine-view changes
+depth caps), cancel, dispatch, release, move, grow, renew, limit changes, engine-view changes
 and clock steps. After each one both queues must agree on its result, on the depth, the
 stats and every engine's load.
 """
@@ -55,6 +55,7 @@ ops = st.one_of(
     st.tuples(st.just("engines"), st.lists(engine_spec, max_size=3, unique_by=lambda e: e[0]),
               st.sampled_from([5.0, 60.0])),
     st.tuples(st.just("release"), st.integers(0, 1000)),
+    st.tuples(st.just("move"), st.integers(0, 1000), st.sampled_from(ENGINES)),
     st.tuples(st.just("grow"), st.integers(0, 1000), st.integers(-400, 400)),
     st.tuples(st.just("renew"), st.integers(0, 1000)),
     st.tuples(st.just("cancel"), st.integers(0, 1000)),
@@ -93,6 +94,9 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
                    for name, models, budget, max_seqs, soft, routable in op[1]]
         await mem.set_engines(engines, run.now, op[2])
         await red.set_engines(engines, run.now, op[2])
+    elif kind == "move" and run.granted:
+        victim = run.granted[op[1] % len(run.granted)]
+        assert await mem.move(victim, op[2]) == await red.move(victim, op[2])
     elif kind in ("release", "grow", "renew") and run.granted:
         victim = run.granted[op[1] % len(run.granted)]
         if kind == "release":
