@@ -51,6 +51,8 @@ class Backend:
     #: token budget for admission by predicted footprint (None = unknown)
     kv_capacity_tokens: int | None = None
     max_num_seqs: int | None = None
+    #: longest prompt + output the engine accepts (vLLM's ``max_model_len``; None = unknown)
+    max_model_len: int | None = None
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0
     max_connections: int = 512
@@ -64,10 +66,10 @@ class Backend:
 
     # -- live state (mutated on the event loop only) ------------------------------------
     state: BackendState = "starting"
+    #: ``/v1/models`` was read for ``max_model_len`` (:mod:`adapters.model_len`)
+    model_len_probed: bool = False
     #: requests the gateway has sent here and not yet finished (does not lag)
     in_flight: int = 0
-    #: sum over in-flight requests of prompt + predicted (or, if larger, generated) tokens
-    held_tokens: int = 0
     metrics: EngineMetrics = field(default_factory=EngineMetrics)
     last_error: str | None = None
     restarts: int = 0
@@ -80,11 +82,6 @@ class Backend:
 
     def serves(self, model: str) -> bool:
         return model in self.models
-
-    def free_tokens(self) -> float:
-        if self.kv_capacity_tokens is None:
-            return float("inf")
-        return self.kv_capacity_tokens - self.held_tokens
 
     def free_seqs(self) -> float:
         if self.max_num_seqs is None:

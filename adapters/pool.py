@@ -46,6 +46,7 @@ import httpx
 
 from adapters.base import Backend, BackendPool
 from adapters.engines import EngineSpec, engine_spec
+from adapters.model_len import probe_model_len
 from adapters.procutil import (
     append_line,
     free_ports,
@@ -377,6 +378,7 @@ class EnginePool:
         e.backend.metrics = s.metrics
         if e.spec.kv_capacity_tokens is None and s.kv_capacity_tokens is not None:
             e.backend.kv_capacity_tokens = s.kv_capacity_tokens
+        await probe_model_len(self._client, e.backend)
 
     async def scrape(self) -> None:
         """One round of ``/metrics`` scrapes over launched engines."""

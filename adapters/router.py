@@ -1,18 +1,16 @@
 """Which backend should take this request? The one with the most free predicted capacity.
 
-Two views of an engine's load are combined:
+The router only picks a *fallback*: admission (the shared queue's ledger) names the engine
+of every request, and the router is asked only when that engine is gone or refused the
+connection. Two views of an engine's load are combined:
 
-* the gateway's own accounting — ``Backend.in_flight`` and ``Backend.held_tokens`` (prompt +
-  predicted output of every request it has sent there) — which is exact and has no lag, but
-  sees only this gateway's traffic;
-* the engine's ``/metrics`` — requests running + waiting and KV-cache usage — which also
-  sees traffic from other gateway replicas or clients, but lags by up to a scrape.
+* ``Backend.in_flight`` -- the requests this gateway is sending there now (no lag);
+* the engine's ``/metrics`` -- requests running + waiting and KV-cache usage -- which also
+  sees other replicas' traffic, but lags by up to a scrape.
 
 Each quantity takes the *larger* of the two views (a fresh scrape only; older metrics are
 ignored): ``seqs = max(in_flight, running + waiting)`` and
-``used = max(held_tokens, kv_cache_usage_perc * kv_capacity_tokens)``. A request the gateway
-sent a moment ago therefore counts at once, and load the gateway did not send counts as soon
-as it is scraped; neither is counted twice, since one view bounds the other from below.
+``used = kv_cache_usage_perc * kv_capacity_tokens`` (0 when not scraped).
 
 Ranking, best first:
 
@@ -49,7 +47,7 @@ class LeastLoadedRouter:
 
     def load(self, b: Backend) -> tuple[float, float]:
         """``(used tokens, busy sequences)`` of ``b``, combining both views (module doc)."""
-        used = float(b.held_tokens)
+        used = 0.0
         seqs = float(b.in_flight)
         m = b.metrics
         if m.scraped_at > 0 and self._clock() - m.scraped_at <= self.metrics_max_age_s:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -31,6 +30,7 @@ import httpx
 
 from adapters.base import Backend, BackendState
 from adapters.litellm_transport import litellm_ready
+from adapters.model_len import probe_model_len
 from adapters.scrape import MetricsNotExported, scrape
 from proxy.config import UpstreamConfig
 from proxy.errors import InvalidRequest, NotFound
@@ -52,6 +52,7 @@ def backend_from_upstream(u: UpstreamConfig, kind: str = "static") -> Backend:
         kind="litellm" if u.provider == "litellm" else kind,  # type: ignore[arg-type]
         api_key=u.api_key,
         kv_capacity_tokens=u.kv_capacity_tokens,
+        max_model_len=u.max_model_len,
         max_num_seqs=u.max_num_seqs,
         connect_timeout_s=u.connect_timeout_s,
         read_timeout_s=u.read_timeout_s,
@@ -168,7 +169,6 @@ def backend_snapshot(b: Backend, *, now: float | None = None) -> dict[str, Any]:
     """
     now = time.monotonic() if now is None else now
     m = b.metrics
-    free = b.free_tokens()
     return {
         "name": b.name,
         "url": b.url,
@@ -178,10 +178,9 @@ def backend_snapshot(b: Backend, *, now: float | None = None) -> dict[str, Any]:
         "pid": b.pid,
         "restarts": b.restarts,
         "in_flight": b.in_flight,
-        "held_tokens": b.held_tokens,
         "kv_capacity_tokens": b.kv_capacity_tokens,
         "max_num_seqs": b.max_num_seqs,
-        "free_tokens": None if math.isinf(free) else free,
+        "max_model_len": b.max_model_len,
         "supports_priority": b.supports_priority,
         "metrics": {
             "num_requests_running": m.num_requests_running,
@@ -327,6 +326,7 @@ class StaticPool:
         except httpx.HTTPError:
             return  # keep the last metrics; their age tells the reader
         b.metrics = s.metrics
+        await probe_model_len(self._client, b, auth_headers(b))
 
     async def scrape(self) -> None:
         live = [

@@ -29,8 +29,11 @@ Scope = dict[str, Any]
 
 
 class StubEngine:
-    def __init__(self, model: str = "stub", chunks: int = 32) -> None:
+    def __init__(self, model: str = "stub", chunks: int = 32,
+                 max_model_len: int | None = None) -> None:
         self.model = model
+        #: reported in ``/v1/models`` as vLLM does (None: not reported)
+        self.max_model_len = max_model_len
         self.chunks = chunks
         self.requests = 0
         self.active = 0
@@ -91,6 +94,8 @@ class StubEngine:
                             "object": "model",
                             "created": self._created,
                             "owned_by": "stub",
+                            **({"max_model_len": self.max_model_len}
+                               if self.max_model_len is not None else {}),
                         }
                     ],
                 },
@@ -285,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--model", default="stub")
     p.add_argument("--chunks", type=int, default=32, help="tokens per response (default 32)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length reported in /v1/models (default: not reported)")
     a = p.parse_args(argv)
     uvicorn.run(
-        StubEngine(a.model, a.chunks),
+        StubEngine(a.model, a.chunks, a.max_model_len),
         host=a.host,
         port=a.port,
         access_log=False,

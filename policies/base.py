@@ -3,9 +3,12 @@
 Each protocol answers one question, in the manner of llm-d's flow-control framework:
 
 * :class:`OrderingPolicy` — *which request in this queue next?* (a numeric queue key);
-* :class:`TenantSelector` — *which tenant's queue next?* (fair-share policies only);
-* :class:`AdmissionPolicy` — *admit this request now, let it wait, or shed it?*;
 * :class:`Accounting` — *how does serving a request change its tenant's state?*
+
+*Which flow next, may it run now, on which engine?* is not a policy's question: the
+admission core (:mod:`proxy.admission.core`) answers it the same way for every policy --
+flows per (tenant, model), served in key order, under each tenant's live concurrency
+limit and each engine's capacity.
 
 Policies are stateless: everything that changes while the gateway runs (virtual counters,
 in-flight counts, drift-adjusted limits) is a :class:`TenantState` the engine owns, stores
@@ -15,8 +18,8 @@ from any task, thread or replica. Time is always an argument (``now``, wall-cloc
 from the injected :class:`Clock`), never read from the system.
 
 Levels follow ``ClassConfig.level``: lower is more important. Keys are ordered lower first;
-equal keys are broken by arrival and then by request id (see :mod:`policies.dispatch`), so
-the order over a queue is a strict total order.
+the admission queue breaks equal keys by enqueue order, so the order over a queue is a
+strict total order.
 """
 
 from __future__ import annotations
@@ -102,55 +105,6 @@ class TenantState:
     attainment: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A queued request and the key it was stored under (the sorted-set score)."""
-
-    key: float
-    req: QueuedRequest
-
-
-@dataclass(frozen=True, slots=True)
-class CapacityView:
-    """What admission sees: the best engine for the request's model, and the tenant."""
-
-    tenant: TenantState
-    #: KV token budget minus held footprint on the engine with most room (None = unknown)
-    free_tokens: int | None = None
-    #: free sequence slots on that engine (None = unlimited or unknown)
-    free_seqs: int | None = None
-    #: the whole KV token budget of the largest engine serving the model (None = unknown)
-    budget_tokens: int | None = None
-    #: an elastic overflow backend could take this request now
-    overflow_free: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Admit:
-    """Admit now, holding ``footprint`` tokens; ``overflow``: on the overflow backend."""
-
-    footprint: int
-    overflow: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Leave the request queued. ``tenant_limit``: only this tenant is blocked."""
-
-    reason: Literal["tenant_limit", "seqs", "tokens"]
-
-
-@dataclass(frozen=True, slots=True)
-class Shed:
-    """Remove the request and fail it (``timeout`` -> 503, ``too_large`` -> 400)."""
-
-    reason: Literal["timeout", "too_large"]
-    retry_after_s: float
-
-
-AdmissionDecision = Admit | Wait | Shed
-
-
 class OrderingPolicy(Protocol):
     """Which request in this queue next?"""
 
@@ -160,35 +114,14 @@ class OrderingPolicy(Protocol):
         Called once, at enqueue, with the tenant's state at that moment; the engine stores
         the result (a Redis sorted-set score) and never recomputes it, so built-ins do not
         depend on ``now`` (aging is expressed as ``arrival + offset``). Always finite. Equal
-        keys are broken by arrival, then id. Pure: safe to call concurrently.
+        keys are broken by enqueue order. Pure: safe to call concurrently.
         """
         ...
 
     def max_overtake_s(self, min_level: int, max_level: int) -> float:
         """The aging bound B: with levels in ``[min_level, max_level]``, a queued request is
-        never passed by a request that arrived more than B seconds after it (within one
-        tenant's queue when the policy has a :class:`TenantSelector`); ``math.inf`` when no
-        such bound exists."""
-        ...
-
-
-class TenantSelector(Protocol):
-    """Which tenant's queue next?"""
-
-    def pick(self, backlogged: Mapping[str, TenantState], now: float) -> str | None:
-        """The tenant whose head request is dispatched next, among ``backlogged`` (tenants
-        with a queued request that are not blocked by their limit). ``None`` when empty.
-        Ties are broken by tenant name. Does not mutate ``backlogged``; concurrent-safe."""
-        ...
-
-
-class AdmissionPolicy(Protocol):
-    """Admit this request now, let it wait, or shed it?"""
-
-    def decide(self, req: QueuedRequest, view: CapacityView, now: float) -> AdmissionDecision:
-        """Shed (timeout) once the request has waited its tenant's ``queue_timeout_s``, or
-        (too_large) if its prompt cannot fit the largest engine; wait while its tenant is
-        at its limit or no engine has room for its footprint; otherwise admit. Pure."""
+        never passed by a request that arrived more than B seconds after it; ``math.inf``
+        when no such bound exists."""
         ...
 
 
@@ -235,15 +168,13 @@ class Accounting(Protocol):
 class Policy:
     """What the registry builds from ``scheduler.policy``: the pieces of one policy.
 
-    ``selector is None``: one global queue ordered by ``ordering.key``. Otherwise one queue
-    per tenant ordered by ``ordering.key`` and ``selector`` picks the tenant. ``drift``:
-    run a :class:`policies.drift.DriftController` with these parameters.
+    ``ordering.key`` is each request's score in the admission queue; ``accounting`` (fair
+    share) keeps the tenant state the key reads; ``drift``: run a
+    :class:`policies.drift.DriftController` with these parameters.
     """
 
     type: str
     ordering: OrderingPolicy
-    admission: AdmissionPolicy
-    selector: TenantSelector | None = None
     accounting: Accounting | None = None
     drift: DriftParams | None = None
 

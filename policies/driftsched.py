@@ -41,7 +41,7 @@ ahead of premium; below saturation every class is still served.
 
 Parameters (defaults): ``aging_s`` 60.0, ``max_boost`` 1, ``prefill_s_per_token`` 0.0002,
 ``decode_s_per_token`` 0.03, ``max_slack_s`` 10.0, ``debt_s_per_ktoken`` 0.5,
-``max_debt_s`` 5.0, ``input_weight`` 1.0, ``output_weight`` 2.0, ``retry_after_s`` 1.0,
+``max_debt_s`` 5.0, ``input_weight`` 1.0, ``output_weight`` 2.0,
 ``drift``: a mapping of :class:`policies.drift.DriftParams`.
 """
 
@@ -52,7 +52,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from policies.admission import FootprintAdmission
 from policies.base import Policy, QueuedRequest, TenantState
 from policies.drift import DriftParams
 from policies.fair import VirtualTokenCounter
@@ -74,7 +73,6 @@ class DriftschedParams:
     max_debt_s: float = 5.0
     input_weight: float = 1.0
     output_weight: float = 2.0
-    retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
         check("aging_s", self.aging_s)
@@ -87,7 +85,6 @@ class DriftschedParams:
             "debt_s_per_ktoken",
             "max_debt_s",
             "input_weight",
-            "retry_after_s",
         ):
             check(name, getattr(self, name), strict=False)  # fmt: skip
 
@@ -142,7 +139,6 @@ def build(parameters: Mapping[str, Any]) -> Policy:
     return Policy(
         TYPE,
         SlackOrder(p),
-        FootprintAdmission(p.retry_after_s),
         accounting=vtc,
         drift=drift,
     )

@@ -6,30 +6,26 @@ Each tenant has a virtual counter of the service it received, in weighted tokens
 
 charged with the *predicted* output (median, capped by ``max_tokens``) at admission and
 corrected by ``output_weight * (actual - predicted) / weight`` at completion (or
-cancellation), so the counter ends at the true cost. The next tenant served is the
-backlogged tenant with the lowest counter (ties by name); inside a tenant's queue requests
-are first come, first served. A tenant returning from idle is lifted to the minimum counter
-of the backlogged tenants (to the system floor when none is), so idleness banks no credit.
+cancellation), so the counter ends at the true cost. A tenant returning from idle is lifted
+to the minimum counter of the backlogged tenants (to the system floor when none is), so
+idleness banks no credit.
 
-Guarantee (VTC): while two tenants stay backlogged, their counters differ by at most one
-request's charge, so the tokens they receive converge to the ratio of their weights,
-whatever their request sizes and however wrong the predictions (the correction settles it).
+Queue key (the admission queue has one order over flows, see :mod:`proxy.admission.core`):
+the tenant's *virtual finish time* at enqueue, ``virtual_counter + queued_charge`` (the
+request's own charge included), as in start-time / weighted fair queueing: a burst is
+spread over the virtual timeline and other tenants' requests interleave with it. Keys are
+fixed at enqueue, so a correction moves only later requests; there is no aging bound in
+seconds. (Exact VTC, which picks the backlogged tenant with the lowest counter at every
+dispatch, needs the counters inside the admission core; not built yet.)
 
-Two queue shapes (parameter ``queue``):
+Guarantee: while tenants stay backlogged, their finish tags advance in proportion to the
+service they receive over their weights, so the tokens they receive converge to the ratio
+of their weights, whatever their request sizes (the completion correction settles wrong
+predictions for later requests).
 
-* ``per-tenant`` (default, exact VTC): one queue per tenant ordered by arrival, and the
-  selector picks the tenant at each dispatch with up-to-date counters. In Redis: backlogged
-  tenants in a sorted set scored by counter (pick = lowest; lift target = lowest score).
-* ``global``: one global queue, no selector. The key is the tenant's *virtual finish
-  time* at enqueue, ``virtual_counter + queued_charge`` (the request's own charge
-  included), as in start-time/weighted fair queueing: a burst is spread over the virtual
-  timeline and other tenants' requests interleave with it. Keys are fixed at enqueue, so a
-  correction moves only later requests; no aging bound in seconds.
+Charges are additive increments; the lift is a ``max`` at enqueue.
 
-Charges are ``HINCRBYFLOAT`` increments; the lift is a ``max`` in the enqueue script.
-
-Parameters: ``input_weight`` (default 1.0), ``output_weight`` (default 2.0),
-``queue`` (``per-tenant`` | ``global``), ``retry_after_s`` (default 1.0).
+Parameters: ``input_weight`` (default 1.0), ``output_weight`` (default 2.0).
 """
 
 from __future__ import annotations
@@ -39,9 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from policies.admission import FootprintAdmission
 from policies.base import Policy, QueuedRequest, TenantState
-from policies.fcfs import ArrivalOrder
 from policies.registry import check, parse_parameters
 
 TYPE = "fair"
@@ -51,15 +45,10 @@ TYPE = "fair"
 class FairParams:
     input_weight: float = 1.0
     output_weight: float = 2.0
-    queue: str = "per-tenant"
-    retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.queue not in ("per-tenant", "global"):
-            raise ValueError("queue: must be 'per-tenant' or 'global'")
         check("input_weight", self.input_weight, strict=False)
         check("output_weight", self.output_weight)
-        check("retry_after_s", self.retry_after_s, strict=False)
 
 
 def system_floor(counters: Iterable[float], last_drained: float) -> float:
@@ -69,7 +58,7 @@ def system_floor(counters: Iterable[float], last_drained: float) -> float:
 
 
 class VirtualTokenCounter:
-    """:class:`TenantSelector` and :class:`Accounting` of VTC (module doc). Immutable."""
+    """:class:`Accounting` of VTC (module doc). Immutable."""
 
     __slots__ = ("input_weight", "output_weight")
 
@@ -85,13 +74,6 @@ class VirtualTokenCounter:
     def correction(self, req: QueuedRequest, actual_output_tokens: int) -> float:
         """What completion adds to the admission charge (negative if over-predicted)."""
         return self.output_weight * (actual_output_tokens - req.predicted_output) / req.weight
-
-    def pick(self, backlogged: Mapping[str, TenantState], now: float) -> str | None:
-        best: tuple[float, str] | None = None
-        for name, st in backlogged.items():
-            if best is None or (st.virtual_counter, name) < best:
-                best = (st.virtual_counter, name)
-        return None if best is None else best[1]
 
     def on_enqueue(
         self,
@@ -126,7 +108,7 @@ class VirtualTokenCounter:
 
 
 class VirtualFinishOrder:
-    """``queue: global`` ordering: ``max(virtual_floor, virtual_counter + queued_charge)``,
+    """Ordering of ``fair``: ``max(virtual_floor, virtual_counter + queued_charge)``,
     evaluated after :meth:`VirtualTokenCounter.on_enqueue` (module doc)."""
 
     __slots__ = ()
@@ -141,7 +123,4 @@ class VirtualFinishOrder:
 def build(parameters: Mapping[str, Any]) -> Policy:
     p = parse_parameters(TYPE, parameters, FairParams)
     vtc = VirtualTokenCounter(p.input_weight, p.output_weight)
-    admission = FootprintAdmission(p.retry_after_s)
-    if p.queue == "global":
-        return Policy(TYPE, VirtualFinishOrder(), admission, accounting=vtc)
-    return Policy(TYPE, ArrivalOrder(), admission, selector=vtc, accounting=vtc)
+    return Policy(TYPE, VirtualFinishOrder(), accounting=vtc)

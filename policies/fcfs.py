@@ -1,10 +1,11 @@
 """``fcfs``: one global queue in arrival order. The baseline every other policy is measured by.
 
 Key: ``arrival``. Ties (same arrival) are broken by request id. Nothing is read from the
-tenant's state and no per-tenant accounting is kept; admission is by predicted footprint
-(:mod:`policies.admission`). Aging bound: 0 (no request ever passes an earlier one).
+tenant's state and no per-tenant accounting is kept; admission (limits, capacity) is the
+admission core's (:mod:`proxy.admission.core`). Aging bound: 0 (no request ever passes an
+earlier one).
 
-Parameters: ``retry_after_s`` (float, default 1.0): ``retry-after`` of a queue timeout.
+Parameters: none.
 """
 
 from __future__ import annotations
@@ -13,24 +14,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from policies.admission import FootprintAdmission
 from policies.base import Policy, QueuedRequest, TenantState
-from policies.registry import check, parse_parameters
+from policies.registry import parse_parameters
 
 TYPE = "fcfs"
 
 
 @dataclass(frozen=True, slots=True)
 class FcfsParams:
-    retry_after_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        check("retry_after_s", self.retry_after_s, strict=False)
+    """No parameters (unknown keys are still errors)."""
 
 
 class ArrivalOrder:
-    """:class:`policies.base.OrderingPolicy` by arrival time. Also the in-tenant order of
-    ``fair`` (VTC serves each tenant's own requests first come, first served)."""
+    """:class:`policies.base.OrderingPolicy` by arrival time."""
 
     __slots__ = ()
 
@@ -42,5 +38,5 @@ class ArrivalOrder:
 
 
 def build(parameters: Mapping[str, Any]) -> Policy:
-    p = parse_parameters(TYPE, parameters, FcfsParams)
-    return Policy(TYPE, ArrivalOrder(), FootprintAdmission(p.retry_after_s))
+    parse_parameters(TYPE, parameters, FcfsParams)
+    return Policy(TYPE, ArrivalOrder())

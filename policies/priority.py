@@ -22,8 +22,7 @@ queue would serve before a request arriving at ``arrival(r) + B``, so ``r``'s wa
 ``B`` plus that request's FCFS wait. Defaults (levels 0..2, ``aging_s = 5``): B = 10 s.
 
 Reads: the request's ``level`` and ``arrival`` only (no tenant state, no accounting).
-Parameters: ``aging_s`` (float > 0, default 5.0): seconds of wait worth one level;
-``retry_after_s`` (float, default 1.0): ``retry-after`` of a queue timeout.
+Parameters: ``aging_s`` (float > 0, default 5.0): seconds of wait worth one level.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from policies.admission import FootprintAdmission
 from policies.base import Policy, QueuedRequest, TenantState
 from policies.registry import check, parse_parameters
 
@@ -42,11 +40,9 @@ TYPE = "priority"
 @dataclass(frozen=True, slots=True)
 class PriorityParams:
     aging_s: float = 5.0
-    retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
         check("aging_s", self.aging_s)
-        check("retry_after_s", self.retry_after_s, strict=False)
 
 
 class AgedLevel:
@@ -70,4 +66,4 @@ class AgedLevel:
 
 def build(parameters: Mapping[str, Any]) -> Policy:
     p = parse_parameters(TYPE, parameters, PriorityParams)
-    return Policy(TYPE, AgedLevel(p.aging_s), FootprintAdmission(p.retry_after_s))
+    return Policy(TYPE, AgedLevel(p.aging_s))

@@ -246,6 +246,7 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         t = t.with_changes(**changes)
         await gw.store.put_tenant(t)
         gw.auth.invalidate()
+        await gw.scheduler.tenant_changed(t)  # queued requests see a new limit at once
         return _tenant_out(t)
 
     @router.delete("/tenants/{name}", status_code=204)
@@ -362,7 +363,7 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         if callable(snap):
             return list(snap())
         return [{"name": b.name, "url": b.url, "state": b.state, "models": list(b.models),
-                 "in_flight": b.in_flight, "held_tokens": b.held_tokens} for b in gw.pool.backends()]
+                 "in_flight": b.in_flight} for b in gw.pool.backends()]
 
     @router.post("/backends", status_code=201)
     async def add_backend(body: UpstreamConfig, gw: GW) -> dict[str, Any]:

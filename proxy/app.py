@@ -27,11 +27,13 @@ from adapters.upstream import UpstreamClients
 from policies.base import Policy
 from policies.drift import DriftController
 from policies.registry import build_policy
+from proxy.admission.base import QueueCaps
+from proxy.admission.build import build_queue
 from proxy.auth import Authenticator
 from proxy.clock import Clock, SystemClock
 from proxy.completions import build_completion_bus
 from proxy.config import Settings
-from proxy.errors import ConfigError, UpstreamUnavailable
+from proxy.errors import UpstreamUnavailable
 from proxy.estimation import load_estimator, save_estimator, save_estimator_periodically
 from proxy.gateway import Gateway, seed_tenants
 from proxy.metrics import GatewayMetrics
@@ -39,7 +41,6 @@ from proxy.openai_api import OpenAIHandler
 from proxy.scheduler import Scheduler
 from proxy.shaping import Shaper
 from proxy.store import build_store
-from proxy.admission.build import build_queue
 
 log = logging.getLogger("driftsched.app")
 
@@ -101,7 +102,9 @@ class DriftSchedApp:
         settings, clock = self.settings, self.clock
         store = build_store(settings.store)
         await store.start()
-        queue = build_queue(settings.store, self.replica_id)
+        sc = settings.scheduler
+        caps = QueueCaps(max_queued=sc.max_queued, max_queued_per_tenant=sc.max_queued_per_tenant)
+        queue = build_queue(settings.store, self.replica_id, caps=caps)
         await queue.start()
         metrics = GatewayMetrics()
         pool = self.pool_factory(settings)
@@ -168,18 +171,8 @@ class DriftSchedApp:
 
 
 def build_scheduling_policy(settings: Settings) -> Policy:
-    """The configured policy. The shared admission queue is one sorted set, so ``fair``
-    runs in its ``queue: global`` form (virtual finish-time tags) unless told otherwise."""
-    cfg = settings.scheduler.policy.model_dump()
-    if cfg["type"] == "fair":
-        cfg["parameters"] = {"queue": "global", **cfg["parameters"]}
-    policy = build_policy(cfg)
-    if policy.selector is not None:
-        raise ConfigError(
-            "scheduler.policy.parameters.queue: the shared admission queue needs a global "
-            "order; use queue: global"
-        )
-    return policy
+    """The configured policy (``scheduler.policy``)."""
+    return build_policy(settings.scheduler.policy.model_dump())
 
 
 def _install_routes(app: DriftSchedApp) -> None:

@@ -126,6 +126,8 @@ class UpstreamConfig(_Strict):
     #: token budget for admission by footprint (None: unknown, count requests only)
     kv_capacity_tokens: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
+    #: the engine's context length (null: read from its ``/v1/models``, as vLLM reports it)
+    max_model_len: int | None = Field(None, ge=1)
     health_path: str = "/health"
     #: the engine runs vLLM with ``--scheduling-policy priority``: the gateway adds the
     #: ``priority`` field (the tenant's class level) to requests that do not carry one
@@ -260,6 +262,11 @@ class SchedulerConfig(_Strict):
     estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
     #: forward vLLM's ``priority`` field (the class level) to engines that support it
     pass_priority: bool = True
+    #: requests waiting in the admission queue, all tenants and replicas (null: no cap);
+    #: over it a request gets 429 ``queue_full`` with a retry-after from the drain rate
+    max_queued: int | None = Field(50_000, ge=1)
+    #: requests one tenant may have waiting (null: no cap)
+    max_queued_per_tenant: int | None = Field(5_000, ge=1)
 
 
 class Settings(_Strict):

@@ -74,6 +74,12 @@ class InvalidRequest(GatewayError):
     error_type = "invalid_request_error"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The request can never run: it does not fit any engine serving its model."""
+
+    default_code = "context_length_exceeded"
+
+
 class BodyTooLarge(InvalidRequest):
     status = 413
     default_code = "request_too_large"
@@ -133,6 +139,12 @@ class RateLimited(GatewayError):
     @property
     def type(self) -> str:
         return self.limit_type
+
+
+class QueueFull(RateLimited):
+    """The tenant's or the gateway's admission queue is at its depth limit."""
+
+    default_code = "queue_full"
 
 
 class QuotaExceeded(RateLimited):

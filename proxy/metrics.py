@@ -194,9 +194,6 @@ class _BackendCollector(Collector):
             "in_flight": GaugeMetricFamily(
                 "driftsched_backend_in_flight_requests", "Gateway-side in-flight requests", labels=["backend"]
             ),
-            "held": GaugeMetricFamily(
-                "driftsched_backend_held_tokens", "Predicted token footprint held", labels=["backend"]
-            ),
             "cap": GaugeMetricFamily(
                 "driftsched_backend_kv_capacity_tokens", "KV budget in tokens", labels=["backend"]
             ),
@@ -223,7 +220,6 @@ class _BackendCollector(Collector):
         for b in self._source():
             fams["up"].add_metric([b.name, b.state], 1.0 if b.routable else 0.0)
             fams["in_flight"].add_metric([b.name], b.in_flight)
-            fams["held"].add_metric([b.name], b.held_tokens)
             if b.kv_capacity_tokens is not None:
                 fams["cap"].add_metric([b.name], b.kv_capacity_tokens)
             m = b.metrics

@@ -1,10 +1,11 @@
 """The hot path: OpenAI-compatible ``/v1/*`` as a plain ASGI handler.
 
 Written against raw ASGI (no routing or dependency injection per request) because this is
-where the gateway's added latency lives. One request goes:
-
-    authenticate -> read+validate body -> shape (RPM/TPM/quota/concurrency lease)
-    -> route -> forward (relay SSE bytes as they come) -> release + reconcile + account
+where the gateway's added latency lives. This module does the HTTP side only: authenticate,
+read and validate the body, then hand the request to a
+:class:`~proxy.lifecycle.RequestLifecycle` (refuse / shape / queue / grant), forward it to
+the engine that lifecycle names, relay the response (SSE bytes as they come), render
+errors in OpenAI's shape, and let the lifecycle settle it.
 
 A watcher task waits on ``receive()`` for ``http.disconnect`` in parallel with the work; a
 client that goes away at any stage (queued, waiting for the engine, mid-stream) cancels the
@@ -17,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,14 +42,12 @@ from proxy.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from proxy.lifecycle import Outcome, RequestLifecycle, mint_id
 from proxy.requests import PATHS, UPSTREAM_PATH, ParsedRequest, parse_request
-from proxy.shaping import ratelimit_headers
-from proxy.store.base import Limits
 
 if TYPE_CHECKING:
     from adapters.base import Backend
     from proxy.gateway import Gateway
-    from proxy.scheduler import Admitted
 
 Scope = dict[str, Any]
 Receive = Any
@@ -60,33 +58,28 @@ errlog = logging.getLogger("driftsched.gateway")
 
 _RID_OK = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = (b"content-type", b"application/json")
-_GROW_STEP = 16
 
 
 @dataclass(slots=True)
 class Ctx:
-    """Mutable state of one request, for accounting and cleanup."""
+    """HTTP state of one request (what was sent, what was seen), for rendering and logs."""
 
+    #: the id echoed in ``x-request-id``: the client's (validated), else the minted one
     rid: str
     endpoint: str
     t0: float
     principal: Principal | None = None
     req: ParsedRequest | None = None
-    lease: str | None = None
-    charged: int = 0
-    backend: str | None = None
-    status: int = 0
+    life: RequestLifecycle | None = None
+    out: Outcome = field(default_factory=Outcome)
     response_started: bool = False
     #: the last body message is being sent (a disconnect after it is the normal end)
     ended: bool = False
-    admitted_at: float | None = None
-    first_byte_at: float | None = None
-    usage: dict[str, Any] | None = None
-    streamed_events: int = 0
-    upstream_reached: bool = False
     stage: str = "auth"
-    admitted: Admitted | None = None
-    rl_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    @property
+    def rl_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.life.rl_headers if self.life is not None else []
 
 
 class ClientGone(Exception):
@@ -107,7 +100,8 @@ class OpenAIHandler:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         rid_in = _header(scope, b"x-request-id")
-        rid = rid_in.decode() if rid_in and _RID_OK.match(rid_in) else os.urandom(16).hex()
+        # the client's id is only echoed and logged; queue, holds and charges use a minted one
+        rid = rid_in.decode() if rid_in and _RID_OK.match(rid_in) else mint_id()
         endpoint = PATHS.get(path)
         ctx = Ctx(rid=rid, endpoint=endpoint or path, t0=self.gw.clock.monotonic())
         if endpoint is None:
@@ -135,7 +129,7 @@ class OpenAIHandler:
             self._finish_log(ctx)
             return
         except ClientGone:
-            ctx.status = 499
+            ctx.out.status = 499
             self._finish_log(ctx)
             return
         except Exception as e:  # never a traceback to the client
@@ -156,7 +150,8 @@ class OpenAIHandler:
             if f.result().get("type") == "http.disconnect":
                 gone = True
                 assert ctx.principal is not None
-                self.gw.metrics.disconnects.labels(ctx.principal.tenant.name, ctx.stage).inc()
+                stage = ctx.life.stage if ctx.life is not None else ctx.stage
+                self.gw.metrics.disconnects.labels(ctx.principal.tenant.name, stage).inc()
                 task.cancel()
 
         watch = asyncio.ensure_future(receive())
@@ -203,45 +198,23 @@ class OpenAIHandler:
     async def _serve(self, ctx: Ctx, send: Send) -> None:
         gw = self.gw
         assert ctx.principal is not None and ctx.req is not None
-        tenant, req = ctx.principal.tenant, ctx.req
-        sched = gw.scheduler
-        x = sched.features_of(tenant, req)
-        est = sched.estimate(x, req.max_tokens)
-        if req.endpoint == "embeddings":
-            expected_out = 0
-        else:
-            expected_out = req.max_tokens if req.max_tokens is not None else max(1, round(est.p50))
+        tenant = ctx.principal.tenant
+        ctx.life = life = RequestLifecycle(gw, ctx.principal, ctx.req, ctx.t0)
         try:
-            ctx.stage = "shaping"
-            lease = ctx.rid + "-" + os.urandom(4).hex()
-            # RPM/TPM/quota here; concurrency is the queue's job (drift-adjusted limit)
-            decision = await gw.shaper.acquire(
-                tenant, lease, req.prompt_tokens + expected_out,
-                Limits(rpm=tenant.rpm, tpm=tenant.tpm, max_concurrency=None,
-                       daily_token_quota=tenant.daily_token_quota),
-            )
-            ctx.lease, ctx.charged = lease, req.prompt_tokens + expected_out
-            ctx.rl_headers = ratelimit_headers(decision.state)
-            ctx.stage = "queued"
-            ctx.admitted = await sched.admit(tenant, req, ctx.rid, x, est)
-            ctx.admitted_at = gw.clock.monotonic()
-            tm = gw.metrics.tenant(tenant.name, tenant.qos_class)
-            tm.queue_wait.observe(ctx.admitted_at - ctx.t0)
-            tm.in_flight.inc()
-            ctx.stage = "upstream"
-            await self._forward(ctx, send, ctx.admitted.grant.footprint)
+            await life.begin()
+            await self._forward(ctx, send, life)
         except GatewayError as e:
-            if ctx.admitted is None:  # refused before reaching an engine (429, queue timeout)
+            if life.admitted is None:  # refused before reaching an engine (400, 429, 503)
                 gw.metrics.rejections.labels(tenant.name, e.code or "error").inc()
             if ctx.response_started:
                 await self._stream_error(send, ctx, e)
             else:
                 await self._send_error(send, ctx, e)
         except asyncio.CancelledError:
-            ctx.status = 499  # client closed request
+            ctx.out.status = 499  # client closed request
             raise
         except Exception as e:
-            errlog.exception("unexpected error", extra={"request_id": ctx.rid})
+            errlog.exception("unexpected error", extra={"request_id": ctx.rid, "id": life.id})
             err = InternalError(f"internal error: {type(e).__name__}")
             if ctx.response_started:
                 await self._stream_error(send, ctx, err)
@@ -250,36 +223,28 @@ class OpenAIHandler:
         finally:
             if ctx.ended:
                 # the response is out: a disconnect no longer cancels us (see __call__),
-                # so accounting runs inline, without a shielding task per request
+                # so settling runs inline, without a shielding task per request
                 await self._complete(ctx)
             else:
                 await asyncio.shield(self._complete(ctx))
 
-    async def _forward(self, ctx: Ctx, send: Send, footprint: int) -> None:
+    async def _forward(self, ctx: Ctx, send: Send, life: RequestLifecycle) -> None:
         gw = self.gw
         req = ctx.req
         assert req is not None
         headers = {
             "content-type": "application/json",
             "accept-encoding": "identity",
-            "x-request-id": ctx.rid,
+            "x-request-id": life.id,
         }
-        tried: set[str] = set()
         last: GatewayError | None = None
-        granted = ctx.admitted.grant.backend if ctx.admitted else None
         while True:
-            candidates = [b for b in gw.pool.candidates(req.model) if b.name not in tried]
-            # the engine admission reserved capacity on, unless it became unroutable
-            backend = next((b for b in candidates if b.name == granted), None)
-            if backend is None:
-                backend = gw.router.pick(candidates, footprint)
+            backend = await life.next_engine()
             if backend is None:
                 if last is not None:
                     raise last
                 raise UpstreamUnavailable(f"No healthy backend serves model `{req.model}` right now.")
-            tried.add(backend.name)
             backend.in_flight += 1
-            backend.held_tokens += footprint
             try:
                 try:
                     resp = await open_request(
@@ -290,8 +255,7 @@ class OpenAIHandler:
                     gw.metrics.upstream_errors.labels(backend.name, e.code or "connect").inc()
                     last = e
                     continue
-                ctx.backend = backend.name
-                ctx.upstream_reached = True
+                life.upstream_reached = True
                 try:
                     if req.stream:
                         await self._relay_stream(ctx, send, resp, backend)
@@ -302,7 +266,6 @@ class OpenAIHandler:
                 return
             finally:
                 backend.in_flight -= 1
-                backend.held_tokens -= footprint
 
     def _body_for(self, ctx: Ctx, backend: Backend) -> bytes:
         """The bytes to send: the client's, plus vLLM's ``priority`` (the class level) for
@@ -331,11 +294,11 @@ class OpenAIHandler:
         try:
             obj = json.loads(body)
             usage = obj.get("usage") if isinstance(obj, dict) else None
-            ctx.usage = usage if isinstance(usage, dict) else None
+            ctx.out.usage = usage if isinstance(usage, dict) else None
         except ValueError:
             raise UpstreamError(f"backend {backend.name!r} returned invalid JSON") from None
-        ctx.first_byte_at = self.gw.clock.monotonic()
-        ctx.status = 200
+        ctx.out.first_byte_at = self.gw.clock.monotonic()
+        ctx.out.status = 200
         headers = [
             (b"content-type", resp.headers.get("content-type", "application/json").encode()),
             (b"content-length", str(len(body)).encode()),
@@ -359,7 +322,8 @@ class OpenAIHandler:
             raise err
         assert ctx.req is not None
         tap = StreamTap(strip_usage=ctx.req.strip_usage)
-        ctx.status = 200
+        out = ctx.out
+        out.status = 200
         ctx.response_started = True
         await send({
             "type": "http.response.start",
@@ -372,27 +336,23 @@ class OpenAIHandler:
             ],
         })
         clock = self.gw.clock
+        life = ctx.life
+        assert life is not None
         try:
-            adm = ctx.admitted
-            # tokens generated beyond the conservative prediction are charged to the engine
-            # live, in steps of _GROW_STEP (token drift as it happens)
-            grow_mark = (adm.grant.footprint - adm.qreq.prompt_tokens + 2) if adm else 1 << 62
             async for chunk in resp.aiter_raw():
-                out = tap.feed(chunk)
-                if out:
-                    if ctx.first_byte_at is None:
-                        ctx.first_byte_at = clock.monotonic()
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                    ctx.streamed_events = tap.events
-                    if tap.events > grow_mark and adm is not None:
-                        grow_mark += _GROW_STEP
-                        await self.gw.scheduler.grow(ctx.rid, _GROW_STEP)
+                data = tap.feed(chunk)
+                if data:
+                    if out.first_byte_at is None:
+                        out.first_byte_at = clock.monotonic()
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    out.streamed_events = tap.events
+                    await life.streamed(tap.events)  # token drift, charged as it happens
         except httpx.HTTPError as e:
             err = map_exception(e, backend)
             self.gw.metrics.upstream_errors.labels(backend.name, err.code or "stream").inc()
-            ctx.usage, ctx.streamed_events = tap.usage, tap.events
+            out.usage, out.streamed_events = tap.usage, tap.events
             raise UpstreamError(f"stream from backend {backend.name!r} broke: {err.message}") from e
-        ctx.usage, ctx.streamed_events = tap.usage, tap.events
+        out.usage, out.streamed_events = tap.usage, tap.events
         rest = tap.flush()
         if not tap.done and tap.error is None:
             self.gw.metrics.upstream_errors.labels(backend.name, "stream_truncated").inc()
@@ -404,89 +364,54 @@ class OpenAIHandler:
 
     # -- completion ----------------------------------------------------------------------
     async def _complete(self, ctx: Ctx) -> None:
-        """Release the lease, reconcile tokens, account usage. Runs even when cancelled."""
-        gw = self.gw
-        assert ctx.principal is not None and ctx.req is not None
-        tenant = ctx.principal.tenant
-        tm = gw.metrics.tenant(tenant.name, tenant.qos_class)
-        try:
-            usage = ctx.usage or {}
-            p_tok = int(usage.get("prompt_tokens") or 0)
-            c_tok = int(usage.get("completion_tokens") or 0)
-            if not usage and ctx.upstream_reached:
-                # engine did work but reported nothing (disconnect, broken stream): estimate
-                p_tok = ctx.req.prompt_tokens
-                c_tok = max(0, ctx.streamed_events - 2)
-            if ctx.admitted is not None:
-                known = bool(usage) and ctx.status == 200 and ctx.req.endpoint != "embeddings"
-                await gw.scheduler.complete(ctx.admitted, c_tok if known else None)
-                tm.in_flight.dec()
-            if ctx.stage in ("queued", "upstream") and ctx.status != 499 \
-                    and ctx.req.endpoint != "embeddings":
-                # queued or served (not refused by its own rate limits, not abandoned by the
-                # client): an SLO outcome for the drift controller's feedback
-                end = gw.clock.monotonic()
-                gw.scheduler.record_outcome(
-                    tenant, ok=ctx.status == 200 and bool(usage),
-                    ttft_s=ctx.first_byte_at - ctx.t0
-                    if ctx.req.stream and ctx.first_byte_at is not None else None,
-                    e2e_s=end - ctx.t0, output_tokens=c_tok)
-            delta = 0
-            if ctx.lease is not None:
-                actual = p_tok + c_tok if ctx.upstream_reached else 0
-                delta = actual - ctx.charged
-            # release + reconcile + usage: one store round trip
-            await gw.shaper.finish(
-                tenant.name, ctx.lease, delta, Limits.of(tenant), requests=1,
-                errors=0 if ctx.status == 200 else 1, tokens_in=p_tok, tokens_out=c_tok,
-            )
-            if p_tok:
-                tm.prompt_tokens.inc(p_tok)
-            if c_tok:
-                tm.completion_tokens.inc(c_tok)
-        except Exception:
-            errlog.exception("accounting failed", extra={"request_id": ctx.rid})
-        now = gw.clock.monotonic()
-        if ctx.status == 200:
-            if ctx.first_byte_at is not None:
-                tm.ttft.observe(ctx.first_byte_at - ctx.t0)
-            tm.e2e.observe(now - ctx.t0)
+        """Let the lifecycle settle the request, then log it. Runs even when cancelled."""
+        if ctx.life is not None:
+            try:
+                await ctx.life.settle(ctx.out)
+            except Exception:
+                errlog.exception("accounting failed",
+                                 extra={"request_id": ctx.rid, "id": ctx.life.id})
         self._finish_log(ctx)
 
     def _finish_log(self, ctx: Ctx) -> None:
         if ctx.principal is not None:
             t = ctx.principal.tenant
             tenant = t.name
-            self.gw.metrics.tenant(tenant, t.qos_class).requests(ctx.endpoint, ctx.status).inc()
+            self.gw.metrics.tenant(tenant, t.qos_class).requests(ctx.endpoint, ctx.out.status).inc()
         else:
             tenant = "-"
-            self.gw.metrics.requests.labels(tenant, ctx.endpoint, str(ctx.status)).inc()
+            self.gw.metrics.requests.labels(tenant, ctx.endpoint, str(ctx.out.status)).inc()
         if not self.gw.settings.server.access_log:
             return
-        usage = ctx.usage or {}
+        out, life = ctx.out, ctx.life
+        usage = out.usage or {}
+        adm = life.admitted if life is not None else None
+        admitted_at = life.admitted_at if life is not None else None
         now = self.gw.clock.monotonic()
         log.info("request", extra={
             "request_id": ctx.rid,
+            "id": life.id if life is not None else None,
             "tenant": tenant,
             "key": ctx.principal.key_prefix if ctx.principal else None,
             "endpoint": ctx.endpoint,
             "model": ctx.req.model if ctx.req else None,
             "stream": ctx.req.stream if ctx.req else None,
-            "status": ctx.status,
-            "backend": ctx.backend,
+            "status": out.status,
+            "backend": life.backend.name if life is not None and life.backend else None,
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
             "qos_class": ctx.principal.tenant.qos_class if ctx.principal else None,
-            "predicted_p50": round(ctx.admitted.estimate.p50, 1) if ctx.admitted else None,
-            "predicted_p90": round(ctx.admitted.estimate.p90, 1) if ctx.admitted else None,
-            "queue_ms": round((ctx.admitted_at - ctx.t0) * 1000, 2) if ctx.admitted_at else None,
-            "ttft_ms": round((ctx.first_byte_at - ctx.t0) * 1000, 2) if ctx.first_byte_at else None,
+            "predicted_p50": round(adm.estimate.p50, 1) if adm else None,
+            "predicted_p90": round(adm.estimate.p90, 1) if adm else None,
+            "queue_ms": round((admitted_at - ctx.t0) * 1000, 2) if admitted_at else None,
+            "ttft_ms": round((out.first_byte_at - ctx.t0) * 1000, 2)
+            if out.first_byte_at else None,
             "duration_ms": round((now - ctx.t0) * 1000, 2),
         })
 
     # -- responses ---------------------------------------------------------------------
     async def _send_error(self, send: Send, ctx: Ctx, err: GatewayError) -> None:
-        ctx.status = err.status
+        ctx.out.status = err.status
         body = err.body()
         headers = [
             _JSON,
@@ -502,7 +427,7 @@ class OpenAIHandler:
 
     async def _stream_error(self, send: Send, ctx: Ctx, err: GatewayError) -> None:
         """An error after the SSE headers went out: an error event, then end of stream."""
-        ctx.status = err.status
+        ctx.out.status = err.status
         ctx.ended = True
         with contextlib.suppress(Exception):
             await send({"type": "http.response.body", "body": error_event(err.to_dict()),
@@ -534,7 +459,7 @@ class OpenAIHandler:
             await self._send_error(send, ctx, e)
             return
         body = json.dumps(payload).encode()
-        ctx.status = 200
+        ctx.out.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": [
             _JSON, (b"content-length", str(len(body)).encode()), (b"x-request-id", ctx.rid.encode()),
         ]})

@@ -40,14 +40,21 @@ from policies.drift import DriftController
 from policies.estimator import Estimate, OutputTokenEstimator
 from policies.features import RequestFeatures
 from policies.governor import GovernorParams, TpotGovernor
+from proxy.admission.base import (
+    AdmissionQueue,
+    EngineCapacity,
+    EngineLoad,
+    Grant,
+    QueueItem,
+    QueueStats,
+)
 from proxy.clock import Clock
 from proxy.completions import CompletionBus, LocalCompletions
 from proxy.config import Settings
-from proxy.errors import QueueTimeout, StoreUnavailable
+from proxy.errors import ContextLengthExceeded, QueueFull, QueueTimeout, StoreUnavailable
 from proxy.requests import ParsedRequest
 from proxy.store.base import StoreUnavailable as StoreDown
 from proxy.store.base import Tenant
-from proxy.admission.base import AdmissionQueue, EngineCapacity, EngineLoad, Grant, QueueItem
 
 log = logging.getLogger("driftsched.scheduler")
 #: shorter answers' TPOT is not held against the SLO in the controller's feedback
@@ -139,6 +146,12 @@ class Scheduler:
         #: refreshed by the capacity loop, read by /metrics and the admin API
         self.depth_snapshot: dict[str, int] = {}
         self.loads_snapshot: list[EngineLoad] = []
+        #: each tenant's configured concurrency limit, as last read from its record
+        self._base_limits: dict[str, int | None] = {}
+        #: the limits this replica last wrote to the shared queue (read there at dispatch)
+        self._published: dict[str, int | None] = {}
+        #: measured drain rates (grants per second): per backlogged tenant, and in total
+        self._drain = DrainRates()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -222,10 +235,87 @@ class Scheduler:
                              virtual_counter=st.virtual_counter if st else
                              self._floor(self._backlogged()))
             self._states[tenant.name] = st
+        self._base_limits[tenant.name] = tenant.max_concurrency
+        st = replace(st, limit=tenant.max_concurrency, queue_timeout_s=tenant.queue_timeout_s)
         if self.drift is not None:
             self.drift.configure(tenant.name, level, tenant.max_concurrency)
             st = self.drift.annotate(st)
         return st
+
+    def limit_of(self, name: str) -> int | None:
+        """The tenant's concurrency limit now: the drift controller's, else its record's."""
+        if self.drift is not None:
+            with contextlib.suppress(KeyError):
+                return self.drift.limit(name)
+        return self._base_limits.get(name)
+
+    async def publish_limits(self, names: list[str] | None = None) -> None:
+        """Write the limits that changed (of ``names``, default every tenant seen) to the
+        shared queue, where every replica's next dispatch reads them."""
+        changed: dict[str, int | None] = {}
+        for name in self._base_limits if names is None else names:
+            limit = self.limit_of(name)
+            if name not in self._published or self._published[name] != limit:
+                changed[name] = limit
+        if changed:
+            await self.queue.set_limits(changed)
+            self._published.update(changed)
+
+    async def tenant_changed(self, tenant: Tenant) -> None:
+        """An operator changed ``tenant`` (admin API): apply its limit to queued requests
+        now, on every replica (the shared queue reads it at the next dispatch)."""
+        self.tenant_state(tenant)
+        self._published.pop(tenant.name, None)  # write it even if this replica thinks it knows
+        await self.publish_limits([tenant.name])
+
+    def check_fits(self, tenant: Tenant, req: ParsedRequest) -> None:
+        """Refuse what no engine serving the model can ever run (400, never queued): a
+        prompt at or past every engine's ``max_model_len`` (or, with ``max_tokens``, a
+        prompt + ``max_tokens`` past it, as vLLM refuses), or a prompt larger than every
+        engine's whole KV capacity. Unknown lengths or capacities never refuse; the prompt
+        length is the gateway's estimate (:mod:`proxy.tokens`)."""
+        engines = [b for b in self.pool.backends()
+                   if b.serves(req.model) and b.state not in ("failed", "stopped")]
+        if not engines or req.endpoint == "embeddings":
+            return
+        prompt = req.prompt_tokens
+        lens = [b.max_model_len for b in engines]
+        if all(n is not None for n in lens):
+            longest = max(n for n in lens if n is not None)
+            what = "prompt" if req.endpoint == "completions" else "messages"
+            if prompt >= longest:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {longest} tokens. However, your "
+                    f"{what} resulted in {prompt} tokens. Please reduce the length of the {what}.",
+                    param=what)
+            if req.max_tokens is not None and prompt + req.max_tokens > longest:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {longest} tokens. However, you "
+                    f"requested {prompt + req.max_tokens} tokens ({prompt} in the {what}, "
+                    f"{req.max_tokens} in the completion). Please reduce the length of the "
+                    f"{what} or completion.", param=what)
+        kvs = [b.kv_capacity_tokens for b in engines]
+        if all(n is not None for n in kvs):
+            largest = max(n for n in kvs if n is not None)
+            if prompt + 1 > largest:
+                raise ContextLengthExceeded(
+                    f"This request needs at least {prompt + 1} tokens of KV cache; the largest "
+                    f"engine serving model `{req.model}` holds {largest}. Please reduce the "
+                    "length of the messages.", param="messages")
+
+    def _queue_full(self, tenant: Tenant, result: str) -> QueueFull:
+        whole = result == "full"
+        depth = sum(self.depth_snapshot.values()) if whole else \
+            self.depth_snapshot.get(tenant.name, 0)
+        rate = self._drain.total if whole else self._drain.of(tenant.name)
+        retry = depth / rate if rate > 0 else tenant.queue_timeout_s
+        cap = self.settings.scheduler.max_queued if whole \
+            else self.settings.scheduler.max_queued_per_tenant
+        who = "The gateway's admission queue" if whole else f"Tenant {tenant.name!r}'s queue"
+        return QueueFull(
+            f"{who} is full ({cap} requests waiting); it drains at about {rate:.1f} "
+            f"requests/s. Please retry after {max(1.0, min(60.0, retry)):.0f}s.",
+            retry_after_s=max(1.0, min(60.0, math.ceil(retry))))
 
     def _backlogged(self) -> dict[str, TenantState]:
         return {t: self._states[t] for t, n in self._queued.items() if n > 0 and t in self._states}
@@ -284,12 +374,15 @@ class Scheduler:
         item = QueueItem(
             id=rid, tenant=tenant.name, replica=self.replica_id, model=req.model,
             score=self._enqueue_state(qreq, state, now), footprint=qreq.footprint,
-            concurrency_limit=state.limit, deadline=now + tenant.queue_timeout_s,
-            exempt=self.governor.exempts(state.level),
+            deadline=now + tenant.queue_timeout_s, exempt=self.governor.exempts(state.level),
         )
         granted = False
         try:
-            await self.queue.enqueue(item, now)
+            await self.publish_limits([tenant.name])
+            result = await self.queue.enqueue(item, now)
+            if result in ("tenant_full", "full"):
+                self._dequeued(qreq, admitted=False)
+                raise self._queue_full(tenant, result)
         except StoreDown as e:
             self._dequeued(qreq, admitted=False)
             if not self.settings.store.fail_open:
@@ -325,6 +418,17 @@ class Scheduler:
                 await self.queue.release(rid)  # granted while we gave up: give it back
         except Exception:
             log.exception("withdrawing a queued request failed; its lease will expire")
+
+    async def move(self, rid: str, engine: str) -> None:
+        """The request is served by fallback ``engine``: its hold moves there."""
+        adm = self._held.get(rid)
+        if adm is None or adm.grant.backend == engine:
+            return
+        try:
+            await self.queue.move(rid, engine)
+        except StoreDown as e:
+            log.warning("moving a hold to its fallback engine failed: %s", e)
+        adm.grant = replace(adm.grant, backend=engine)
 
     async def grow(self, rid: str, delta_tokens: int) -> None:
         """Charge tokens generated beyond the prediction to the engine, live."""
@@ -419,8 +523,11 @@ class Scheduler:
                 now = self.clock.time()
                 self.feedback(now)
                 await self.publish_capacity()
+                await self.publish_limits()
                 await self.queue.dispatch(now, self._lease_ttl)
-                self.depth_snapshot = await self.queue.depth()
+                stats = await self.queue.stats()
+                self._drain.observe(stats, now)
+                self.depth_snapshot = stats.queued
                 self.loads_snapshot = await self.queue.loads(now)
             except StoreDown as e:
                 log.warning("capacity publication failed: %s", e)
@@ -465,6 +572,38 @@ class Scheduler:
                 n += 1
                 if n % 8 == 0:  # ~50 us each: yield often, keep request latency flat
                     await asyncio.sleep(0)
+
+
+class DrainRates:
+    """Grants per second from the queue's counters (:class:`QueueStats`), smoothed (EWMA,
+    ~5 s): in total and per backlogged tenant. What a "queue full" ``retry-after`` is
+    derived from."""
+
+    def __init__(self, half_life_s: float = 5.0) -> None:
+        self.half_life_s = half_life_s
+        self.total = 0.0
+        self._rates: dict[str, float] = {}
+        self._last: QueueStats | None = None
+        self._at = 0.0
+
+    def of(self, tenant: str) -> float:
+        return self._rates.get(tenant, 0.0)
+
+    def observe(self, stats: QueueStats, now: float) -> None:
+        last, dt = self._last, now - self._at
+        self._last, self._at = stats, now
+        if last is None or dt <= 0:
+            return
+        a = 1.0 - 0.5 ** (dt / self.half_life_s)
+        total = max(0, stats.granted_total - last.granted_total) / dt
+        self.total += a * (total - self.total)
+        rates = {}
+        for tenant, n in stats.granted.items():
+            before = last.granted.get(tenant)
+            old = self._rates.get(tenant, 0.0)
+            rate = max(0, n - before) / dt if before is not None else old
+            rates[tenant] = old + a * (rate - old)
+        self._rates = rates
 
 
 def _persisted(new: TenantState, old: TenantState) -> TenantState:

@@ -65,11 +65,14 @@ class Proc:
         self._fh.close()
 
 
-def start_stub(tmp: Path, chunks: int = 32, model: str = "stub") -> tuple[Proc, str]:
+def start_stub(
+    tmp: Path, chunks: int = 32, model: str = "stub", max_model_len: int | None = None
+) -> tuple[Proc, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    extra = [] if max_model_len is None else ["--max-model-len", str(max_model_len)]
     p = Proc([sys.executable, "-m", "adapters.stub_engine", "--port", str(port), "--model", model,
-              "--chunks", str(chunks)], url + "/health", tmp / f"stub-{port}.log")
+              "--chunks", str(chunks), *extra], url + "/health", tmp / f"stub-{port}.log")
     return p, url
 
 

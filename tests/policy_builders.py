@@ -1,22 +1,24 @@
-"""Builders for the scheduling-policy tests: requests, tenant states, policies, a service loop."""
+"""Builders for the scheduling-policy tests: requests, tenant states, policies, and
+:class:`CoreQueue`, the production admission core driven synchronously (what the policy
+suites dispatch through: the code that admits traffic, not a model of it)."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from policies import dispatch
-from policies.base import CapacityView, Entry, Policy, QueuedRequest, TenantState
+from policies.base import Policy, QueuedRequest, TenantState
 from policies.registry import build_policy, register_builtins
+from proxy.admission.base import EngineCapacity, QueueItem
+from proxy.admission.core import AdmissionCore
 
 T0 = 1_700_000_000.0
 
-#: every registered type with its defaults, plus the non-default queue shape of ``fair``
-VARIANTS: list[tuple[str, dict[str, Any]]] = [(t, {}) for t in register_builtins().types()] + [
-    ("fair", {"queue": "global"})
-]
+#: every registered type with its defaults
+VARIANTS: list[tuple[str, dict[str, Any]]] = [(t, {}) for t in register_builtins().types()]
 VARIANT_IDS = [t + ("-" + "-".join(map(str, p.values())) if p else "") for t, p in VARIANTS]
 
 
@@ -94,22 +96,51 @@ def random_tenant(rng: random.Random, name: str) -> TenantState:
     )
 
 
-def open_view(req: QueuedRequest, tenant: TenantState) -> CapacityView:
-    """Unbounded capacity: only tenant limits and timeouts apply."""
-    return CapacityView(tenant=tenant)
+class CoreQueue:
+    """The admission core (:class:`~proxy.admission.core.AdmissionCore`) with one engine,
+    fed as the scheduler feeds it: accounting at enqueue (lift, queued charge), then the
+    policy's key as the item's score. ``max_seqs`` None: unbounded capacity."""
 
+    def __init__(self, policy: Policy, max_seqs: int | None = None) -> None:
+        self.policy = policy
+        self.core = AdmissionCore()
+        self.core.set_engines([EngineCapacity("e", ("m",), None, max_seqs, True)], T0, 1e12)
+        self.states: dict[str, TenantState] = {}
+        self.queued: dict[str, QueuedRequest] = {}
 
-def enqueue(
-    policy: Policy, req: QueuedRequest, states: dict[str, TenantState], queued: list[Entry]
-) -> None:
-    """Enqueue as the engine does: accounting first (lift, queued charge), then the key."""
-    backlogged_names = {e.req.tenant for e in queued}
-    backlogged = {n: states[n] for n in backlogged_names}
-    floor = min((s.virtual_counter for s in backlogged.values()), default=None)
-    st = states.get(req.tenant) or make_tenant(req.tenant)
-    if floor is not None:
-        st = replace(st, virtual_floor=floor)
-    if policy.accounting is not None:
-        st = policy.accounting.on_enqueue(st, req, backlogged, req.arrival)
-    states[req.tenant] = st
-    queued.append(dispatch.enqueue(policy, req, st, req.arrival))
+    def enqueue(self, req: QueuedRequest, now: float | None = None) -> float:
+        """Queue ``req`` (at its arrival unless ``now``); returns its key."""
+        now = req.arrival if now is None else now
+        backlogged = {n: self.states[n] for n in {r.tenant for r in self.queued.values()}}
+        floor = min((s.virtual_counter for s in backlogged.values()), default=None)
+        st = self.states.get(req.tenant) or make_tenant(req.tenant)
+        if floor is not None:
+            st = replace(st, virtual_floor=floor)
+        if self.policy.accounting is not None:
+            st = self.policy.accounting.on_enqueue(st, req, backlogged, now)
+        self.states[req.tenant] = st
+        key = self.policy.ordering.key(req, st, now)
+        result = self.core.enqueue(
+            QueueItem(req.id, req.tenant, "r", "m", key, req.footprint, math.inf))
+        assert result == "queued", result
+        self.queued[req.id] = req
+        return key
+
+    def dispatch(self, now: float, max_grants: int = 1 << 30) -> list[QueuedRequest]:
+        """Grant what the core admits now; admitted requests are charged (``on_admit``)."""
+        grants, expired = self.core.dispatch(now, 1e12, max_grants)
+        assert not expired
+        out = []
+        for g in grants:
+            req = self.queued.pop(g.id)
+            if self.policy.accounting is not None:
+                st = self.states[req.tenant]
+                self.states[req.tenant] = self.policy.accounting.on_admit(st, req, now)
+            out.append(req)
+        return out
+
+    def complete(self, req: QueuedRequest, actual_output: int, now: float) -> None:
+        self.core.release(req.id)
+        if self.policy.accounting is not None:
+            st = self.states[req.tenant]
+            self.states[req.tenant] = self.policy.accounting.on_complete(st, req, actual_output, now)

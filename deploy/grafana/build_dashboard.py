@@ -558,7 +558,7 @@ def build() -> dict[str, Any]:
                     "in flight {{backend}}",
                 ),
                 (
-                    f"sum by (backend) (driftsched_backend_held_tokens{{{B}}})",
+                    f"max by (backend) (driftsched_admission_held_tokens{{{B}}})",
                     "held tokens {{backend}}",
                 ),
                 (

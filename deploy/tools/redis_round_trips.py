@@ -103,7 +103,8 @@ def redis_cpu_s(port: int) -> float:
 
 def script_names() -> dict[str, str]:
     """sha1 -> script name, for every Lua script the store and the queue load."""
-    from proxy.store import queue_redis, redis
+    from proxy.admission import redis as queue_redis
+    from proxy.store import redis
 
     out = {}
     for name in redis._SCRIPTS:

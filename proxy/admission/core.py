@@ -162,7 +162,7 @@ class AdmissionCore:
     def _head(self, flow: _Flow) -> tuple[float, int, str] | None:
         heap = flow.heap
         while heap:
-            score, seq, item_id = heap[0]
+            _, seq, item_id = heap[0]
             found = self._items.get(item_id)
             if found is not None and found[1] == seq:
                 return heap[0]

@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import pytest
 
-from proxy.config import StoreConfig
 from proxy.admission.base import (
     AdmissionQueue,
     EngineCapacity,
@@ -22,6 +21,7 @@ from proxy.admission.base import (
 )
 from proxy.admission.build import build_queue
 from proxy.admission.memory import MemoryQueue
+from proxy.config import StoreConfig
 
 T0 = 1_700_000_000.0
 TTL = 30.0

@@ -19,10 +19,9 @@ import redis as redis_sync
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from proxy.store.base import StoreUnavailable
 from proxy.admission.base import EngineCapacity, Grant, QueueItem
-from proxy.admission.memory import MemoryQueue
 from proxy.admission.redis import RedisQueue
+from proxy.store.base import StoreUnavailable
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.redis

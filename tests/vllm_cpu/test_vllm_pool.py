@@ -243,7 +243,7 @@ def test_preemption_under_a_small_kv_cache_shows_in_backends(gw: GatewayThread) 
     b = wait_backend(gw, lambda b: b["metrics"]["num_preemptions_total"] > before, 10,
                      "a scraped preemption")
     assert peak_usage > 0.5 and peak_running >= 2, (peak_usage, peak_running)
-    assert b["in_flight"] == 0 and b["held_tokens"] == 0
+    assert b["in_flight"] == 0
 
 
 @pytest.mark.timeout(START_TIMEOUT_S + 120, func_only=True)

@@ -1,0 +1,182 @@
+"""One request's life in the gateway, from admission to settlement, apart from HTTP.
+
+:class:`RequestLifecycle` is the one object that
+
+1. **begins** a request (:meth:`~RequestLifecycle.begin`): refuses what can never run
+   (400 ``context_length_exceeded``), estimates its output, shapes it (RPM / TPM / daily
+   quota), queues it and waits for its grant;
+2. gives it its **engine** (:meth:`~RequestLifecycle.next_engine`): the engine the grant
+   names, or a fallback when that one is gone or refused the connection -- the hold moves
+   with it in the admission queue, which is the only ledger of engine capacity;
+3. **grows** it while it streams (:meth:`~RequestLifecycle.streamed`): events beyond the
+   conservative prediction are charged to the engine live;
+4. **settles** it on every path (:meth:`~RequestLifecycle.settle`): releases the hold,
+   reconciles the token charge with real usage, records the SLO outcome, feeds learning
+   and accounting, and counts metrics.
+
+The HTTP handler (:mod:`proxy.openai_api`) keeps only ASGI I/O and error rendering. The id
+of the request in the queue, its hold and its shaping charge is minted here
+(:func:`mint_id`); the client's ``x-request-id`` is only echoed and logged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from proxy.shaping import ratelimit_headers
+from proxy.store.base import Limits
+
+if TYPE_CHECKING:
+    from adapters.base import Backend
+    from proxy.auth import Principal
+    from proxy.gateway import Gateway
+    from proxy.requests import ParsedRequest
+    from proxy.scheduler import Admitted
+
+#: tokens streamed beyond the footprint are charged to the engine in steps of this many
+GROW_STEP = 16
+
+
+def mint_id() -> str:
+    """A fresh request id (128 random bits, hex): the queue item, hold and charge id."""
+    return os.urandom(16).hex()
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the HTTP side saw of the request, for :meth:`RequestLifecycle.settle`."""
+
+    status: int = 0
+    usage: dict[str, Any] | None = None
+    #: SSE events relayed (an estimate of tokens when the engine reported no usage)
+    streamed_events: int = 0
+    #: ``clock.monotonic()`` of the first byte relayed to the client
+    first_byte_at: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class RequestLifecycle:
+    gw: Gateway
+    principal: Principal
+    req: ParsedRequest
+    #: monotonic start of the request (for its latencies)
+    t0: float
+    id: str = field(default_factory=mint_id)
+    #: where the request is: shaping -> queued -> upstream (disconnect metrics use it)
+    stage: str = "shaping"
+    admitted: Admitted | None = None
+    admitted_at: float | None = None
+    #: ``x-ratelimit-*`` headers of the shaping decision
+    rl_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: the engine now serving the request, and whether any engine got it
+    backend: Backend | None = None
+    upstream_reached: bool = False
+    _shaped: bool = False
+    _charged: int = 0
+    _tried: set[str] = field(default_factory=set)
+    _grow_mark: int = 1 << 62
+
+    # -- begin ---------------------------------------------------------------------------
+    async def begin(self) -> None:
+        """Refuse, shape, queue and wait for a grant; raises the request's GatewayError
+        (400 / 429 / 503). Cancellation (the client went away) leaves nothing held."""
+        gw, req = self.gw, self.req
+        tenant = self.principal.tenant
+        sched = gw.scheduler
+        sched.check_fits(tenant, req)
+        x = sched.features_of(tenant, req)
+        est = sched.estimate(x, req.max_tokens)
+        if req.endpoint == "embeddings":
+            expected_out = 0
+        else:
+            expected_out = req.max_tokens if req.max_tokens is not None else max(1, round(est.p50))
+        self.stage = "shaping"
+        # RPM/TPM/quota here; concurrency is the queue's job (the live, drift-adjusted limit)
+        decision = await gw.shaper.acquire(
+            tenant, self.id, req.prompt_tokens + expected_out,
+            Limits(rpm=tenant.rpm, tpm=tenant.tpm, max_concurrency=None,
+                   daily_token_quota=tenant.daily_token_quota),
+        )
+        self._shaped, self._charged = True, req.prompt_tokens + expected_out
+        self.rl_headers = ratelimit_headers(decision.state)
+        self.stage = "queued"
+        self.admitted = adm = await sched.admit(tenant, req, self.id, x, est)
+        self.admitted_at = gw.clock.monotonic()
+        tm = gw.metrics.tenant(tenant.name, tenant.qos_class)
+        tm.queue_wait.observe(self.admitted_at - self.t0)
+        tm.in_flight.inc()
+        self.stage = "upstream"
+        self._grow_mark = adm.grant.footprint - adm.qreq.prompt_tokens + 2
+
+    # -- engine --------------------------------------------------------------------------
+    async def next_engine(self) -> Backend | None:
+        """The engine to try next: the granted one while it is routable, else the best
+        fallback not tried yet (its hold moves there); ``None`` when none is left."""
+        gw = self.gw
+        assert self.admitted is not None
+        candidates = [b for b in gw.pool.candidates(self.req.model) if b.name not in self._tried]
+        granted = self.admitted.grant.backend
+        backend = next((b for b in candidates if b.name == granted), None)
+        if backend is None:
+            backend = gw.router.pick(candidates, self.admitted.grant.footprint)
+            if backend is not None:
+                await gw.scheduler.move(self.id, backend.name)
+        if backend is not None:
+            self._tried.add(backend.name)
+        self.backend = backend
+        return backend
+
+    # -- streaming -----------------------------------------------------------------------
+    async def streamed(self, events: int) -> None:
+        """``events`` SSE events relayed so far: charge what passes the footprint."""
+        if events > self._grow_mark:
+            self._grow_mark += GROW_STEP
+            await self.gw.scheduler.grow(self.id, GROW_STEP)
+
+    # -- settle --------------------------------------------------------------------------
+    async def settle(self, out: Outcome) -> None:
+        """Release, reconcile, record and count; runs on every path (call it shielded)."""
+        gw, req = self.gw, self.req
+        tenant = self.principal.tenant
+        tm = gw.metrics.tenant(tenant.name, tenant.qos_class)
+        usage = out.usage or {}
+        p_tok = int(usage.get("prompt_tokens") or 0)
+        c_tok = int(usage.get("completion_tokens") or 0)
+        if not usage and self.upstream_reached:
+            # the engine did work but reported nothing (disconnect, broken stream): estimate
+            p_tok = req.prompt_tokens
+            c_tok = max(0, out.streamed_events - 2)
+        if self.admitted is not None:
+            known = bool(usage) and out.status == 200 and req.endpoint != "embeddings"
+            await gw.scheduler.complete(self.admitted, c_tok if known else None)
+            tm.in_flight.dec()
+        if self.stage in ("queued", "upstream") and out.status != 499 \
+                and req.endpoint != "embeddings":
+            # queued or served (not refused by its own rate limits, not abandoned by the
+            # client): an SLO outcome for the drift controller's feedback
+            end = gw.clock.monotonic()
+            gw.scheduler.record_outcome(
+                tenant, ok=out.status == 200 and bool(usage),
+                ttft_s=out.first_byte_at - self.t0
+                if req.stream and out.first_byte_at is not None else None,
+                e2e_s=end - self.t0, output_tokens=c_tok)
+        delta = 0
+        if self._shaped:
+            actual = p_tok + c_tok if self.upstream_reached else 0
+            delta = actual - self._charged
+        # release + reconcile + usage: one store round trip
+        await gw.shaper.finish(
+            tenant.name, self.id if self._shaped else None, delta, Limits.of(tenant),
+            requests=1, errors=0 if out.status == 200 else 1, tokens_in=p_tok, tokens_out=c_tok,
+        )
+        if p_tok:
+            tm.prompt_tokens.inc(p_tok)
+        if c_tok:
+            tm.completion_tokens.inc(c_tok)
+        if out.status == 200:
+            now = gw.clock.monotonic()
+            if out.first_byte_at is not None:
+                tm.ttft.observe(out.first_byte_at - self.t0)
+            tm.e2e.observe(now - self.t0)

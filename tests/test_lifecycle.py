@@ -1,0 +1,158 @@
+"""RequestLifecycle without uvicorn: the app's own lifespan builds the real parts (memory store,
+memory admission queue, scheduler, shaper) around a fake clock and an in-test pool of two
+engines (the HTTP edge is not involved: the lifecycle never forwards)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from adapters.base import Backend
+from proxy.app import DriftSchedApp, create_app
+from proxy.auth import Principal
+from proxy.clock import FakeClock
+from proxy.errors import ContextLengthExceeded, QueueFull, QueueTimeout
+from proxy.gateway import Gateway
+from proxy.lifecycle import Outcome, RequestLifecycle
+from proxy.requests import parse_request
+from tests.harness import make_settings
+
+
+class TwoEngines:
+    """A BackendPool of two always-healthy engines (nothing is launched or probed)."""
+
+    def __init__(self) -> None:
+        self._backends = [
+            Backend(name=n, url=f"http://{n}.invalid", models=("m",), kv_capacity_tokens=10_000,
+                    max_num_seqs=4, max_model_len=4096, state="healthy")
+            for n in ("e1", "e2")
+        ]
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def backends(self) -> list[Backend]:
+        return self._backends
+
+    def models(self) -> list[str]:
+        return ["m"]
+
+    def candidates(self, model: str) -> list[Backend]:
+        return [b for b in self._backends if b.routable and b.serves(model)]
+
+
+@pytest.fixture
+async def gw() -> AsyncIterator[Gateway]:
+    base = make_settings(tenants=[
+        {"name": "a", "max_concurrency": 1, "queue_timeout_s": 2, "api_keys": ["dsk-a" + "a" * 40]},
+        {"name": "b", "api_keys": ["dsk-b" + "b" * 40]},
+    ])
+    settings = base.model_copy(update={"scheduler": base.scheduler.model_copy(
+        update={"max_queued_per_tenant": 2})})
+    app: DriftSchedApp = create_app(settings, clock=FakeClock(), pool_factory=lambda s: TwoEngines())
+    async with app.api.router.lifespan_context(app.api):
+        assert app.gateway is not None
+        yield app.gateway
+
+
+async def life(gw: Gateway, tenant: str, content: str = "hello", **body: Any) -> RequestLifecycle:
+    principal: Principal = await gw.authenticate(f"dsk-{tenant}" + tenant * 40)
+    raw = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 8}
+    req = parse_request("chat", json.dumps({**raw, **body}).encode())
+    return RequestLifecycle(gw, principal, req, gw.clock.monotonic())
+
+
+async def holds(gw: Gateway) -> dict[str, tuple[int, int]]:
+    return {x.name: (x.held_tokens, x.seqs) for x in await gw.scheduler.queue.loads(gw.clock.time())}
+
+
+async def test_begin_grants_with_a_minted_id_and_settle_frees_everything(gw: Gateway) -> None:
+    one, two = await life(gw, "b"), await life(gw, "b")
+    assert len(one.id) == 32 and one.id != two.id
+    await one.begin()
+    assert one.stage == "upstream" and one.admitted is not None
+    assert one.admitted.grant.id == one.id
+    assert sum(s for _, s in (await holds(gw)).values()) == 1
+    assert one.id in gw.shaper.held
+    await one.settle(Outcome(status=200, usage={"prompt_tokens": 2, "completion_tokens": 5}))
+    assert all(v == (0, 0) for v in (await holds(gw)).values())
+    assert gw.shaper.held == {}
+
+
+async def test_the_live_limit_makes_the_second_request_wait_for_the_first(gw: Gateway) -> None:
+    first, second = await life(gw, "a"), await life(gw, "a")
+    await first.begin()
+    waiting = asyncio.create_task(second.begin())
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and second.stage == "queued"
+    await first.settle(Outcome(status=200, usage={"prompt_tokens": 2, "completion_tokens": 1}))
+    await asyncio.wait_for(waiting, 2)
+    assert second.admitted is not None
+    await second.settle(Outcome(status=499))  # the client went away: nothing stays held
+    assert all(v == (0, 0) for v in (await holds(gw)).values())
+    assert await gw.scheduler.queue.in_flight("a", gw.clock.time()) == 0
+
+
+async def test_a_prompt_that_fits_no_engine_is_refused_before_anything_is_charged(
+    gw: Gateway,
+) -> None:
+    big = await life(gw, "b", "x" * 20_000)  # ~5000 tokens > max_model_len 4096
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 4096 tokens"):
+        await big.begin()
+    assert big.admitted is None and gw.shaper.held == {}
+    assert await gw.scheduler.queue.depth() == {}
+    too_long = await life(gw, "b", "hi", max_tokens=5000)
+    with pytest.raises(ContextLengthExceeded, match="in the completion"):
+        await too_long.begin()
+
+
+async def test_a_fallback_moves_the_hold(gw: Gateway) -> None:
+    one = await life(gw, "b")
+    await one.begin()
+    assert one.admitted is not None
+    granted = one.admitted.grant.backend
+    engine = await one.next_engine()
+    assert engine is not None and engine.name == granted
+    # the granted engine refused the connection: the next one is the other, and so is the hold
+    fallback = await one.next_engine()
+    assert fallback is not None and fallback.name != granted
+    assert (await holds(gw))[fallback.name][1] == 1
+    assert (await holds(gw)).get(granted, (0, 0))[1] == 0
+    assert await one.next_engine() is None  # both tried
+    await one.settle(Outcome(status=502))
+    assert all(v == (0, 0) for v in (await holds(gw)).values())
+
+
+async def test_a_full_tenant_queue_is_a_429_with_a_retry_after(gw: Gateway) -> None:
+    running = await life(gw, "a")
+    await running.begin()
+    queued = [await life(gw, "a") for _ in range(2)]
+    tasks = [asyncio.create_task(q.begin()) for q in queued]
+    await asyncio.sleep(0.05)
+    over = await life(gw, "a")
+    with pytest.raises(QueueFull) as err:
+        await over.begin()
+    assert err.value.status == 429 and err.value.code == "queue_full"
+    assert 1 <= float(err.value.headers["retry-after"]) <= 60
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await running.settle(Outcome(status=200, usage={"prompt_tokens": 1, "completion_tokens": 1}))
+    assert await gw.scheduler.queue.depth() == {}
+
+
+async def test_a_queue_timeout_is_a_503(gw: Gateway) -> None:
+    running, late = await life(gw, "a"), await life(gw, "a")
+    await running.begin()
+    with pytest.raises(QueueTimeout):
+        await asyncio.wait_for(late.begin(), 10)  # queue_timeout_s 2 (real time)
+    await late.settle(Outcome(status=503))
+    await running.settle(Outcome(status=200, usage={"prompt_tokens": 1, "completion_tokens": 1}))
+    assert all(v == (0, 0) for v in (await holds(gw)).values())
