@@ -258,9 +258,11 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
     @router.get("/tenants/{name}/usage", response_model=UsageOut)
     async def tenant_usage(name: str, gw: GW) -> UsageOut:
         await _tenant_or_404(gw, name)
-        u = await gw.store.get_usage(name, gw.clock.time())
+        now = gw.clock.time()
+        u = await gw.store.get_usage(name, now)
+        in_flight = await gw.scheduler.queue.in_flight(name, now)  # holds: the queue's ledger
         return UsageOut(tenant=name, requests=u.requests, errors=u.errors, tokens_in=u.tokens_in,
-                        tokens_out=u.tokens_out, tokens_today=u.tokens_today, in_flight=u.in_flight)
+                        tokens_out=u.tokens_out, tokens_today=u.tokens_today, in_flight=in_flight)
 
     @router.get("/usage", response_model=list[UsageOut])
     async def all_usage(gw: GW) -> list[UsageOut]:
@@ -268,9 +270,10 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         now = gw.clock.time()
         for t in await gw.store.list_tenants():
             u = await gw.store.get_usage(t.name, now)
+            in_flight = await gw.scheduler.queue.in_flight(t.name, now)
             out.append(UsageOut(tenant=t.name, requests=u.requests, errors=u.errors,
                                 tokens_in=u.tokens_in, tokens_out=u.tokens_out,
-                                tokens_today=u.tokens_today, in_flight=u.in_flight))
+                                tokens_today=u.tokens_today, in_flight=in_flight))
         return out
 
     # -- keys ----------------------------------------------------------------------------

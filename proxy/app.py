@@ -109,7 +109,7 @@ class DriftSchedApp:
         metrics = GatewayMetrics()
         pool = self.pool_factory(settings)
         clients = UpstreamClients()
-        shaper = Shaper(store, clock, settings.store.lease_ttl_s, settings.store.fail_open)
+        shaper = Shaper(store, clock, settings.store.fail_open)
         policy = build_scheduling_policy(settings)
         estimator = load_estimator(settings.scheduler.estimator)
         drift = DriftController(policy.drift, clock=clock) if policy.drift is not None else None
@@ -138,7 +138,6 @@ class DriftSchedApp:
             metrics.add_backends(pool.backends)
             metrics.add_scheduler(scheduler)
             await pool.start()
-            shaper.start()
             await scheduler.start()
             saver = asyncio.create_task(save_estimator_periodically(
                 estimator, settings.scheduler.estimator))
@@ -162,7 +161,6 @@ class DriftSchedApp:
                     await saver
             save_estimator(estimator, settings.scheduler.estimator)
             await scheduler.stop()
-            await shaper.stop()
             await pool.stop()
             await clients.aclose()
             await queue.aclose()

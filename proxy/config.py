@@ -59,7 +59,8 @@ class StoreConfig(_Strict):
     type: Literal["memory", "redis"] = "memory"
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "driftsched"
-    #: a concurrency slot not renewed for this long is reclaimed (crashed replica)
+    #: an engine hold (a request's admission slot) not renewed for this long is reclaimed
+    #: (crashed replica)
     lease_ttl_s: float = Field(30.0, gt=0)
     #: when the store is unreachable: admit without limits (true) or fail with 503 (false)
     fail_open: bool = False

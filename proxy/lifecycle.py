@@ -15,8 +15,9 @@
    and accounting, and counts metrics.
 
 The HTTP handler (:mod:`proxy.openai_api`) keeps only ASGI I/O and error rendering. The id
-of the request in the queue, its hold and its shaping charge is minted here
-(:func:`mint_id`); the client's ``x-request-id`` is only echoed and logged.
+of the request in the queue and of its hold is minted here (:func:`mint_id`); the client's
+``x-request-id`` is only echoed and logged. A request holds one lease, its hold in the
+admission queue (renewed by the scheduler); shaping charges buckets and holds nothing.
 """
 
 from __future__ import annotations
@@ -94,11 +95,8 @@ class RequestLifecycle:
             expected_out = req.max_tokens if req.max_tokens is not None else max(1, round(est.p50))
         self.stage = "shaping"
         # RPM/TPM/quota here; concurrency is the queue's job (the live, drift-adjusted limit)
-        decision = await gw.shaper.acquire(
-            tenant, self.id, req.prompt_tokens + expected_out,
-            Limits(rpm=tenant.rpm, tpm=tenant.tpm, max_concurrency=None,
-                   daily_token_quota=tenant.daily_token_quota),
-        )
+        decision = await gw.shaper.acquire(tenant, req.prompt_tokens + expected_out,
+                                           Limits.of(tenant))
         self._shaped, self._charged = True, req.prompt_tokens + expected_out
         self.rl_headers = ratelimit_headers(decision.state)
         self.stage = "queued"
@@ -168,7 +166,7 @@ class RequestLifecycle:
             delta = actual - self._charged
         # release + reconcile + usage: one store round trip
         await gw.shaper.finish(
-            tenant.name, self.id if self._shaped else None, delta, Limits.of(tenant),
+            tenant.name, delta, Limits.of(tenant),
             requests=1, errors=0 if out.status == 200 else 1, tokens_in=p_tok, tokens_out=c_tok,
         )
         if p_tok:

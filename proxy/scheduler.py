@@ -303,19 +303,25 @@ class Scheduler:
                     f"engine serving model `{req.model}` holds {largest}. Please reduce the "
                     "length of the messages.", param="messages")
 
-    def _queue_full(self, tenant: Tenant, result: str) -> QueueFull:
-        whole = result == "full"
+    def retry_after_s(self, tenant: Tenant, whole: bool = False) -> float:
+        """A truthful ``retry-after``: the backlog (the tenant's, or ``whole`` queue's) over
+        its measured drain rate, 1..60 s; the tenant's queue timeout when nothing drains."""
         depth = sum(self.depth_snapshot.values()) if whole else \
             self.depth_snapshot.get(tenant.name, 0)
         rate = self._drain.total if whole else self._drain.of(tenant.name)
         retry = depth / rate if rate > 0 else tenant.queue_timeout_s
+        return float(max(1, min(60, math.ceil(retry))))
+
+    def _queue_full(self, tenant: Tenant, result: str) -> QueueFull:
+        whole = result == "full"
         cap = self.settings.scheduler.max_queued if whole \
             else self.settings.scheduler.max_queued_per_tenant
+        rate = self._drain.total if whole else self._drain.of(tenant.name)
+        retry = self.retry_after_s(tenant, whole)
         who = "The gateway's admission queue" if whole else f"Tenant {tenant.name!r}'s queue"
         return QueueFull(
             f"{who} is full ({cap} requests waiting); it drains at about {rate:.1f} "
-            f"requests/s. Please retry after {max(1.0, min(60.0, retry)):.0f}s.",
-            retry_after_s=max(1.0, min(60.0, math.ceil(retry))))
+            f"requests/s. Please retry after {retry:.0f}s.", retry_after_s=retry)
 
     def _backlogged(self) -> dict[str, TenantState]:
         return {t: self._states[t] for t, n in self._queued.items() if n > 0 and t in self._states}
@@ -400,7 +406,7 @@ class Scheduler:
                 raise QueueTimeout(
                     f"Request waited {tenant.queue_timeout_s:g}s in the queue of tenant "
                     f"{tenant.name!r} without capacity becoming free.",
-                    retry_after_s=max(1.0, tenant.queue_timeout_s / 4),
+                    retry_after_s=self.retry_after_s(tenant),
                 )
             granted = True
             self._dequeued(qreq, admitted=True)

@@ -80,10 +80,11 @@ async def test_begin_grants_with_a_minted_id_and_settle_frees_everything(gw: Gat
     assert one.stage == "upstream" and one.admitted is not None
     assert one.admitted.grant.id == one.id
     assert sum(s for _, s in (await holds(gw)).values()) == 1
-    assert one.id in gw.shaper.held
+    assert (await gw.store.get_usage("b", gw.clock.time())).tokens_today > 0  # charged
+    one.upstream_reached = True  # the engine served it: the charge settles to real usage
     await one.settle(Outcome(status=200, usage={"prompt_tokens": 2, "completion_tokens": 5}))
     assert all(v == (0, 0) for v in (await holds(gw)).values())
-    assert gw.shaper.held == {}
+    assert (await gw.store.get_usage("b", gw.clock.time())).tokens_today == 7  # reconciled
 
 
 async def test_the_live_limit_makes_the_second_request_wait_for_the_first(gw: Gateway) -> None:
@@ -106,7 +107,8 @@ async def test_a_prompt_that_fits_no_engine_is_refused_before_anything_is_charge
     big = await life(gw, "b", "x" * 20_000)  # ~5000 tokens > max_model_len 4096
     with pytest.raises(ContextLengthExceeded, match="maximum context length is 4096 tokens"):
         await big.begin()
-    assert big.admitted is None and gw.shaper.held == {}
+    assert big.admitted is None
+    assert (await gw.store.get_usage("b", gw.clock.time())).tokens_today == 0  # not charged
     assert await gw.scheduler.queue.depth() == {}
     too_long = await life(gw, "b", "hi", max_tokens=5000)
     with pytest.raises(ContextLengthExceeded, match="in the completion"):
@@ -151,8 +153,23 @@ async def test_a_full_tenant_queue_is_a_429_with_a_retry_after(gw: Gateway) -> N
 async def test_a_queue_timeout_is_a_503(gw: Gateway) -> None:
     running, late = await life(gw, "a"), await life(gw, "a")
     await running.begin()
-    with pytest.raises(QueueTimeout):
+    with pytest.raises(QueueTimeout) as err:
         await asyncio.wait_for(late.begin(), 10)  # queue_timeout_s 2 (real time)
+    assert err.value.status == 503 and 1 <= float(err.value.headers["retry-after"]) <= 60
     await late.settle(Outcome(status=503))
     await running.settle(Outcome(status=200, usage={"prompt_tokens": 1, "completion_tokens": 1}))
     assert all(v == (0, 0) for v in (await holds(gw)).values())
+
+
+def test_drain_rates_follow_the_grant_counters() -> None:
+    from proxy.admission.base import QueueStats
+    from proxy.scheduler import DrainRates
+
+    d = DrainRates(half_life_s=1.0)
+    d.observe(QueueStats({"a": 10}, {"a": 0}, 0), 0.0)
+    assert d.total == 0.0 and d.of("a") == 0.0
+    for t in range(1, 30):  # a steady 4 grants/s, all of them a's
+        d.observe(QueueStats({"a": 10}, {"a": 4 * t}, 4 * t), float(t))
+    assert d.total == pytest.approx(4.0, rel=0.01) and d.of("a") == pytest.approx(4.0, rel=0.01)
+    d.observe(QueueStats({}, {}, 4 * 29), 30.0)  # a drained: no longer tracked
+    assert d.of("a") == 0.0 and d.total < 4.0

@@ -1,6 +1,6 @@
 """Redis-only properties of the store: several instances and processes sharing one Redis
-enforce one set of limits, one pub/sub connection per instance, leases across clients,
-key layout, failure reporting, and bit-identical answers to the memory store."""
+enforce one set of limits, key layout, failure reporting, and bit-identical answers to the
+memory store."""
 
 from __future__ import annotations
 
@@ -63,46 +63,19 @@ async def raw(redis_server: str) -> AsyncIterator[Redis]:
 # -- N instances enforce limits jointly --------------------------------------------------------
 @pytest.mark.parametrize(
     ("limits", "admitted"),
-    [(Limits(max_concurrency=5), 5), (Limits(rpm=50), 50), (Limits(tpm=1000), 100)],
+    [(Limits(rpm=50), 50), (Limits(tpm=1000), 100), (Limits(daily_token_quota=200), 20)],
 )
 async def test_instances_enforce_one_limit_jointly(
     new_store: StoreFactory, limits: Limits, admitted: int
 ) -> None:
     stores = [await new_store() for _ in range(4)]
     calls = [
-        s.try_acquire("acme", f"s{i}-{j}", 10, limits, T0, 60.0)
+        s.try_acquire("acme", 10, limits, T0)
         for i, s in enumerate(stores)
         for j in range(60)
     ]
     decisions = await asyncio.gather(*calls)
     assert sum(d.ok for d in decisions) == admitted
-    assert await stores[0].in_flight("acme", T0) == admitted
-
-
-async def test_concurrency_never_exceeded_under_churn(new_store: StoreFactory) -> None:
-    stores = [await new_store() for _ in range(3)]
-    limits = Limits(max_concurrency=5)
-    holding = 0
-    peak = 0
-    admitted = 0
-
-    async def worker(store: RedisStore, n: int) -> None:
-        nonlocal holding, peak, admitted
-        for i in range(n):
-            lease = f"{id(store)}-{n}-{i}-{random.random()}"
-            while not (await store.try_acquire("acme", lease, 1, limits, T0, 60.0)).ok:
-                await store.wait_release("acme", 0.5)
-            holding += 1
-            admitted += 1
-            peak = max(peak, holding)
-            await asyncio.sleep(0)
-            holding -= 1
-            assert await store.release("acme", lease)
-
-    await asyncio.gather(*(worker(s, 15) for s in stores for _ in range(4)))
-    assert admitted == 3 * 4 * 15
-    assert peak <= 5
-    assert await stores[0].in_flight("acme", T0) == 0
 
 
 #: one OS process: wait for the go signal, then concurrent try_acquire calls; prints admitted
@@ -118,11 +91,10 @@ async def main(url, prefix, n, now):
     r = Redis.from_url(url)
     await r.rpush(prefix + ":ready", os.getpid())
     assert await r.blpop([prefix + ":go"], timeout=20) is not None
-    rpm, both = Limits(rpm=50), Limits(rpm=50, max_concurrency=5)
-    pid = os.getpid()
+    rpm, quota = Limits(rpm=50), Limits(rpm=500, daily_token_quota=5)
     results = await asyncio.gather(
-        *(store.try_acquire("rpm", f"{pid}-{i}", 1, rpm, now, 60.0) for i in range(n)),
-        *(store.try_acquire("conc", f"{pid}-{i}", 1, both, now, 60.0) for i in range(n)),
+        *(store.try_acquire("rpm", 1, rpm, now) for i in range(n)),
+        *(store.try_acquire("quota", 1, quota, now) for i in range(n)),
     )
     await r.aclose()
     await store.aclose()
@@ -146,51 +118,7 @@ def test_processes_enforce_one_limit_jointly(redis_server: str, redis_prefix: st
         for p in procs:
             p.kill() if p.poll() is None else None
     assert [p.returncode for p in procs] == [0, 0]
-    assert sum(int(o) for o in outs) == 50 + 5
-
-
-# -- leases and notifications across instances -------------------------------------------------
-async def test_lease_expiry_and_renewal_across_instances(new_store: StoreFactory) -> None:
-    a, b = await new_store(), await new_store()
-    limits = Limits(max_concurrency=1)
-    assert (await a.try_acquire("acme", "a1", 1, limits, T0, 10.0)).ok
-    assert (await b.try_acquire("acme", "b1", 1, limits, T0 + 5, 10.0)).reason == "concurrency"
-    assert await a.renew([("acme", "a1")], T0 + 5, 10.0) == 1
-    assert (await b.try_acquire("acme", "b1", 1, limits, T0 + 14, 10.0)).reason == "concurrency"
-    # a's replica "crashed": nobody renews, the lease lapses and b takes the slot
-    assert (await b.try_acquire("acme", "b1", 1, limits, T0 + 15, 10.0)).ok
-    assert await a.release("acme", "a1") is False
-
-
-async def test_release_on_one_instance_wakes_waiters_on_another(new_store: StoreFactory) -> None:
-    a, b = await new_store(), await new_store()
-    await a.try_acquire("acme", "l1", 1, Limits(), T0, 30.0)
-    waiters = [asyncio.create_task(b.wait_release("acme", 10.0)) for _ in range(20)]
-    await asyncio.sleep(0.02)
-    await a.release("acme", "l1")
-    await asyncio.wait_for(asyncio.gather(*waiters), 2.0)
-
-
-async def test_one_subscription_per_instance(new_store: StoreFactory, raw: Redis) -> None:
-    a, b = await new_store(), await new_store()
-    waiters = [asyncio.create_task(s.wait_release("acme", 0.3)) for s in (a, b) for _ in range(25)]
-    await asyncio.sleep(0.05)
-    channel = a._k.released
-    assert await raw.pubsub_numsub(channel) == [(channel, 2)]
-    await asyncio.gather(*waiters)
-
-
-async def test_waiters_survive_a_lost_subscription(new_store: StoreFactory, raw: Redis) -> None:
-    a, b = await new_store(), await new_store()
-    await raw.client_kill_filter(_type="pubsub")
-    await a.try_acquire("acme", "l1", 1, Limits(), T0, 30.0)
-    for _ in range(2):  # the first wake-up may be the reconnection itself
-        waiter = asyncio.create_task(b.wait_release("acme", 5.0))
-        await asyncio.sleep(0.2)
-        await a.release("acme", "l1")
-        await asyncio.wait_for(waiter, 2.0)
-        await a.try_acquire("acme", "l1", 1, Limits(), T0, 30.0)
-    assert await raw.pubsub_numsub(a._k.released) == [(a._k.released, 2)]
+    assert sum(int(o) for o in outs) == 50 + 5  # the rpm bucket, the daily quota
 
 
 # -- layout and failures -------------------------------------------------------------------------
@@ -198,13 +126,13 @@ async def test_keys_live_under_the_prefix_one_slot_per_tenant(
     new_store: StoreFactory, raw: Redis, redis_prefix: str
 ) -> None:
     s = await new_store()
-    limits = Limits(rpm=10, tpm=1000, max_concurrency=2, daily_token_quota=5000)
+    limits = Limits(rpm=10, tpm=1000, daily_token_quota=5000)
     for tenant in ("acme", "zeta"):
-        await s.try_acquire(tenant, "l1", 10, limits, T0, 30.0)
+        await s.try_acquire(tenant, 10, limits, T0)
         await s.record_usage(tenant, T0, requests=1)
     keys = [k async for k in raw.scan_iter(match=f"{redis_prefix}:*")]
     acme = [k for k in keys if "{acme}" in k]
-    assert len(acme) == 5  # rpm, tpm, leases, day, usage
+    assert len(acme) == 4  # rpm, tpm, day, usage
     assert len({key_slot(k.encode()) for k in acme}) == 1
     for k in acme:
         if not k.endswith(":usage"):
@@ -240,26 +168,19 @@ async def test_redis_restart_is_reported_then_recovered(tmp_path: Path) -> None:
     port = closed_port()
     server = start_redis(port, tmp_path)
     a = RedisStore(f"redis://127.0.0.1:{port}/0", prefix="x", socket_timeout_s=1.0)
-    b = RedisStore(f"redis://127.0.0.1:{port}/0", prefix="x", socket_timeout_s=1.0)
     try:
         await a.start()
-        await b.start()
         server.terminate()
         server.wait()
         with pytest.raises(StoreUnavailable):
-            await a.try_acquire("acme", "l1", 1, Limits(), T0, 30.0)
+            await a.try_acquire("acme", 1, Limits(), T0)
         assert await a.ping() is False
 
         server = start_redis(port, tmp_path)
         assert await a.ping() is True
-        assert (await a.try_acquire("acme", "l1", 1, Limits(), T0, 30.0)).ok
-        waiter = asyncio.create_task(b.wait_release("acme", 5.0))
-        await asyncio.sleep(0.3)  # b's subscription is back (a spurious wake-up is fine)
-        assert await a.release("acme", "l1")
-        await asyncio.wait_for(waiter, 2.0)
+        assert (await a.try_acquire("acme", 1, Limits(), T0)).ok
     finally:
         await a.aclose()
-        await b.aclose()
         server.terminate()
         server.wait()
 
@@ -271,12 +192,11 @@ async def test_same_decisions_as_memory(new_store: StoreFactory) -> None:
     mem = MemoryStore()
     rng = random.Random(7)
     limits = {
-        "acme": Limits(rpm=8, tpm=3000, max_concurrency=4),
+        "acme": Limits(rpm=8, tpm=3000),
         "zeta": Limits(tpm=900),
         "quo": Limits(rpm=30, daily_token_quota=6000),
         "req": Limits(rpm=3),
     }
-    held: list[tuple[str, str]] = []
     reasons: set[str | None] = set()
     now = 19_700 * 86400.0 + 86400 - 120  # crosses a UTC midnight
     for i in range(400):
@@ -284,20 +204,18 @@ async def test_same_decisions_as_memory(new_store: StoreFactory) -> None:
         tenant = rng.choice(list(limits))
         op = rng.random()
         if op < 0.6:
-            args = (tenant, f"l{i}", rng.randint(0, 1200), limits[tenant], now, 20.0)
+            args = (tenant, rng.randint(0, 1200), limits[tenant], now)
             dm, dr = await mem.try_acquire(*args), await red.try_acquire(*args)
             assert asdict(dm) == asdict(dr), i
             reasons.add(dm.reason)
-            if dm.ok:
-                held.append((tenant, f"l{i}"))
-        elif op < 0.8 and held:
-            t, lease = held.pop(rng.randrange(len(held)))
-            assert await mem.release(t, lease) == await red.release(t, lease)
-        elif op < 0.9:
+        elif op < 0.85:
             delta = rng.randint(-800, 800)
             await mem.reconcile(tenant, delta, limits[tenant], now)
             await red.reconcile(tenant, delta, limits[tenant], now)
         else:
-            assert await mem.renew(held, now, 20.0) == await red.renew(held, now, 20.0)
+            usage = {"requests": 1, "errors": rng.randint(0, 1), "tokens_out": rng.randint(0, 50)}
+            delta = rng.randint(-100, 100)
+            await mem.finish(tenant, delta, limits[tenant], now, **usage)
+            await red.finish(tenant, delta, limits[tenant], now, **usage)
         assert await mem.get_usage(tenant, now) == await red.get_usage(tenant, now), i
-    assert reasons == {None, "too_large", "quota", "concurrency", "rpm", "tpm"}
+    assert reasons == {None, "too_large", "quota", "rpm", "tpm"}

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
-Reason = Literal["concurrency", "rpm", "tpm", "quota", "too_large"]
+Reason = Literal["rpm", "tpm", "quota", "too_large"]
 
 
 class StoreUnavailable(Exception):
@@ -101,21 +101,16 @@ class KeyRecord:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The limits to enforce for one acquisition (the tenant's, possibly drift-adjusted)."""
+    """The rate limits and quota to charge one request against. (Concurrency is not here:
+    the admission queue enforces it, with the tenant's live limit.)"""
 
     rpm: int | None = None
     tpm: int | None = None
-    max_concurrency: int | None = None
     daily_token_quota: int | None = None
 
     @classmethod
-    def of(cls, t: Tenant, max_concurrency: int | None = None) -> Limits:
-        return cls(
-            rpm=t.rpm,
-            tpm=t.tpm,
-            max_concurrency=t.max_concurrency if max_concurrency is None else max_concurrency,
-            daily_token_quota=t.daily_token_quota,
-        )
+    def of(cls, t: Tenant) -> Limits:
+        return cls(rpm=t.rpm, tpm=t.tpm, daily_token_quota=t.daily_token_quota)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +130,10 @@ class LimitState:
 class Decision:
     """Result of :meth:`Store.try_acquire`.
 
-    ``ok``: every limit was charged and the lease is held. Otherwise nothing was charged,
-    ``reason`` says which limit refused first (checked in the order too_large, quota,
-    concurrency, rpm, tpm) and ``retry_after_s`` is the real wait until that limit would
-    allow this request (``inf`` for ``too_large``; for ``concurrency``, 0: wait for a release).
+    ``ok``: every limit was charged. Otherwise nothing was charged, ``reason`` says which
+    limit refused first (checked in the order too_large, quota, rpm, tpm) and
+    ``retry_after_s`` is the real wait until that limit would allow this request (``inf``
+    for ``too_large``).
     """
 
     ok: bool
@@ -160,11 +155,11 @@ class Usage:
     #: tokens charged today (UTC) by try_acquire and corrected by reconcile, the same counter
     #: the daily quota checks (kept with or without a quota)
     tokens_today: int = 0
-    in_flight: int = 0
 
 
 class Store(Protocol):
-    """Shared state for the gateway: tenants, keys, limits, leases and usage counters."""
+    """Shared state for the gateway: tenants, keys, rate limits, quotas and usage counters.
+    (Concurrency and engine holds are the admission queue's, :mod:`proxy.admission`.)"""
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -190,7 +185,7 @@ class Store(Protocol):
         """Delete the tenant, zero its cumulative usage counters and revoke all its keys.
 
         Keys get ``revoked_at = now`` (``time.time()`` when ``None``) unless already revoked
-        earlier; their records stay listable. Limit state (buckets, leases, today's quota use)
+        earlier; their records stay listable. Limit state (buckets, today's quota use)
         is kept and expires by itself. ``False`` when the tenant did not exist (its keys are
         revoked anyway).
         """
@@ -208,23 +203,13 @@ class Store(Protocol):
     async def list_keys(self, tenant: str | None = None, prefix: str | None = None) -> list[KeyRecord]:
         """Records filtered by tenant and/or key prefix (``startswith``), sorted by creation."""
 
-    # -- limits and leases ---------------------------------------------------------------
-    async def try_acquire(
-        self, tenant: str, lease_id: str, tokens: int, limits: Limits, now: float, lease_ttl_s: float
-    ) -> Decision:
-        """Atomically check quota, concurrency, RPM and TPM; charge all of them or none.
+    # -- limits ------------------------------------------------------------------------
+    async def try_acquire(self, tenant: str, tokens: int, limits: Limits, now: float) -> Decision:
+        """Atomically check the quota, RPM and TPM; charge all of them or none.
 
-        On success one request is taken from the RPM bucket, ``tokens`` from the TPM bucket
-        and the daily quota, and a concurrency lease ``lease_id`` is held until
-        :meth:`release` or until ``now + lease_ttl_s`` passes without :meth:`renew`.
-        Acquiring an id that is already held is a no-op that returns ``ok``.
+        On success one request is taken from the RPM bucket and ``tokens`` from the TPM
+        bucket and the daily quota.
         """
-
-    async def release(self, tenant: str, lease_id: str) -> bool:
-        """Free a lease and wake waiters of that tenant; ``False`` when not held (idempotent)."""
-
-    async def renew(self, leases: list[tuple[str, str]], now: float, lease_ttl_s: float) -> int:
-        """Extend ``(tenant, lease_id)`` leases still held; returns how many were renewed."""
 
     async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:
         """Correct the TPM bucket and daily quota by ``actual - charged`` tokens.
@@ -234,22 +219,11 @@ class Store(Protocol):
         """
 
     async def finish(
-        self, tenant: str, lease_id: str | None, delta_tokens: int, limits: Limits, now: float,
+        self, tenant: str, delta_tokens: int, limits: Limits, now: float,
         *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
     ) -> None:
-        """End of a request in one step: :meth:`release` (when ``lease_id``), then
-        :meth:`reconcile` and :meth:`record_usage`. Redis sends the three in one round trip;
-        each part is atomic on its own, as when called separately."""
-
-    async def wait_release(self, tenant: str, timeout_s: float) -> None:
-        """Return when a lease of ``tenant`` may have been released, or after ``timeout_s``.
-
-        Woken by notification (redis: pub/sub), never by polling tighter than the timeout.
-        Spurious wake-ups are allowed; callers retry :meth:`try_acquire`.
-        """
-
-    async def in_flight(self, tenant: str, now: float) -> int:
-        """Leases of ``tenant`` held and not expired at ``now``."""
+        """End of a request in one step: :meth:`reconcile` and :meth:`record_usage`. Redis
+        sends both in one round trip; each part is atomic on its own."""
 
     # -- usage -------------------------------------------------------------------------
     async def record_usage(
@@ -259,4 +233,4 @@ class Store(Protocol):
         """Add to the tenant's cumulative counters."""
 
     async def get_usage(self, tenant: str, now: float) -> Usage:
-        """Counters for the tenant (zeros when unknown), with ``in_flight`` and today's tokens."""
+        """Counters for the tenant (zeros when unknown), with today's tokens."""

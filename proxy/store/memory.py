@@ -4,19 +4,17 @@ Why choose it: a single gateway process (development, tests, small deployments).
 lost on restart and is not shared between processes; use the redis store for replicas.
 
 Every method runs to completion without awaiting anything, so each one is atomic on the
-event loop; :meth:`MemoryStore.wait_release` is woken by :meth:`MemoryStore.release`.
+event loop.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import dataclass, field, replace
 
 from proxy.store.base import Decision, KeyRecord, Limits, Reason, Tenant, Usage
 from proxy.store.buckets import Bucket, decision, next_midnight, refill, utc_day, wait_s
-from proxy.store.notify import ReleaseBoard
 
 TYPE = "memory"
 
@@ -27,31 +25,12 @@ class _Limited:
 
     rpm: Bucket | None = None
     tpm: Bucket | None = None
-    #: lease_id -> expiry (epoch seconds); expired leases are dropped lazily
-    leases: dict[str, float] = field(default_factory=dict)
-    #: min-heap of (expiry, lease_id); entries of released or renewed leases go stale
-    expiries: list[tuple[float, str]] = field(default_factory=list)
     #: UTC day -> tokens charged against that day's quota (today and yesterday kept)
     days: dict[int, int] = field(default_factory=dict)
     requests: int = 0
     errors: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
-
-    def hold(self, lease_id: str, expiry: float) -> None:
-        self.leases[lease_id] = expiry
-        heapq.heappush(self.expiries, (expiry, lease_id))
-        if len(self.expiries) > 2 * len(self.leases) + 64:  # drop stale entries
-            self.expiries = [(exp, lid) for lid, exp in self.leases.items()]
-            heapq.heapify(self.expiries)
-
-    def sweep(self, now: float) -> None:
-        """Drop leases expired at ``now`` (O(expired · log n))."""
-        heap = self.expiries
-        while heap and heap[0][0] <= now:
-            expiry, lease_id = heapq.heappop(heap)
-            if self.leases.get(lease_id) == expiry:
-                del self.leases[lease_id]
 
     def add_today(self, now: float, delta: int) -> int:
         day = utc_day(now)
@@ -69,14 +48,13 @@ class MemoryStore:
         self._keys: dict[str, KeyRecord] = {}
         self._by_digest: dict[str, str] = {}
         self._limited: dict[str, _Limited] = {}
-        self._board = ReleaseBoard()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         return None
 
     async def aclose(self) -> None:
-        self._board.notify_all()
+        return None
 
     async def ping(self) -> bool:
         return True
@@ -127,24 +105,15 @@ class MemoryStore:
         ]
         return sorted(found, key=lambda r: (r.created_at, r.key_id))
 
-    # -- limits and leases ---------------------------------------------------------------
+    # -- limits ------------------------------------------------------------------------------
     def _state(self, tenant: str) -> _Limited:
         st = self._limited.get(tenant)
         if st is None:
             st = self._limited[tenant] = _Limited()
         return st
 
-    async def try_acquire(
-        self,
-        tenant: str,
-        lease_id: str,
-        tokens: int,
-        limits: Limits,
-        now: float,
-        lease_ttl_s: float,
-    ) -> Decision:
+    async def try_acquire(self, tenant: str, tokens: int, limits: Limits, now: float) -> Decision:
         st = self._state(tenant)
-        st.sweep(now)
         rpm = None if limits.rpm is None else refill(st.rpm, limits.rpm, now)
         tpm = None if limits.tpm is None else refill(st.tpm, limits.tpm, now)
         used = st.days.get(utc_day(now), 0)
@@ -152,16 +121,12 @@ class MemoryStore:
 
         reason: Reason | None = None
         retry = 0.0
-        if lease_id in st.leases:
-            pass  # already held: a no-op that reports success
-        elif (limits.tpm is not None and tokens > limits.tpm) or (
+        if (limits.tpm is not None and tokens > limits.tpm) or (
             quota is not None and tokens > quota
         ):
             reason, retry = "too_large", math.inf
         elif quota is not None and used + tokens > quota:
             reason, retry = "quota", next_midnight(now) - now
-        elif limits.max_concurrency is not None and len(st.leases) >= limits.max_concurrency:
-            reason = "concurrency"
         elif rpm is not None and limits.rpm is not None and rpm.tokens < 1:
             reason, retry = "rpm", wait_s(rpm.tokens, 1, limits.rpm)
         elif tpm is not None and limits.tpm is not None and tpm.tokens < tokens:
@@ -174,7 +139,6 @@ class MemoryStore:
                 tpm.tokens -= tokens
                 st.tpm = tpm
             used = st.add_today(now, tokens)
-            st.hold(lease_id, now + lease_ttl_s)
         return decision(
             limits,
             reason=reason,
@@ -184,30 +148,10 @@ class MemoryStore:
             used_today=used,
         )
 
-    async def release(self, tenant: str, lease_id: str) -> bool:
-        st = self._limited.get(tenant)
-        if st is None or st.leases.pop(lease_id, None) is None:
-            return False
-        self._board.notify(tenant)
-        return True
-
-    async def renew(self, leases: list[tuple[str, str]], now: float, lease_ttl_s: float) -> int:
-        renewed = 0
-        for tenant, lease_id in leases:
-            st = self._limited.get(tenant)
-            expiry = None if st is None else st.leases.get(lease_id)
-            if st is not None and expiry is not None and expiry > now:
-                if now + lease_ttl_s > expiry:
-                    st.hold(lease_id, now + lease_ttl_s)
-                renewed += 1
-        return renewed
-
     async def finish(
-        self, tenant: str, lease_id: str | None, delta_tokens: int, limits: Limits, now: float,
+        self, tenant: str, delta_tokens: int, limits: Limits, now: float,
         *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
     ) -> None:
-        if lease_id is not None:
-            await self.release(tenant, lease_id)
         await self.reconcile(tenant, delta_tokens, limits, now)
         await self.record_usage(tenant, now, requests=requests, errors=errors,
                                 tokens_in=tokens_in, tokens_out=tokens_out)
@@ -221,13 +165,6 @@ class MemoryStore:
             b.tokens = min(b.tokens - delta_tokens, float(limits.tpm))
             st.tpm = b
         st.add_today(now, delta_tokens)
-
-    async def wait_release(self, tenant: str, timeout_s: float) -> None:
-        await self._board.wait(tenant, timeout_s)
-
-    async def in_flight(self, tenant: str, now: float) -> int:
-        st = self._limited.get(tenant)
-        return 0 if st is None else sum(1 for exp in st.leases.values() if exp > now)
 
     # -- usage ---------------------------------------------------------------------------
     async def record_usage(
@@ -256,5 +193,4 @@ class MemoryStore:
             tokens_in=st.tokens_in,
             tokens_out=st.tokens_out,
             tokens_today=st.days.get(utc_day(now), 0),
-            in_flight=await self.in_flight(tenant, now),
         )

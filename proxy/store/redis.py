@@ -1,26 +1,22 @@
 """The shared store: Redis, for N gateway replicas enforcing one set of limits.
 
 Why choose it: more than one gateway process. Every limit check is one Lua script (loaded
-once, run by EVALSHA), so N replicas enforce a tenant's RPM, TPM, concurrency and quota
-exactly as one process would. Concurrency slots are leases with an expiry, so a crashed
-replica cannot leak them. Releases are PUBLISHed; each store instance holds ONE pub/sub
-connection whose reader task wakes that instance's local waiters.
+once, run by EVALSHA), so N replicas enforce a tenant's RPM, TPM and quota exactly as one
+process would. (Concurrency is the admission queue's: :mod:`proxy.admission.redis`.)
 
 Key layout (all under ``prefix``; ``{...}`` is the Redis Cluster hash tag):
 
 * ``P:{admin}:tenants`` hash name -> tenant JSON; ``P:{admin}:keys`` hash key_id -> key
   JSON; ``P:{admin}:digests`` hash digest -> key_id; ``P:{admin}:tenant-keys:T`` set of
   key ids. Admin data shares one slot so it can change in one transaction.
-* ``P:t:{T}:rpm`` / ``:tpm`` bucket hashes, ``:leases`` zset lease_id -> expiry,
-  ``:day:N`` tokens charged on UTC day N, ``:usage`` hash of cumulative counters. One
-  tenant's limit state shares one slot so one script can charge all of it.
-* channel ``P:released``, message = tenant name.
+* ``P:t:{T}:rpm`` / ``:tpm`` bucket hashes, ``:day:N`` tokens charged on UTC day N,
+  ``:usage`` hash of cumulative counters. One tenant's limit state shares one slot so one
+  script can charge all of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -30,11 +26,9 @@ from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.client import Pipeline, PubSub
-from redis.asyncio.connection import Connection
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.store.base import (
@@ -47,16 +41,15 @@ from proxy.store.base import (
     Usage,
 )
 from proxy.store.buckets import decision, next_midnight, utc_day
-from proxy.store.notify import ReleaseBoard
 
 TYPE = "redis"
 
 log = logging.getLogger("driftsched.store.redis")
 
-_SCRIPTS = ("try_acquire", "reconcile", "release", "renew")
+_SCRIPTS = ("try_acquire", "reconcile")
 #: a day's token counter outlives its day long enough for late reconciles
 _DAY_TTL_S = 2 * 86400
-_REASONS: dict[str, Reason] = {r: r for r in ("concurrency", "rpm", "tpm", "quota", "too_large")}
+_REASONS: dict[str, Reason] = {r: r for r in ("rpm", "tpm", "quota", "too_large")}
 _USAGE_FIELDS = ("requests", "errors", "tokens_in", "tokens_out")
 
 _P = ParamSpec("_P")
@@ -107,7 +100,6 @@ class _Keys:
         self.digests = f"{admin}:digests"
         self._tenant_keys = f"{admin}:tenant-keys:"
         self._tenant = f"{prefix}:t:"
-        self.released = f"{prefix}:released"
 
     def tenant_keys(self, tenant: str) -> str:
         return self._tenant_keys + tenant
@@ -134,7 +126,7 @@ class RedisStore:
     """:class:`~proxy.store.base.Store` on Redis. Safe for many tasks and many processes.
 
     By default the store opens its own pool from ``url``: at most ``max_connections``
-    connections, one of them held by the release subscription; callers beyond that wait up
+    connections; callers beyond that wait up
     to ``socket_timeout_s`` for a free one. ``client``: an already configured
     ``redis.asyncio.Redis`` to use instead (not closed by :meth:`aclose`). A refused, lost or
     timed-out connection surfaces as :class:`~proxy.store.base.StoreUnavailable`.
@@ -159,9 +151,6 @@ class RedisStore:
         self._ping_timeout_s = ping_timeout_s
         self._sources = {name: _load_script(name) for name in _SCRIPTS}
         self._scripts: dict[str, AsyncScript] = {}
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._board = ReleaseBoard()
         self._started = False
         self._closed = False
 
@@ -178,34 +167,17 @@ class RedisStore:
             for name, source in self._sources.items():
                 await self._client.script_load(source)
                 self._scripts[name] = self._client.register_script(source)
-            self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            await self._pubsub.subscribe(self._k.released)
-            if self._pubsub.connection is not None:
-                self._pubsub.connection.register_connect_callback(self._on_pubsub_connect)
         except BaseException:
             await self.aclose()
             raise
-        self._reader = asyncio.create_task(
-            self._read_releases(self._pubsub), name="store-release-reader"
-        )
         self._started = True
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._pubsub is not None:
-            try:
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            except RedisError as e:  # the connection is going away anyway
-                log.debug("closing the release subscription: %s", e)
         if self._client is not None and self._owns_client:
             await self._client.aclose()
-        self._board.notify_all()
 
     async def ping(self) -> bool:
         if self._client is None or self._closed:
@@ -231,29 +203,6 @@ class RedisStore:
 
     async def _run(self, name: str, keys: list[str], args: list[str]) -> Any:
         return await self._script(name)(keys=keys, args=args)
-
-    # -- release notifications -----------------------------------------------------------
-    async def _read_releases(self, pubsub: PubSub) -> None:
-        delay = 0.1
-        while True:
-            try:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-            except RedisError as e:
-                log.warning("release channel lost (%s); retrying in %.1fs", e, delay)
-                self._board.notify_all()  # releases may have been missed meanwhile
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            delay = 0.1
-            if msg is not None and msg.get("type") == "message":
-                self._board.notify(_str(msg["data"]))
-
-    async def _on_pubsub_connect(self, connection: Connection) -> None:
-        """Called by redis-py on every (re)connection of the subscription."""
-        self._board.notify_all()  # releases published while disconnected are lost
-
-    async def wait_release(self, tenant: str, timeout_s: float) -> None:
-        await self._board.wait(tenant, timeout_s)
 
     # -- tenants -------------------------------------------------------------------------
     @_unavailable_on_io_error
@@ -343,33 +292,17 @@ class RedisStore:
         ]
         return sorted(found, key=lambda r: (r.created_at, r.key_id))
 
-    # -- limits and leases ---------------------------------------------------------------
+    # -- limits ------------------------------------------------------------------------------
     @_unavailable_on_io_error
-    async def try_acquire(
-        self,
-        tenant: str,
-        lease_id: str,
-        tokens: int,
-        limits: Limits,
-        now: float,
-        lease_ttl_s: float,
-    ) -> Decision:
+    async def try_acquire(self, tenant: str, tokens: int, limits: Limits, now: float) -> Decision:
         k = self._k
-        keys = [
-            k.of(tenant, "rpm"),
-            k.of(tenant, "tpm"),
-            k.of(tenant, "leases"),
-            k.of(tenant, f"day:{utc_day(now)}"),
-        ]
+        keys = [k.of(tenant, "rpm"), k.of(tenant, "tpm"), k.of(tenant, f"day:{utc_day(now)}")]
         args = [
             _num(now),
-            lease_id,
             str(int(tokens)),
             _num(limits.rpm),
             _num(limits.tpm),
-            _num(limits.max_concurrency),
             _num(limits.daily_token_quota),
-            _num(lease_ttl_s),
             _num(next_midnight(now)),
             str(_DAY_TTL_S),
         ]
@@ -386,33 +319,11 @@ class RedisStore:
         )
 
     @_unavailable_on_io_error
-    async def release(self, tenant: str, lease_id: str) -> bool:
-        args = [lease_id, self._k.released, tenant]
-        return bool(await self._run("release", [self._k.of(tenant, "leases")], args))
-
-    @_unavailable_on_io_error
-    async def renew(self, leases: list[tuple[str, str]], now: float, lease_ttl_s: float) -> int:
-        by_tenant: dict[str, list[str]] = {}
-        for tenant, lease_id in leases:
-            by_tenant.setdefault(tenant, []).append(lease_id)
-        if not by_tenant:
-            return 0
-        script = self._script("renew")
-        pipe = self._r.pipeline(transaction=False)
-        for tenant, ids in by_tenant.items():
-            args = [_num(now), _num(lease_ttl_s), *ids]
-            await script(keys=[self._k.of(tenant, "leases")], args=args, client=pipe)
-        return sum(int(n) for n in await pipe.execute())
-
-    @_unavailable_on_io_error
     async def finish(
-        self, tenant: str, lease_id: str | None, delta_tokens: int, limits: Limits, now: float,
+        self, tenant: str, delta_tokens: int, limits: Limits, now: float,
         *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
     ) -> None:
         pipe = self._r.pipeline(transaction=False)
-        if lease_id is not None:
-            await self._script("release")(keys=[self._k.of(tenant, "leases")],
-                                          args=[lease_id, self._k.released, tenant], client=pipe)
         if delta_tokens:
             keys = [self._k.of(tenant, "tpm"), self._k.of(tenant, f"day:{utc_day(now)}")]
             args = [_num(now), str(int(delta_tokens)), _num(limits.tpm), str(_DAY_TTL_S)]
@@ -432,10 +343,6 @@ class RedisStore:
         keys = [self._k.of(tenant, "tpm"), self._k.of(tenant, f"day:{utc_day(now)}")]
         args = [_num(now), str(int(delta_tokens)), _num(limits.tpm), str(_DAY_TTL_S)]
         await self._run("reconcile", keys, args)
-
-    @_unavailable_on_io_error
-    async def in_flight(self, tenant: str, now: float) -> int:
-        return int(await self._r.zcount(self._k.of(tenant, "leases"), f"({_num(now)}", "+inf"))
 
     # -- usage ---------------------------------------------------------------------------
     @_unavailable_on_io_error
@@ -465,8 +372,7 @@ class RedisStore:
         pipe = self._r.pipeline(transaction=False)
         pipe.hgetall(k.of(tenant, "usage"))
         pipe.get(k.of(tenant, f"day:{utc_day(now)}"))
-        pipe.zcount(k.of(tenant, "leases"), f"({_num(now)}", "+inf")
-        counters, today, in_flight = await pipe.execute()
+        counters, today = await pipe.execute()
         c = {_str(f): int(v) for f, v in counters.items()}
         return Usage(
             requests=c.get("requests", 0),
@@ -474,5 +380,4 @@ class RedisStore:
             tokens_in=c.get("tokens_in", 0),
             tokens_out=c.get("tokens_out", 0),
             tokens_today=0 if today is None else int(float(_str(today))),
-            in_flight=int(in_flight),
         )
