@@ -24,7 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from proxy.config import PoolConfig
+from adapters.config import PoolConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,6 @@ import os
 import shlex
 import signal
 import sys
-import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +44,10 @@ from typing import Any
 import httpx
 
 from adapters.base import Backend, BackendPool
+from adapters.clock import Clock, SystemClock
+from adapters.config import PoolConfig, UpstreamConfig
 from adapters.engines import EngineSpec, engine_spec
+from adapters.errors import ConfigError, InvalidRequest
 from adapters.model_len import probe_model_len
 from adapters.procutil import (
     append_line,
@@ -67,8 +69,6 @@ from adapters.static import (
     probe_timeout,
     wait_in_flight_zero,
 )
-from proxy.config import PoolConfig, Settings, UpstreamConfig
-from proxy.errors import ConfigError, InvalidRequest
 
 log = logging.getLogger("driftsched.pool")
 
@@ -101,8 +101,12 @@ class _Engine:
 class EnginePool:
     """Launched engines plus external endpoints; one :class:`BackendPool`."""
 
-    def __init__(self, cfg: PoolConfig, upstreams: Sequence[UpstreamConfig] = ()) -> None:
+    def __init__(
+        self, cfg: PoolConfig, upstreams: Sequence[UpstreamConfig] = (), *,
+        clock: Clock | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.clock: Clock = clock or SystemClock()
         self._client = httpx.AsyncClient(trust_env=False)
         self.health = HealthTracker(UNHEALTHY_AFTER)
         externals = [*cfg.external, *upstreams]
@@ -115,6 +119,7 @@ class EnginePool:
             health_interval_s=cfg.health_interval_s,
             scrape_interval_s=cfg.scrape_interval_s,
             client=self._client,
+            clock=self.clock,
         )
         n = 0 if cfg.engine == "external" else cfg.instances
         if cfg.base_port:
@@ -196,7 +201,7 @@ class EnginePool:
     # -- admin ---------------------------------------------------------------------------------
     def snapshot(self) -> list[dict[str, Any]]:
         """JSON-able state of every backend, for ``GET /admin/backends``."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         return [backend_snapshot(b, now=now) for b in self.backends()]
 
     def get(self, name: str) -> Backend:
@@ -256,7 +261,7 @@ class EnginePool:
                 await self._reap(e, rc)
             if self._stopping:
                 break
-            now = time.monotonic()
+            now = self.clock.monotonic()
             e.crashes.append(now)
             while e.crashes and e.crashes[0] < now - policy.window_s:
                 e.crashes.popleft()
@@ -297,7 +302,7 @@ class EnginePool:
             )
         finally:
             os.close(fd)
-        e.started_at = time.monotonic()
+        e.started_at = self.clock.monotonic()
         e.timed_out = False
         e.ever_healthy = False
         e.backend.pid = e.proc.pid
@@ -355,7 +360,7 @@ class EnginePool:
         self.health.record(b, ok, err, launched=True)
         if ok:
             e.ever_healthy = True
-        elif b.state == "starting" and time.monotonic() - e.started_at > self.cfg.startup_timeout_s:
+        elif b.state == "starting" and self.clock.monotonic() - e.started_at > self.cfg.startup_timeout_s:
             e.timed_out = True
             b.last_error = (
                 f"no healthy /health within {self.cfg.startup_timeout_s}s; see {e.log_path}"
@@ -369,7 +374,7 @@ class EnginePool:
 
     async def _scrape(self, e: _Engine, proc: asyncio.subprocess.Process) -> None:
         try:
-            s = await scrape(self._client, e.backend.url)
+            s = await scrape(self._client, e.backend.url, now=self.clock.monotonic())
         except (httpx.HTTPError, MetricsNotExported) as err:  # advisory; keep the last metrics
             log.debug("scrape of %s failed: %s", e.spec.name, err)
             return
@@ -386,10 +391,12 @@ class EnginePool:
         await asyncio.gather(*(self._scrape(e, p) for e, p in live))
 
 
-def build_pool(settings: Settings) -> BackendPool:
-    """The pool for ``settings``: an :class:`EnginePool` when a ``pool:`` section is present
-    (its engines, ``pool.external`` and the top-level ``upstreams:``), else a
-    :class:`StaticPool` over ``upstreams:``."""
-    if settings.pool is None:
-        return StaticPool(settings.upstreams)
-    return EnginePool(settings.pool, settings.upstreams)
+def build_pool(
+    pool: PoolConfig | None, upstreams: Sequence[UpstreamConfig], clock: Clock | None = None
+) -> BackendPool:
+    """An :class:`EnginePool` when a ``pool:`` section is present (its engines,
+    ``pool.external`` and the top-level ``upstreams:``), else a :class:`StaticPool` over
+    ``upstreams:``."""
+    if pool is None:
+        return StaticPool(upstreams, clock=clock)
+    return EnginePool(pool, upstreams, clock=clock)

@@ -27,10 +27,9 @@ all) is the gateway's decision, not the router's. Non-routable candidates are sk
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 
 from adapters.base import Backend
+from adapters.clock import Clock, SystemClock
 
 TYPE = "least-loaded"
 
@@ -38,19 +37,17 @@ TYPE = "least-loaded"
 class LeastLoadedRouter:
     """Most free predicted capacity; stateless apart from its clock. Safe to share."""
 
-    def __init__(
-        self, *, metrics_max_age_s: float = 5.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        #: scraped metrics older than this (``time.monotonic`` seconds) are ignored
+    def __init__(self, *, metrics_max_age_s: float = 5.0, clock: Clock | None = None) -> None:
+        #: scraped metrics older than this (``clock.monotonic()`` seconds) are ignored
         self.metrics_max_age_s = metrics_max_age_s
-        self._clock = clock
+        self._clock: Clock = clock or SystemClock()
 
     def load(self, b: Backend) -> tuple[float, float]:
         """``(used tokens, busy sequences)`` of ``b``, combining both views (module doc)."""
         used = 0.0
         seqs = float(b.in_flight)
         m = b.metrics
-        if m.scraped_at > 0 and self._clock() - m.scraped_at <= self.metrics_max_age_s:
+        if m.scraped_at > 0 and self._clock.monotonic() - m.scraped_at <= self.metrics_max_age_s:
             seqs = max(seqs, m.num_requests_running + m.num_requests_waiting)
             if b.kv_capacity_tokens is not None:
                 used = max(used, m.kv_cache_usage_perc * b.kv_capacity_tokens)

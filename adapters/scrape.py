@@ -155,9 +155,11 @@ async def scrape(
     *,
     timeout_s: float = 2.0,
     headers: dict[str, str] | None = None,
+    now: float | None = None,
 ) -> Scrape:
     """GET ``{base_url}/metrics`` and parse it.
 
+    ``now`` (the caller's ``clock.monotonic()``) becomes ``scraped_at``.
     Raises :class:`MetricsNotExported` on 404 and ``httpx.HTTPError`` on anything else
     that is not a 2xx answer; the caller keeps the previous metrics in that case.
     """
@@ -165,4 +167,4 @@ async def scrape(
     if resp.status_code == 404:
         raise MetricsNotExported(base_url)
     resp.raise_for_status()
-    return parse_metrics(resp.text)
+    return parse_metrics(resp.text, now)

@@ -29,11 +29,12 @@ from typing import Any
 import httpx
 
 from adapters.base import Backend, BackendState
+from adapters.clock import Clock, SystemClock
+from adapters.config import UpstreamConfig
+from adapters.errors import InvalidRequest, NotFound
 from adapters.litellm_transport import litellm_ready
 from adapters.model_len import probe_model_len
 from adapters.scrape import MetricsNotExported, scrape
-from proxy.config import UpstreamConfig
-from proxy.errors import InvalidRequest, NotFound
 
 log = logging.getLogger("driftsched.pool")
 
@@ -165,7 +166,7 @@ def backend_snapshot(b: Backend, *, now: float | None = None) -> dict[str, Any]:
     """A JSON-able view of one backend for ``GET /admin/backends``.
 
     ``free_tokens`` is None when the capacity is unknown; ``metrics.age_s`` is None before
-    the first scrape (``scraped_at`` is ``time.monotonic()`` seconds).
+    the first scrape (``scraped_at`` is the pool clock's ``monotonic()`` seconds).
     """
     now = time.monotonic() if now is None else now
     m = b.metrics
@@ -207,8 +208,10 @@ class StaticPool:
         scrape_interval_s: float | None = SCRAPE_INTERVAL_S,
         unhealthy_after: int = UNHEALTHY_AFTER,
         client: httpx.AsyncClient | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.kind = kind
+        self.clock: Clock = clock or SystemClock()
         self.health_interval_s = health_interval_s
         self.scrape_interval_s = scrape_interval_s
         self.health = HealthTracker(unhealthy_after)
@@ -247,7 +250,7 @@ class StaticPool:
         return list(self._backends)
 
     def snapshot(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         return [backend_snapshot(b, now=now) for b in self._backends]
 
     def models(self) -> list[str]:
@@ -319,7 +322,8 @@ class StaticPool:
     async def _scrape_one(self, b: Backend) -> None:
         assert self._client is not None
         try:
-            s = await scrape(self._client, b.url, headers=auth_headers(b))
+            s = await scrape(self._client, b.url, headers=auth_headers(b),
+                             now=self.clock.monotonic())
         except MetricsNotExported:
             self._no_metrics.add(b.name)
             return

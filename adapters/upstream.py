@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 
 from adapters.base import Backend
+from adapters.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from adapters.transport import LeanTransport
-from proxy.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 
 class UpstreamConnectFailed(UpstreamUnavailable):

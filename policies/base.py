@@ -15,7 +15,7 @@ in-flight counts, drift-adjusted limits) is a :class:`TenantState` the engine ow
 (in memory or in Redis) and passes in; hooks return a new state instead of mutating one.
 Every built-in is an immutable object, so all methods here are safe to call concurrently
 from any task, thread or replica. Time is always an argument (``now``, wall-clock seconds
-from the injected :class:`Clock`), never read from the system.
+from the injected :class:`adapters.clock.Clock`), never read from the system.
 
 Levels follow ``ClassConfig.level``: lower is more important. Keys are ordered lower first;
 the admission queue breaks equal keys by enqueue order, so the order over a queue is a
@@ -32,14 +32,6 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from policies.drift import DriftParams
-
-
-class Clock(Protocol):
-    """Injected time (``proxy.clock.SystemClock`` and ``FakeClock`` satisfy it)."""
-
-    def time(self) -> float:
-        """Wall-clock seconds since the epoch (shared by replicas, NTP-synchronised)."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
-from policies.base import Clock, DriftAction, DriftStatus, TenantState
+from adapters.clock import Clock
+from policies.base import DriftAction, DriftStatus, TenantState
 from policies.registry import check
 
 

@@ -20,7 +20,8 @@ to the drift controller.
 
 Concurrency: every method is synchronous and never awaits, so predictions and learning may
 interleave freely on one event loop; predictions never change state. It is not
-thread-safe: learn on the loop, through :class:`EstimatorTrainer`.
+thread-safe: the gateway learns on its event loop, in the scheduler's background learning
+task (:meth:`proxy.scheduler.Scheduler.learn`), never on the request path.
 
 >>> from policies.features import RequestFeatures
 >>> fx = RequestFeatures()

@@ -1,8 +1,8 @@
-"""Per-tenant EWMA of output length: the baseline output-token estimator.
+"""Per-tenant EWMA of output length: a baseline output-token estimator.
 
-This is the predictor VTC uses, and the fallback the gateway uses when no learned estimator
-is configured. It follows River's API (``predict_one`` / ``learn_one``) so a River model can
-replace it without touching the gateway.
+The gateway does not run it: ``driftsched estimator-eval`` (:mod:`policies.estimator_eval`)
+scores it beside the learned estimator, as one of the baselines to beat. It follows River's
+API (``predict_one`` / ``learn_one``) like the estimator it is compared with.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from proxy.config import TenantFields, UpstreamConfig
-from proxy.errors import (
+from adapters.config import UpstreamConfig
+from adapters.errors import (
     AuthenticationFailed,
     GatewayError,
     InternalError,
@@ -31,6 +31,7 @@ from proxy.errors import (
     PermissionDenied,
     StoreUnavailable,
 )
+from proxy.config import TenantFields
 from proxy.gateway import Gateway
 from proxy.keys import new_key
 from proxy.store.base import KeyRecord, Tenant

@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.base import BackendPool
+from adapters.clock import Clock, SystemClock
+from adapters.errors import UpstreamUnavailable
 from adapters.upstream import UpstreamClients
 from policies.base import Policy
 from policies.drift import DriftController
@@ -30,10 +32,8 @@ from policies.registry import build_policy
 from proxy.admission.base import QueueCaps
 from proxy.admission.build import build_queue
 from proxy.auth import Authenticator
-from proxy.clock import Clock, SystemClock
 from proxy.completions import build_completion_bus
 from proxy.config import Settings
-from proxy.errors import UpstreamUnavailable
 from proxy.estimation import load_estimator, save_estimator, save_estimator_periodically
 from proxy.gateway import Gateway, seed_tenants
 from proxy.metrics import GatewayMetrics
@@ -47,10 +47,10 @@ log = logging.getLogger("driftsched.app")
 PoolFactory = Callable[[Settings], BackendPool]
 
 
-def _default_pool(settings: Settings) -> BackendPool:
+def _default_pool(settings: Settings, clock: Clock) -> BackendPool:
     from adapters.pool import build_pool
 
-    return build_pool(settings)
+    return build_pool(settings.pool, settings.upstreams, clock)
 
 
 class DriftSchedApp:
@@ -65,7 +65,9 @@ class DriftSchedApp:
     ) -> None:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
-        self.pool_factory = pool_factory or _default_pool
+        #: builds the engine pool; the default one runs on this app's clock
+        self.pool_factory: PoolFactory = pool_factory or (
+            lambda s: _default_pool(s, self.clock))
         self.gateway: Gateway | None = None
         #: this process among the replicas sharing a store (grants are addressed to it)
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -129,7 +131,7 @@ class DriftSchedApp:
                 auth=Authenticator(store, clock, settings.server.auth_cache_ttl_s),
                 shaper=shaper,
                 pool=pool,
-                router=LeastLoadedRouter(),
+                router=LeastLoadedRouter(clock=clock),
                 clients=clients,
                 metrics=metrics,
                 scheduler=scheduler,

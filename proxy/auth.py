@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from proxy.clock import Clock
-from proxy.errors import AuthenticationFailed, StoreUnavailable
+from adapters.clock import Clock
+from adapters.errors import AuthenticationFailed, StoreUnavailable
 from proxy.keys import digest, display_prefix
 from proxy.store.base import Store, Tenant
 from proxy.store.base import StoreUnavailable as StoreDown

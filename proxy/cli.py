@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from proxy.errors import ConfigError
+from adapters.errors import ConfigError
 
 
 def _add_admin_args(p: argparse.ArgumentParser) -> None:

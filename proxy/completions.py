@@ -39,8 +39,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from proxy.redisconn import connect
 
 if TYPE_CHECKING:
     from proxy.config import StoreConfig
@@ -138,15 +140,7 @@ class RedisCompletions:
         if self._tasks:
             raise RuntimeError("RedisCompletions already started")
         if self._client is None:
-            pool = BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=4,
-                timeout=self._socket_timeout_s,
-                decode_responses=True,
-                socket_timeout=self._socket_timeout_s,
-                socket_connect_timeout=self._socket_timeout_s,
-            )
-            self._client = Redis.from_pool(pool)
+            self._client = connect(self._url, 4, self._socket_timeout_s)
         self._learn = learn
         self._tasks = [
             asyncio.create_task(self._send_loop(self._client), name="completions-sender"),

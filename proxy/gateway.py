@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass
 
 from adapters.base import BackendPool, Router
+from adapters.clock import Clock
 from adapters.upstream import UpstreamClients
 from proxy.auth import Authenticator, Principal
-from proxy.clock import Clock
 from proxy.config import Settings
 from proxy.keys import seeded_record
 from proxy.metrics import GatewayMetrics

@@ -24,15 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from adapters.sse import StreamTap, error_event
-from adapters.upstream import (
-    UpstreamConnectFailed,
-    map_exception,
-    open_request,
-    upstream_status_error,
-)
-from proxy.auth import Principal, bearer_token
-from proxy.errors import (
+from adapters.errors import (
     BodyTooLarge,
     GatewayError,
     InternalError,
@@ -42,6 +34,14 @@ from proxy.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from adapters.sse import StreamTap, error_event
+from adapters.upstream import (
+    UpstreamConnectFailed,
+    map_exception,
+    open_request,
+    upstream_status_error,
+)
+from proxy.auth import Principal, bearer_token
 from proxy.lifecycle import Outcome, RequestLifecycle, mint_id
 from proxy.requests import PATHS, UPSTREAM_PATH, ParsedRequest, parse_request
 

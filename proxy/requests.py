@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from adapters.errors import InvalidRequest
 from policies.features import prompt_text
-from proxy.errors import InvalidRequest
 from proxy.tokens import count_chat, count_prompt
 
 Endpoint = Literal["chat", "completions", "embeddings"]

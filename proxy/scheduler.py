@@ -35,6 +35,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from adapters.base import BackendPool
+from adapters.clock import Clock
+from adapters.errors import ContextLengthExceeded, QueueFull, QueueTimeout, StoreUnavailable
 from policies.base import Policy, QueuedRequest, TenantState
 from policies.drift import DriftController
 from policies.estimator import Estimate, OutputTokenEstimator
@@ -48,10 +50,8 @@ from proxy.admission.base import (
     QueueItem,
     QueueStats,
 )
-from proxy.clock import Clock
 from proxy.completions import CompletionBus, LocalCompletions
 from proxy.config import Settings
-from proxy.errors import ContextLengthExceeded, QueueFull, QueueTimeout, StoreUnavailable
 from proxy.requests import ParsedRequest
 from proxy.store.base import StoreUnavailable as StoreDown
 from proxy.store.base import Tenant

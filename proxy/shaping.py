@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from proxy.clock import Clock
-from proxy.errors import QuotaExceeded, RateLimited, StoreUnavailable
+from adapters.clock import Clock
+from adapters.errors import QuotaExceeded, RateLimited, StoreUnavailable
 from proxy.store.base import Decision, Limits, LimitState, Store, Tenant
 from proxy.store.base import StoreUnavailable as StoreDown
 

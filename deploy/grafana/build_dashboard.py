@@ -3,7 +3,7 @@
     python deploy/grafana/build_dashboard.py          # rewrite the JSON next to this file
     python deploy/grafana/build_dashboard.py --check  # exit 1 if the JSON is out of date
 
-Edit the panels here, not in the JSON: tests/test_deploy.py fails when the two differ, and
+Edit the panels here, not in the JSON: tests/deploy/test_deploy.py fails when the two differ, and
 fails when a query names a metric that a running gateway does not export.
 
 Aggregation across replicas: every replica exports the *shared* views (queue depth,

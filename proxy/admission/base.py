@@ -6,7 +6,7 @@ then enqueue order); the next flow served is the one whose head comes first in t
 order, so the grants follow one global order while a dispatch touches only the heads of
 flows that can be served (a tenant at its concurrency limit is parked as a whole). The
 rules live once, in :mod:`proxy.admission.core`; the memory queue runs that module and the
-redis queue repeats it in Lua, and a differential test (``tests/admission/``) drives both
+redis queue repeats it in Lua, and a differential test (``tests/proxy/admission/``) drives both
 with the same random operations and asserts identical grants.
 
 Time: every method that depends on time takes ``now`` (seconds since the epoch) from the

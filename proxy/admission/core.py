@@ -4,7 +4,7 @@ Pure and clock-injected: no I/O, no awaiting, no reading of the system clock; ev
 takes ``now`` from the caller and runs to completion, so on one event loop each call is
 atomic. :class:`~proxy.admission.memory.MemoryQueue` is this class plus replica-local
 delivery; :mod:`proxy.admission.redis` runs the same rules in Lua (``lua/*.lua``, which
-mirror the functions here name for name) and ``tests/admission/test_differential.py``
+mirror the functions here name for name) and ``tests/proxy/admission/test_differential.py``
 checks that both make the same decisions on random operation sequences.
 
 Shape, after llm-d's flow control (bands, flows, ordering):

@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
@@ -63,7 +62,14 @@ from proxy.admission.base import (
     WaitResult,
 )
 from proxy.admission.mailbox import Bell, Mailbox, Snapshot
-from proxy.store.redis import _num, _str, _unavailable_on_io_error, connect
+from proxy.redisconn import (
+    connect,
+    load_scripts,
+    lua_source,
+    num,
+    text,
+    unavailable_on_io_error,
+)
 
 TYPE = "redis"
 
@@ -106,8 +112,7 @@ EXPIRED_MEMORY_S = 600.0
 
 
 def _load_script(name: str) -> str:
-    lua = resources.files("proxy.admission").joinpath("lua")
-    return "\n".join(lua.joinpath(p).read_text() for p in ("common.lua", f"{name}.lua"))
+    return lua_source("proxy.admission", "common.lua", f"{name}.lua")
 
 
 def _capacity_json(cap: EngineCapacity) -> str:
@@ -191,7 +196,7 @@ class RedisQueue:
         return self._keys[_KEYS.index(name)]
 
     # -- lifecycle -----------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def start(self) -> None:
         if self._started:
             return
@@ -200,12 +205,7 @@ class RedisQueue:
         if self._client is None:
             self._client = connect(self._url, self._max_connections, self._socket_timeout_s)
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for source in self._sources.values():
-                pipe.script_load(source)
-            await pipe.execute()
-            for name, source in self._sources.items():
-                self._scripts[name] = self._client.register_script(source)
+            self._scripts = await load_scripts(self._client, self._sources)
             self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             await self._pubsub.subscribe(self._mine, self._capacity)
             if self._pubsub.connection is not None:
@@ -257,11 +257,11 @@ class RedisQueue:
             delay = 0.1
             if msg is None or msg.get("type") != "message":
                 continue
-            if _str(msg["channel"]) == self._capacity:
+            if text(msg["channel"]) == self._capacity:
                 self._bell.ring()
                 continue
             try:
-                got = _outcome(_str(msg["data"]), self.replica_id)
+                got = _outcome(text(msg["data"]), self.replica_id)
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring a malformed queue message: %r", e)
                 continue
@@ -280,58 +280,58 @@ class RedisQueue:
         await self._bell.wait(timeout_s)
 
     # -- engines -------------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def set_engines(self, engines: list[EngineCapacity], now: float, ttl_s: float) -> None:
         pairs = [x for cap in engines for x in (cap.name, _capacity_json(cap))]
-        await self._run("set_engines", _num(now), _num(now + ttl_s), *pairs)
+        await self._run("set_engines", num(now), num(now + ttl_s), *pairs)
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def set_limits(self, limits: dict[str, int | None]) -> None:
         if limits:
             pairs = [x for t, n in limits.items() for x in (t, "" if n is None else str(int(n)))]
             await self._run("set_limits", *pairs)
 
     # -- queue ---------------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def enqueue(self, item: QueueItem, now: float) -> EnqueueResult:
         caps = self.caps
         code = await self._run(
             "enqueue",
             item.id,
-            _num(float(item.score)),
-            _num(float(item.deadline)),
+            num(float(item.score)),
+            num(float(item.deadline)),
             _item_json(item),
             "" if caps.max_queued_per_tenant is None else str(caps.max_queued_per_tenant),
             "" if caps.max_queued is None else str(caps.max_queued),
         )
         return _ENQUEUED[int(code)]
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def cancel(self, item_id: str) -> bool:
         self._mailbox.discard(item_id)
         return bool(await self._run("cancel", item_id))
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def dispatch(self, now: float, lease_ttl_s: float, max_grants: int = 64) -> list[Grant]:
         raw_grants, expired = await self._run(
             "dispatch",
-            _num(now),
-            _num(lease_ttl_s),
+            num(now),
+            num(lease_ttl_s),
             str(int(max_grants)),
             self.replica_id,
-            _num(EXPIRED_MEMORY_S),
+            num(EXPIRED_MEMORY_S),
         )
         grants = [
-            Grant(_str(i), _str(t), _str(r), _str(e), int(_str(f))) for i, t, r, e, f in raw_grants
+            Grant(text(i), text(t), text(r), text(e), int(text(f))) for i, t, r, e, f in raw_grants
         ]
         for g in grants:
             if g.replica == self.replica_id:
                 self._mailbox.deliver(g.id, g)
         for item_id in expired:
-            self._mailbox.deliver(_str(item_id), "expired")
+            self._mailbox.deliver(text(item_id), "expired")
         return grants
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def _snapshot(self, item_id: str) -> Snapshot:
         pipe = self._client_or_raise().pipeline(transaction=True)
         pipe.hget(self.key("holds"), item_id)
@@ -339,7 +339,7 @@ class RedisQueue:
         pipe.hexists(self.key("items"), item_id)
         hold, expired, queued = await pipe.execute()
         if hold is not None:
-            h = json.loads(_str(hold))
+            h = json.loads(text(hold))
             return Grant(item_id, str(h["t"]), str(h["r"]), str(h["e"]), int(h["g"]))
         if expired is not None:
             return "expired"
@@ -354,57 +354,57 @@ class RedisQueue:
         return self._client
 
     # -- holds ---------------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def release(self, item_id: str) -> None:
         self._mailbox.discard(item_id)
         await self._run("release", item_id)
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def move(self, item_id: str, engine: str) -> bool:
         return bool(await self._run("move", item_id, engine))
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def grow(self, item_id: str, delta_tokens: int) -> None:
         if delta_tokens:
             await self._run("grow", item_id, str(int(delta_tokens)))
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def renew(self, item_ids: list[str], now: float, lease_ttl_s: float) -> int:
         if not item_ids:
             return 0
-        return int(await self._run("renew", _num(now), _num(lease_ttl_s), *item_ids))
+        return int(await self._run("renew", num(now), num(lease_ttl_s), *item_ids))
 
     # -- views ---------------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def loads(self, now: float) -> list[EngineLoad]:
         out: list[EngineLoad] = []
-        for name, held, seqs, cap_json, fresh in await self._run("loads", _num(now)):
-            cap_raw, fresh_raw = _str(cap_json), _str(fresh)
-            n_held, n_seqs = int(_str(held)), int(_str(seqs))
+        for name, held, seqs, cap_json, fresh in await self._run("loads", num(now)):
+            cap_raw, fresh_raw = text(cap_json), text(fresh)
+            n_held, n_seqs = int(text(held)), int(text(seqs))
             if not cap_raw:
-                out.append(EngineLoad(_str(name), n_held, n_seqs, None, None, False))
+                out.append(EngineLoad(text(name), n_held, n_seqs, None, None, False))
                 continue
             cap = json.loads(cap_raw)
             routable = bool(cap["routable"]) and now < float(fresh_raw or "0")
             out.append(
                 EngineLoad(
-                    _str(name), n_held, n_seqs, cap["budget_tokens"], cap["max_seqs"], routable
+                    text(name), n_held, n_seqs, cap["budget_tokens"], cap["max_seqs"], routable
                 )
             )
         return sorted(out, key=lambda load: load.name)
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def depth(self) -> dict[str, int]:
         raw = await self._client_or_raise().hgetall(self.key("depth"))
-        return {_str(t): int(n) for t, n in raw.items()}
+        return {text(t): int(n) for t, n in raw.items()}
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def stats(self) -> QueueStats:
         total, rows = await self._run("stats")
-        queued = {_str(t): int(n) for t, n, _ in rows}
-        granted = {_str(t): int(g) for t, _, g in rows}
+        queued = {text(t): int(n) for t, n, _ in rows}
+        granted = {text(t): int(g) for t, _, g in rows}
         return QueueStats(queued, granted, int(total))
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def in_flight(self, tenant: str, now: float) -> int:
-        return int(await self._run("in_flight", _num(now), tenant))
+        return int(await self._run("in_flight", num(now), tenant))

@@ -1,7 +1,7 @@
 """The state-store contract: value types and the :class:`Store` protocol. No implementation.
 
 Two implementations satisfy it (``memory`` for one process, ``redis`` for N replicas) and one
-contract test-suite (``tests/test_store_contract.py``) runs against both.
+contract test-suite (``tests/proxy/test_store_contract.py``) runs against both.
 
 Time: every method that depends on time takes ``now`` (seconds since the epoch) from the
 caller's injected clock, so tests can drive time. Replicas sharing one Redis are assumed to

@@ -17,26 +17,28 @@ Key layout (all under ``prefix``; ``{...}`` is the Redis Cluster hash tag):
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from importlib import resources
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from proxy.redisconn import (
+    connect,
+    load_scripts,
+    lua_source,
+    num,
+    text,
+    unavailable_on_io_error,
+)
 from proxy.store.base import (
     Decision,
     KeyRecord,
     Limits,
     Reason,
-    StoreUnavailable,
     Tenant,
     Usage,
 )
@@ -52,44 +54,13 @@ _DAY_TTL_S = 2 * 86400
 _REASONS: dict[str, Reason] = {r: r for r in ("rpm", "tpm", "quota", "too_large")}
 _USAGE_FIELDS = ("requests", "errors", "tokens_in", "tokens_out")
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _unavailable_on_io_error(
-    fn: Callable[_P, Coroutine[Any, Any, _R]],
-) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Re-raise a lost or refused connection as :class:`StoreUnavailable`."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return await fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError) as e:
-            raise StoreUnavailable(f"redis: {e}") from e
-
-    return wrapper
-
-
-def _num(x: float | None) -> str:
-    """A script argument: ``""`` for unlimited, exact decimal text otherwise."""
-    if x is None:
-        return ""
-    return str(x) if isinstance(x, int) else repr(float(x))
-
-
-def _str(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else x
-
-
 def _opt_float(x: bytes | str) -> float | None:
-    s = _str(x)
+    s = text(x)
     return float(s) if s else None
 
 
 def _load_script(name: str) -> str:
-    lua = resources.files("proxy.store").joinpath("lua")
-    return lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+    return lua_source("proxy.store", "common.lua", f"{name}.lua")
 
 
 class _Keys:
@@ -108,19 +79,6 @@ class _Keys:
         return f"{self._tenant}{{{tenant}}}:{what}"
 
 
-
-def connect(url: str, max_connections: int, timeout_s: float) -> Redis:
-    """A client whose pool waits (up to ``timeout_s``) for a free connection instead of
-    failing at once when all ``max_connections`` are busy (redis-py's default pool raises)."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_s,
-        decode_responses=True,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-    )
-    return Redis.from_pool(pool)
 
 class RedisStore:
     """:class:`~proxy.store.base.Store` on Redis. Safe for many tasks and many processes.
@@ -155,7 +113,7 @@ class RedisStore:
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def start(self) -> None:
         if self._started:
             return
@@ -164,9 +122,7 @@ class RedisStore:
         if self._client is None:
             self._client = connect(self._url, self._max_connections, self._socket_timeout_s)
         try:
-            for name, source in self._sources.items():
-                await self._client.script_load(source)
-                self._scripts[name] = self._client.register_script(source)
+            self._scripts = await load_scripts(self._client, self._sources)
         except BaseException:
             await self.aclose()
             raise
@@ -205,28 +161,28 @@ class RedisStore:
         return await self._script(name)(keys=keys, args=args)
 
     # -- tenants -------------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def put_tenant(self, tenant: Tenant) -> None:
         await self._r.hset(self._k.tenants, tenant.name, tenant.to_json())
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def get_tenant(self, name: str) -> Tenant | None:
         raw = await self._r.hget(self._k.tenants, name)
         return None if raw is None else Tenant.from_json(raw)
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def list_tenants(self) -> list[Tenant]:
         raws = await self._r.hvals(self._k.tenants)
         return sorted((Tenant.from_json(r) for r in raws), key=lambda t: t.name)
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def delete_tenant(self, name: str, now: float | None = None) -> bool:
         when = time.time() if now is None else now
         k = self._k
 
         async def txn(pipe: Pipeline) -> bool:
             existed = bool(await pipe.hexists(k.tenants, name))
-            ids = sorted(_str(i) for i in await pipe.smembers(k.tenant_keys(name)))
+            ids = sorted(text(i) for i in await pipe.smembers(k.tenant_keys(name)))
             raws = await pipe.hmget(k.keys, ids) if ids else []
             pipe.multi()  # type: ignore[no-untyped-call]
             pipe.hdel(k.tenants, name)
@@ -245,7 +201,7 @@ class RedisStore:
         return existed
 
     # -- keys ----------------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def put_key(self, record: KeyRecord) -> None:
         k = self._k
 
@@ -264,24 +220,24 @@ class RedisStore:
 
         await self._r.transaction(txn, k.keys)
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def get_key_by_digest(self, digest: str) -> KeyRecord | None:
         key_id = await self._r.hget(self._k.digests, digest)
-        return None if key_id is None else await self.get_key(_str(key_id))
+        return None if key_id is None else await self.get_key(text(key_id))
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def get_key(self, key_id: str) -> KeyRecord | None:
         raw = await self._r.hget(self._k.keys, key_id)
         return None if raw is None else KeyRecord.from_json(raw)
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def list_keys(
         self, tenant: str | None = None, prefix: str | None = None
     ) -> list[KeyRecord]:
         if tenant is None:
             raws: list[Any] = list(await self._r.hvals(self._k.keys))
         else:
-            ids = sorted(_str(i) for i in await self._r.smembers(self._k.tenant_keys(tenant)))
+            ids = sorted(text(i) for i in await self._r.smembers(self._k.tenant_keys(tenant)))
             raws = list(await self._r.hmget(self._k.keys, ids)) if ids else []
         records = [KeyRecord.from_json(r) for r in raws if r is not None]
         found = [
@@ -293,17 +249,17 @@ class RedisStore:
         return sorted(found, key=lambda r: (r.created_at, r.key_id))
 
     # -- limits ------------------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def try_acquire(self, tenant: str, tokens: int, limits: Limits, now: float) -> Decision:
         k = self._k
         keys = [k.of(tenant, "rpm"), k.of(tenant, "tpm"), k.of(tenant, f"day:{utc_day(now)}")]
         args = [
-            _num(now),
+            num(now),
             str(int(tokens)),
-            _num(limits.rpm),
-            _num(limits.tpm),
-            _num(limits.daily_token_quota),
-            _num(next_midnight(now)),
+            num(limits.rpm),
+            num(limits.tpm),
+            num(limits.daily_token_quota),
+            num(next_midnight(now)),
             str(_DAY_TTL_S),
         ]
         _ok, reason, retry, rpm_tokens, tpm_tokens, used = await self._run(
@@ -311,14 +267,14 @@ class RedisStore:
         )
         return decision(
             limits,
-            reason=_REASONS[_str(reason)] if reason else None,
-            retry_after_s=float(_str(retry)),
+            reason=_REASONS[text(reason)] if reason else None,
+            retry_after_s=float(text(retry)),
             rpm_tokens=_opt_float(rpm_tokens),
             tpm_tokens=_opt_float(tpm_tokens),
-            used_today=int(float(_str(used))),
+            used_today=int(float(text(used))),
         )
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def finish(
         self, tenant: str, delta_tokens: int, limits: Limits, now: float,
         *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
@@ -326,7 +282,7 @@ class RedisStore:
         pipe = self._r.pipeline(transaction=False)
         if delta_tokens:
             keys = [self._k.of(tenant, "tpm"), self._k.of(tenant, f"day:{utc_day(now)}")]
-            args = [_num(now), str(int(delta_tokens)), _num(limits.tpm), str(_DAY_TTL_S)]
+            args = [num(now), str(int(delta_tokens)), num(limits.tpm), str(_DAY_TTL_S)]
             await self._script("reconcile")(keys=keys, args=args, client=pipe)
         values = dict(zip(_USAGE_FIELDS, (requests, errors, tokens_in, tokens_out), strict=True))
         key = self._k.of(tenant, "usage")
@@ -336,16 +292,16 @@ class RedisStore:
         if len(pipe):
             await pipe.execute()
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:
         if delta_tokens == 0:
             return
         keys = [self._k.of(tenant, "tpm"), self._k.of(tenant, f"day:{utc_day(now)}")]
-        args = [_num(now), str(int(delta_tokens)), _num(limits.tpm), str(_DAY_TTL_S)]
+        args = [num(now), str(int(delta_tokens)), num(limits.tpm), str(_DAY_TTL_S)]
         await self._run("reconcile", keys, args)
 
     # -- usage ---------------------------------------------------------------------------
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def record_usage(
         self,
         tenant: str,
@@ -366,18 +322,18 @@ class RedisStore:
             pipe.hincrby(key, f, v)
         await pipe.execute()
 
-    @_unavailable_on_io_error
+    @unavailable_on_io_error
     async def get_usage(self, tenant: str, now: float) -> Usage:
         k = self._k
         pipe = self._r.pipeline(transaction=False)
         pipe.hgetall(k.of(tenant, "usage"))
         pipe.get(k.of(tenant, f"day:{utc_day(now)}"))
         counters, today = await pipe.execute()
-        c = {_str(f): int(v) for f, v in counters.items()}
+        c = {text(f): int(v) for f, v in counters.items()}
         return Usage(
             requests=c.get("requests", 0),
             errors=c.get("errors", 0),
             tokens_in=c.get("tokens_in", 0),
             tokens_out=c.get("tokens_out", 0),
-            tokens_today=0 if today is None else int(float(_str(today))),
+            tokens_today=0 if today is None else int(float(text(today))),
         )

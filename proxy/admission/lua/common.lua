@@ -1,6 +1,6 @@
 -- Admission-queue prelude, prepended to every queue script. It repeats
 -- proxy/admission/core.py function for function (same names, same order of effects), so
--- both queues decide identically; tests/admission/test_differential.py checks it.
+-- both queues decide identically; tests/proxy/admission/test_differential.py checks it.
 -- Every script gets the same KEYS, all under one hash tag, and ARGV[1] = the channel
 -- prefix; its own ARGV start at 2. Layout: proxy/admission/redis.py documents it.
 local K_SEQ, K_ITEMS, K_DEADLINES, K_DEPTH = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

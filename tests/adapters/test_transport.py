@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from adapters.base import Backend
+from adapters.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from adapters.transport import LeanTransport
 from adapters.upstream import UpstreamClients, UpstreamConnectFailed, map_exception, open_request
-from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

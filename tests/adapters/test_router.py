@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from adapters.base import Backend, EngineMetrics
+from adapters.clock import FakeClock
 from adapters.router import LeastLoadedRouter
 
 NOW = 1000.0
@@ -32,7 +33,9 @@ def make_backend(
 
 
 def router() -> LeastLoadedRouter:
-    return LeastLoadedRouter(metrics_max_age_s=5.0, clock=lambda: NOW)
+    clock = FakeClock()
+    clock.advance(NOW)  # monotonic NOW
+    return LeastLoadedRouter(metrics_max_age_s=5.0, clock=clock)
 
 
 def test_empty_and_all_unroutable_give_none() -> None:

@@ -1,4 +1,11 @@
-"""Injected time. Production uses :class:`SystemClock`; tests drive a :class:`FakeClock`."""
+"""Injected time: the one :class:`Clock` protocol of the code base. Production uses
+:class:`SystemClock`; tests drive a :class:`FakeClock`.
+
+It lives in ``adapters/`` (the bottom layer) so that the engine pools, the scraper and the
+router take the same clock as the scheduler, the policies and the admission core above
+them. Wall-clock ``time()`` is for what replicas share (limits, leases, deadlines);
+``monotonic()`` for durations and scrape ages.
+"""
 
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapters.clock import FakeClock
 from policies.base import Policy, QueuedRequest, TenantState
 from policies.fair import VirtualTokenCounter
-from proxy.clock import FakeClock
 from tests.policy_builders import T0, CoreQueue, make_policy, make_request, make_tenant
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)

@@ -19,7 +19,7 @@ from experiments.fairness import jain, maxmin_fair
 from experiments.metrics import recovery, rolling_attainment
 from experiments.rundata import Req
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

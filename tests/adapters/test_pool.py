@@ -18,23 +18,18 @@ from typing import Any
 import pytest
 
 from adapters.base import Backend
+from adapters.config import PoolConfig, RestartConfig, SimEngineConfig, UpstreamConfig
 from adapters.engines import engine_spec, visible_devices
+from adapters.errors import ConfigError
 from adapters.pool import EnginePool, build_pool
 from adapters.procutil import pid_alive
 from adapters.static import StaticPool
-from proxy.config import (
-    PoolConfig,
-    RestartConfig,
-    SimEngineConfig,
-    UpstreamConfig,
-    settings_from_dict,
-)
-from proxy.errors import ConfigError
+from proxy.config import settings_from_dict
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAST = {"health_interval_s": 0.2, "scrape_interval_s": 0.2, "stop_grace_s": 3.0}
 
 
@@ -113,10 +108,10 @@ def test_sim_and_vllm_command_lines() -> None:
 
 def test_build_pool_picks_the_pool_kind(tmp_path: Path) -> None:
     up = [{"name": "u", "url": "http://127.0.0.1:1", "models": ["m"]}]
-    assert isinstance(build_pool(settings_from_dict({"upstreams": up})), StaticPool)
-    pool = build_pool(
-        settings_from_dict({"upstreams": up, "pool": {"instances": 1, "log_dir": str(tmp_path)}})
-    )
+    plain = settings_from_dict({"upstreams": up})
+    assert isinstance(build_pool(plain.pool, plain.upstreams), StaticPool)
+    cfg = settings_from_dict({"upstreams": up, "pool": {"instances": 1, "log_dir": str(tmp_path)}})
+    pool = build_pool(cfg.pool, cfg.upstreams)
     assert isinstance(pool, EnginePool)
     assert [(b.name, b.kind) for b in pool.backends()] == [("sim-0", "sim"), ("u", "external")]
     u = UpstreamConfig.model_validate(up[0])
@@ -256,7 +251,7 @@ async def test_startup_timeout_and_stop_kill_the_whole_group(tmp_path: Path) -> 
 GATEWAY = """
 import asyncio, sys
 from adapters.pool import EnginePool
-from proxy.config import PoolConfig
+from adapters.config import PoolConfig
 
 async def main() -> None:
     cfg = PoolConfig.model_validate_json(sys.argv[1])

@@ -100,8 +100,8 @@ def test_scrape_reads_the_generation_counter() -> None:
 def test_slo_outcomes_roll_into_per_level_attainment() -> None:
     """``Scheduler.record_outcome``: TTFT and TPOT against the class's SLOs, a failure is a
     miss, a class without SLOs is not counted; the window forgets old outcomes."""
+    from adapters.clock import FakeClock
     from policies.registry import build_policy
-    from proxy.clock import FakeClock
     from proxy.config import Settings
     from proxy.scheduler import Scheduler
     from proxy.store.base import Tenant

@@ -24,8 +24,8 @@ import openai
 import pytest
 import respx
 
+from adapters.errors import ConfigError
 from proxy.config import settings_from_dict
-from proxy.errors import ConfigError
 from tests.harness import GatewayThread, make_settings
 
 pytestmark = [
@@ -462,7 +462,7 @@ def test_openai_only_gateway_does_not_import_litellm() -> None:
         text=True,
         timeout=60,
         check=False,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])

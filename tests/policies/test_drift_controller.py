@@ -9,9 +9,9 @@ import random
 
 import pytest
 
+from adapters.clock import FakeClock
 from policies.base import TenantState
 from policies.drift import DriftController, DriftParams
-from proxy.clock import FakeClock
 
 N_REACT = 12  # a 4x drift must lower the limit within this many completions (the
 # confidence bound that keeps noise from looking like drift costs a couple of samples)

@@ -40,7 +40,7 @@ import yaml
 
 from proxy.config import Settings, load_settings, settings_from_dict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("sim", "prod")

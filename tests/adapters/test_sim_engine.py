@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from adapters.clock import FakeClock
 from adapters.sim.driver import Driver
 from adapters.sim.engine import Engine, Policy, SimRequest, Step
 from adapters.sim.profiles import PROFILES, Profile
 from adapters.sim.workload import OutputLengths, count_prompt_tokens, prompt_key
-from proxy.clock import FakeClock
 
 LLAMA3 = PROFILES["llama3-8b-a100"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from adapters.errors import ConfigError
 from proxy.config import load_settings, settings_from_dict
-from proxy.errors import ConfigError
 
 
 def test_example_config_is_valid(repo_root: Path) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from adapters.base import Backend
+from adapters.clock import FakeClock
+from adapters.errors import ContextLengthExceeded, QueueFull, QueueTimeout
 from proxy.app import DriftSchedApp, create_app
 from proxy.auth import Principal
-from proxy.clock import FakeClock
-from proxy.errors import ContextLengthExceeded, QueueFull, QueueTimeout
 from proxy.gateway import Gateway
 from proxy.lifecycle import Outcome, RequestLifecycle
 from proxy.requests import parse_request

@@ -17,7 +17,7 @@ from adapters.sim.workload import OutputLengths, count_prompt_tokens, prompt_key
 from experiments.generators import Arrival, rng_for
 from experiments.workload_file import check_lines
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "experiments" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[2] / "experiments" / "scenarios"
 
 
 def make_spec(**over: Any) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from adapters.config import PoolConfig, SimEngineConfig
 from adapters.engines import engine_spec
 from adapters.sim.__main__ import build_parser
 from adapters.sim.driver import Driver
 from adapters.sim.engine import Engine, SimRequest
 from adapters.sim.profiles import PROFILES, available_profiles, profile_from_dict
 from adapters.sim.settings import SimSettings
-from proxy.config import PoolConfig, SimEngineConfig
 
 CPU = {
     "name": "tiny-llama-cpu-test", "a_ms": 2.5, "b_ms": 0.01, "c_ms": 0.0,
