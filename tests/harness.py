@@ -76,6 +76,30 @@ def start_stub(
     return p, url
 
 
+def start_gateways(cfg: dict[str, Any], tmp: Path, n: int) -> tuple[list[Proc], list[str]]:
+    """``n`` gateway processes (``driftsched serve``) on one config, each on a free port and
+    ready (``/readyz``); their procs and base URLs. On a failed start the started ones stop."""
+    import yaml
+
+    path = tmp / "gw.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    procs: list[Proc] = []
+    urls: list[str] = []
+    try:
+        for i in range(n):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            procs.append(Proc([sys.executable, "-m", "proxy.cli", "serve", "-c", str(path),
+                               "--port", str(port)], url + "/readyz", tmp / f"gw{i}.log",
+                              timeout=60))
+            urls.append(url)
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs, urls
+
+
 def make_settings(
     *,
     upstreams: list[dict[str, Any]] | None = None,

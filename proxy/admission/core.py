@@ -382,17 +382,21 @@ class AdmissionCore:
         hold = self._holds.get(item_id)
         return None if hold is None else hold.grant(item_id)
 
+    def _unhold(self, engine: str, footprint: int) -> None:
+        """Take one sequence and ``footprint`` tokens off ``engine`` (forgotten at zero)."""
+        seqs = self._seqs.get(engine, 0) - 1
+        if seqs > 0:
+            self._seqs[engine] = seqs
+            self._held[engine] = self._held.get(engine, 0) - footprint
+        else:
+            self._seqs.pop(engine, None)
+            self._held.pop(engine, None)
+
     def _drop_hold(self, item_id: str) -> bool:
         hold = self._holds.pop(item_id, None)
         if hold is None:
             return False
-        seqs = self._seqs.get(hold.engine, 0) - 1
-        if seqs > 0:
-            self._seqs[hold.engine] = seqs
-            self._held[hold.engine] = self._held.get(hold.engine, 0) - hold.footprint
-        else:
-            self._seqs.pop(hold.engine, None)
-            self._held.pop(hold.engine, None)
+        self._unhold(hold.engine, hold.footprint)
         n = self._inflight.get(hold.tenant, 0) - 1
         if n > 0:
             self._inflight[hold.tenant] = n
@@ -424,13 +428,7 @@ class AdmissionCore:
         hold = self._holds.get(item_id)
         if hold is None or hold.engine == engine:
             return False
-        seqs = self._seqs.get(hold.engine, 0) - 1
-        if seqs > 0:
-            self._seqs[hold.engine] = seqs
-            self._held[hold.engine] = self._held.get(hold.engine, 0) - hold.footprint
-        else:
-            self._seqs.pop(hold.engine, None)
-            self._held.pop(hold.engine, None)
+        self._unhold(hold.engine, hold.footprint)
         self._seqs[engine] = self._seqs.get(engine, 0) + 1
         self._held[engine] = self._held.get(engine, 0) + hold.footprint
         hold.engine = engine

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from proxy.admission.base import QueueItem
 from proxy.admission.redis import RedisQueue
-from tests.conftest import free_port
-from tests.harness import ADMIN_KEY, Proc, start_stub
+from tests.harness import ADMIN_KEY, start_gateways, start_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -114,17 +111,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterat
             {"name": "quiet", "api_keys": [KEYS["quiet"]]},
         ],
     }
-    path = tmp / "gw.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    procs, urls = [], []
     try:
-        for i in range(2):
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            procs.append(Proc([sys.executable, "-m", "proxy.cli", "serve", "-c", str(path),
-                               "--port", str(port)], url + "/readyz", tmp / f"gw{i}.log",
-                              timeout=60))
-            urls.append(url)
+        procs, urls = start_gateways(cfg, tmp, 2)
+    except BaseException:
+        stub.stop()
+        raise
+    try:
         # the gateways read max_model_len from the engine's /v1/models on their scrape loop
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -10,10 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.conftest import free_port
-from tests.harness import ADMIN_KEY, Proc, start_stub
+from tests.harness import ADMIN_KEY, start_gateways, start_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
@@ -37,16 +34,12 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Ite
             {"name": "con", "max_concurrency": 3, "queue_timeout_s": 0.2, "api_keys": [KEY_CON]},
         ],
     }
-    path = tmp / "gw.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    procs, urls = [], []
     try:
-        for i in range(2):
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            procs.append(Proc([sys.executable, "-m", "proxy.cli", "serve", "-c", str(path),
-                               "--port", str(port)], url + "/readyz", tmp / f"gw{i}.log", timeout=60))
-            urls.append(url)
+        procs, urls = start_gateways(cfg, tmp, 2)
+    except BaseException:
+        stub.stop()
+        raise
+    try:
         yield urls
     finally:
         for p in procs:

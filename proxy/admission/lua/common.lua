@@ -98,6 +98,17 @@ local function dequeue(id, rec)
   flow_sync(rec.t, rec.m)
 end
 
+-- Take one sequence and `f` tokens off engine `e`, forgotten at zero (core.py: _unhold).
+local function unhold(e, f)
+  if count(K_SEQS, e, -1) > 0 then
+    if f ~= 0 then
+      redis.call('HINCRBY', K_HELD, e, -f)
+    end
+  else
+    redis.call('HDEL', K_HELD, e)
+  end
+end
+
 -- Free a hold: its engine's tokens and seq, its tenant's in-flight slot. True when held.
 local function drop_hold(id)
   local raw = redis.call('HGET', K_HOLDS, id)
@@ -107,13 +118,7 @@ local function drop_hold(id)
   end
   local h = cjson.decode(raw)
   redis.call('HDEL', K_HOLDS, id)
-  if count(K_SEQS, h.e, -1) > 0 then
-    if h.f ~= 0 then
-      redis.call('HINCRBY', K_HELD, h.e, -h.f)
-    end
-  else
-    redis.call('HDEL', K_HELD, h.e)
-  end
+  unhold(h.e, h.f)
   local n = count(K_INFLIGHT, h.t, -1)
   local limit = redis.call('HGET', K_LIMITS, h.t)
   if limit and n == tonumber(limit) - 1 then

@@ -8,13 +8,7 @@ local h = cjson.decode(raw)
 if h.e == ARGV[3] then
   return 0
 end
-if count(K_SEQS, h.e, -1) > 0 then
-  if h.f ~= 0 then
-    redis.call('HINCRBY', K_HELD, h.e, -h.f)
-  end
-else
-  redis.call('HDEL', K_HELD, h.e)
-end
+unhold(h.e, h.f)
 redis.call('HINCRBY', K_SEQS, ARGV[3], 1)
 redis.call('HINCRBY', K_HELD, ARGV[3], h.f)
 h.e = ARGV[3]
