@@ -64,7 +64,7 @@ local function flow_sync(tenant, model)
   if head[1] and not limited(tenant) then
     want = string.sub(head[1], 1, 16) .. ':' .. tenant
   end
-  local cur = redis.call('HGET', K_FHEAD, name)
+  local cur = redis.call('HGET', K_FHEAD, name) or nil -- a missing field is false
   if cur ~= want then
     if cur then
       redis.call('ZREM', ready_key(model), cur)

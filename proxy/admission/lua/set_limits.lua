@@ -3,7 +3,7 @@
 local changed = false
 for i = 2, #ARGV, 2 do
   local tenant, limit = ARGV[i], ARGV[i + 1]
-  local old = redis.call('HGET', K_LIMITS, tenant)
+  local old = redis.call('HGET', K_LIMITS, tenant) or nil -- a missing field is false
   local want = nil
   if limit ~= '' then
     want = tostring(math.max(0, math.floor(tonumber(limit))))
