@@ -77,7 +77,8 @@ class RequestLifecycle:
     _shaped: bool = False
     _charged: int = 0
     _tried: set[str] = field(default_factory=set)
-    _grow_mark: int = 1 << 62
+    #: events relayed past which the next grow step is charged (checked inline by the relay)
+    grow_mark: int = 1 << 62
 
     # -- begin ---------------------------------------------------------------------------
     async def begin(self) -> None:
@@ -106,7 +107,7 @@ class RequestLifecycle:
         tm.queue_wait.observe(self.admitted_at - self.t0)
         tm.in_flight.inc()
         self.stage = "upstream"
-        self._grow_mark = adm.grant.footprint - adm.qreq.prompt_tokens + 2
+        self.grow_mark = adm.grant.footprint - adm.qreq.prompt_tokens + 2
 
     # -- engine --------------------------------------------------------------------------
     async def next_engine(self) -> Backend | None:
@@ -128,9 +129,10 @@ class RequestLifecycle:
 
     # -- streaming -----------------------------------------------------------------------
     async def streamed(self, events: int) -> None:
-        """``events`` SSE events relayed so far: charge what passes the footprint."""
-        if events > self._grow_mark:
-            self._grow_mark += GROW_STEP
+        """``events`` SSE events relayed so far: charge what passes the footprint. The relay
+        calls it only once ``events > grow_mark`` (no coroutine per chunk on the hot path)."""
+        if events > self.grow_mark:
+            self.grow_mark += GROW_STEP
             await self.gw.scheduler.grow(self.id, GROW_STEP)
 
     # -- settle --------------------------------------------------------------------------

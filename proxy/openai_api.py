@@ -345,8 +345,9 @@ class OpenAIHandler:
                     if out.first_byte_at is None:
                         out.first_byte_at = clock.monotonic()
                     await send({"type": "http.response.body", "body": data, "more_body": True})
-                    out.streamed_events = tap.events
-                    await life.streamed(tap.events)  # token drift, charged as it happens
+                    out.streamed_events = events = tap.events
+                    if events > life.grow_mark:  # token drift, charged as it happens
+                        await life.streamed(events)
         except httpx.HTTPError as e:
             err = map_exception(e, backend)
             self.gw.metrics.upstream_errors.labels(backend.name, err.code or "stream").inc()
