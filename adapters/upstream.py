@@ -11,11 +11,18 @@ not yet read; failures become the gateway's own exceptions:
     pool exhausted                          -> UpstreamUnavailable (503)
     read timeout                            -> UpstreamTimeout (504)
     connection dropped, protocol error      -> UpstreamError (502)
+
+:func:`upstream_status_error` maps an engine's error status the same way: its 4xx are the
+client's fault and keep their status, except 401 / 403 / 407 / 429, which are about the
+*gateway's* credentials or quota at the engine, not the tenant's: those are 502
+``upstream_error``. Messages name the backend, never its address: no host, port or URL of an
+engine reaches a client (the caller logs the detail).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,15 +142,34 @@ class UpstreamClients:
             await c.aclose()
 
 
+#: engine statuses about the gateway's own standing at the engine (its key, its quota)
+_GATEWAY_FAULT = frozenset({401, 403, 407, 429})
+#: what an engine's message must not carry to a client: URLs, host:port, IP addresses
+_ADDRESS = re.compile(
+    r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+"
+    r"|\[[0-9a-fA-F:.]+\](?::\d+)?"
+    r"|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"
+    r"|\b[a-zA-Z][a-zA-Z0-9-]*(?:\.[a-zA-Z0-9-]+)*:\d{2,5}\b"
+)
+
+
+def scrub(message: str) -> str:
+    """``message`` with every URL, ``host:port`` and IP address replaced by ``<address>``."""
+    return _ADDRESS.sub("<address>", message)
+
+
 def map_exception(exc: httpx.HTTPError, backend: Backend) -> GatewayError:
+    """The client's error for an I/O failure talking to ``backend`` (no exception text: it
+    holds addresses; the caller logs it)."""
     where = f"backend {backend.name!r}"
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return UpstreamConnectFailed(f"could not connect to {where}: {exc!s}")
+        what = "timed out" if isinstance(exc, httpx.ConnectTimeout) else "was refused or failed"
+        return UpstreamConnectFailed(f"the connection to {where} {what}")
     if isinstance(exc, httpx.PoolTimeout):
         return UpstreamUnavailable(f"{where} has no free connection")
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"{where} did not answer in time")
-    return UpstreamError(f"{where} failed: {type(exc).__name__}: {exc!s}")
+    return UpstreamError(f"{where} failed: {type(exc).__name__}")
 
 
 async def open_request(
@@ -166,14 +192,21 @@ def upstream_status_error(status: int, body: bytes, backend: Backend) -> Gateway
     """An error response from the engine, as the gateway's own error.
 
     4xx responses are the client's fault and keep their status and OpenAI-shaped message
-    (vLLM's 400 for an over-long prompt, say); 5xx become 502 ``upstream_error``.
+    (vLLM's 400 for an over-long prompt, say), except 401 / 403 / 407 / 429: the engine
+    refused the gateway (its key, its own rate limit), so they are 502 ``upstream_error``,
+    as are 5xx. Messages are scrubbed of addresses (:func:`scrub`).
     """
     message, err_type, code, param = _parse_error(body)
-    if 400 <= status < 500:
+    message = scrub(message) if message else None
+    if 400 <= status < 500 and status not in _GATEWAY_FAULT:
         err = _PassThrough(message or f"backend returned HTTP {status}", code=code, param=param)
         err.status = status
         err.error_type = err_type or "invalid_request_error"
         return err
+    if status in _GATEWAY_FAULT:
+        return UpstreamError(
+            f"backend {backend.name!r} refused the gateway's request (HTTP {status}); "
+            "this is not about your API key or your rate limits")
     return UpstreamError(
         f"backend {backend.name!r} returned HTTP {status}" + (f": {message}" if message else ""),
     )

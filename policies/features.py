@@ -131,7 +131,10 @@ class RequestFeatures:
             for g in grams:
                 k = keys.get(g)
                 if k is None:
-                    k = f"w{zlib.crc32(g.encode()) & (self.n_buckets - 1)}"
+                    # surrogatepass: any str hashes (the gateway refuses lone surrogates
+                    # at its edge, but the estimator must not depend on it)
+                    b = g.encode("utf-8", "surrogatepass")
+                    k = f"w{zlib.crc32(b) & (self.n_buckets - 1)}"
                     if len(keys) >= self.cache_size:
                         keys.clear()
                     keys[g] = k

@@ -1,9 +1,12 @@
 """Admin REST API under ``/admin``: tenants, keys, usage, backends.
 
 Protected by the admin key (``Authorization: Bearer <admin key>``), distinct from tenant
-keys. Errors use the same OpenAI error shape as ``/v1``. A key is returned in clear exactly
-once, by the call that creates (or rotates) it; afterwards only its prefix is shown.
-OpenAPI docs: ``/admin/docs``.
+keys; the OpenAPI docs too (``/admin/docs``, ``/admin/openapi.json``), unless
+``admin.public_docs`` is set. Errors use the same OpenAI error shape as ``/v1``, every one
+counted (``driftsched_http_errors_total{surface="admin"}``); an unexpected one is logged once.
+Bodies are strict JSON (no ``NaN``/``Infinity``, no lone surrogates) and every number is
+finite and bounded. A key is returned in clear exactly once, by the call that creates (or
+rotates) it; afterwards only its prefix is shown.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,9 +35,20 @@ from adapters.errors import (
     PermissionDenied,
     StoreUnavailable,
 )
-from proxy.config import TenantFields
+from proxy.config import (
+    Concurrency,
+    DailyQuota,
+    ModelName,
+    QueueTimeout,
+    Rpm,
+    SloMs,
+    TenantFields,
+    Tpm,
+    Weight,
+)
 from proxy.gateway import Gateway
 from proxy.keys import new_key
+from proxy.requests import decode_json
 from proxy.store.base import KeyRecord, Tenant
 from proxy.store.base import StoreUnavailable as StoreDown
 
@@ -45,24 +60,25 @@ log = logging.getLogger("driftsched.admin")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TenantIn(TenantFields):
-    """Body of ``POST /admin/tenants``: the same fields as a tenant in the YAML file."""
+    """Body of ``POST /admin/tenants``: the same fields (and bounds) as a tenant in the YAML
+    file."""
 
 
 class TenantPatch(_Body):
-    qos_class: str | None = None
-    weight: float | None = Field(None, gt=0)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    max_concurrency: int | None = Field(None, ge=1)
-    daily_token_quota: int | None = Field(None, ge=1)
-    ttft_slo_ms: float | None = Field(None, gt=0)
-    tpot_slo_ms: float | None = Field(None, gt=0)
-    queue_timeout_s: float | None = Field(None, ge=0)
-    allowed_models: list[str] | None = None
+    qos_class: str | None = Field(None, max_length=64)
+    weight: Weight | None = None
+    rpm: Rpm | None = None
+    tpm: Tpm | None = None
+    max_concurrency: Concurrency | None = None
+    daily_token_quota: DailyQuota | None = None
+    ttft_slo_ms: SloMs | None = None
+    tpot_slo_ms: SloMs | None = None
+    queue_timeout_s: QueueTimeout | None = None
+    allowed_models: list[ModelName] | None = Field(None, max_length=1000)
 
 
 class KeyIn(_Body):
@@ -72,6 +88,12 @@ class KeyIn(_Body):
 class RotateIn(_Body):
     #: seconds the old key keeps working after rotation (0 = revoked now)
     grace_s: float = Field(0.0, ge=0, le=30 * 86400)
+
+
+class BackendIn(UpstreamConfig):
+    """Body of ``POST /admin/backends``: an upstream as in the YAML file, numbers finite."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
 
 class TenantOut(BaseModel):
@@ -126,38 +148,45 @@ def _key_out(r: KeyRecord, now: float) -> KeyOut:
                   active=r.active(now))
 
 
-def _error_response(err: GatewayError) -> JSONResponse:
+def _error_response(req: Request, err: GatewayError) -> JSONResponse:
+    """The one rendering of an error outside ``/v1``: OpenAI's shape, counted."""
+    app = getattr(req.app.state, "app", None)
+    gw = app.gateway if app is not None else None
+    if gw is not None:
+        gw.metrics.http_errors.labels("admin", str(err.status)).inc()
     return JSONResponse(err.to_dict(), status_code=err.status, headers=err.headers)
 
 
 def install_error_handlers(api: FastAPI) -> None:
-    async def gateway_error(_req: Request, exc: Exception) -> JSONResponse:
+    async def gateway_error(req: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, GatewayError)
-        return _error_response(exc)
+        return _error_response(req, exc)
 
-    async def validation_error(_req: Request, exc: Exception) -> JSONResponse:
+    async def validation_error(req: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         errs = exc.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
-        return _error_response(InvalidRequest(f"{param or 'request'}: {first.get('msg')}", param=param))
+        return _error_response(
+            req, InvalidRequest(f"{param or 'request'}: {first.get('msg')}", param=param))
 
-    async def http_error(_req: Request, exc: Exception) -> JSONResponse:
+    async def http_error(req: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
             err: GatewayError = NotFound(str(exc.detail), code="unknown_url")
         else:
             err = InvalidRequest(str(exc.detail), code=None)
             err.status = exc.status_code
-        return _error_response(err)
+        return _error_response(req, err)
 
-    async def store_down(_req: Request, exc: Exception) -> JSONResponse:
-        return _error_response(StoreUnavailable(f"The state store is unavailable: {exc}"))
+    async def store_down(req: Request, exc: Exception) -> JSONResponse:
+        log.warning("store unavailable in admin API: %s", exc)
+        return _error_response(req, StoreUnavailable("The state store is unavailable."))
 
-    async def unexpected(_req: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(req: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error in admin API", exc_info=exc)
-        return _error_response(InternalError(f"internal error: {type(exc).__name__}"))
+        return _error_response(req, InternalError(f"internal error: {type(exc).__name__}"))
 
     api.add_exception_handler(GatewayError, gateway_error)
     api.add_exception_handler(StoreDown, store_down)
@@ -181,17 +210,37 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
 
     async def require_admin(request: Request) -> None:
         configured = app.settings.admin.api_key
-        if not configured:
+        if configured is None:
             raise PermissionDenied(
                 "The admin API is disabled: set admin.api_key (or DRIFTSCHED_ADMIN_KEY).",
                 code="admin_disabled",
             )
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), configured):
+        # headers arrive as latin-1 text; compare bytes, constant-time, whatever they hold
+        header = request.headers.get("authorization", "").encode("latin-1")
+        scheme, _, token = header.partition(b" ")
+        expected = configured.get_secret_value().encode("utf-8")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected):
             raise AuthenticationFailed("Invalid admin key.", code="invalid_admin_key")
 
-    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
+    async def strict_body(request: Request) -> None:
+        """Refuse what FastAPI's parser lets through: NaN/Infinity, lone surrogates."""
+        if request.method in ("POST", "PUT", "PATCH"):
+            raw = await request.body()
+            if raw:
+                decode_json(raw)
+
+    router = APIRouter(prefix="/admin", tags=["admin"],
+                       dependencies=[Depends(require_admin), Depends(strict_body)])
+
+    if not app.settings.admin.public_docs:
+        @router.get("/openapi.json", include_in_schema=False)
+        async def openapi_spec() -> JSONResponse:
+            return JSONResponse(app.api.openapi())
+
+        @router.get("/docs", include_in_schema=False)
+        async def docs() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/admin/openapi.json",
+                                       title="DriftSched admin API")
 
     async def _tenant_or_404(gw: Gateway, name: str) -> Tenant:
         t = await gw.store.get_tenant(name)
@@ -370,7 +419,7 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
                  "in_flight": b.in_flight} for b in gw.pool.backends()]
 
     @router.post("/backends", status_code=201)
-    async def add_backend(body: UpstreamConfig, gw: GW) -> dict[str, Any]:
+    async def add_backend(body: BackendIn, gw: GW) -> dict[str, Any]:
         add = getattr(gw.pool, "add_external", None) or getattr(gw.pool, "add", None)
         if add is None:
             raise InvalidRequest("this pool does not accept external backends", code="unsupported")

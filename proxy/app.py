@@ -1,7 +1,9 @@
 """``create_app(settings)``: the ASGI application.
 
 ``/v1/*`` goes straight to the raw-ASGI hot path (:mod:`proxy.openai_api`); everything else
-(``/admin``, ``/healthz``, ``/readyz``, ``/metrics``, OpenAPI docs) is a FastAPI app. The
+(``/admin``, ``/healthz``, ``/readyz``, ``/metrics``, OpenAPI docs) is a FastAPI app. Either
+way an exception becomes an error in OpenAI's shape, logged once (the FastAPI side's last
+resort is :meth:`DriftSchedApp._api`). The
 FastAPI lifespan builds and tears down every part: store, engine pool, HTTP clients, lease
 renewal. Nothing lives at module level, so tests can build as many apps as they like.
 """
@@ -15,7 +17,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.base import BackendPool
 from adapters.clock import Clock, SystemClock
-from adapters.errors import UpstreamUnavailable
+from adapters.errors import InternalError, UpstreamUnavailable
 from adapters.upstream import UpstreamClients
 from policies.base import Policy
 from policies.drift import DriftController
@@ -74,12 +76,14 @@ class DriftSchedApp:
         self._handler: OpenAIHandler | None = None
         #: fire-and-forget tasks started by admin calls (kept referenced until done)
         self.background: set[asyncio.Task[Any]] = set()
+        # the docs are admin routes (behind the admin key) unless admin.public_docs
+        public = settings.admin.public_docs
         self.api = FastAPI(
             title="DriftSched gateway",
             version="0.1.0",
             lifespan=self._lifespan,
-            docs_url="/admin/docs",
-            openapi_url="/admin/openapi.json",
+            docs_url="/admin/docs" if public else None,
+            openapi_url="/admin/openapi.json" if public else None,
             redoc_url=None,
         )
         self.api.state.app = self
@@ -97,7 +101,36 @@ class DriftSchedApp:
                 return
             await handler(scope, receive, send)
             return
-        await self.api(scope, receive, send)
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+            return
+        await self._api(scope, receive, send)
+
+    async def _api(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The FastAPI app, with a last resort: Starlette re-raises an exception after its
+        handler (:func:`proxy.admin.install_error_handlers`) has rendered and logged it;
+        it stops here instead of reaching the server's log a second time. One that no
+        handler rendered gets a 500 in OpenAI's shape."""
+        started = False
+
+        async def tracked(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.api(scope, receive, tracked)
+        except Exception as e:
+            if started:
+                return  # rendered (and logged) by the admin error handler
+            log.error("unexpected error outside the admin API's handlers", exc_info=e)
+            body = InternalError(f"internal error: {type(e).__name__}").body()
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: FastAPI) -> AsyncIterator[None]:

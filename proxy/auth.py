@@ -3,11 +3,16 @@
 The cache maps a key's digest to its tenant for ``ttl_s`` seconds (revocation and tenant
 changes take at most that long to reach every replica). Unknown keys are cached negatively
 for the same time, so a client hammering with a bad key does not hammer the store.
+
+Known and unknown keys live in two caches, each a bounded LRU (``max_entries``): a flood of
+random bad keys evicts only the least recently seen bad keys, never a tenant's good one,
+and never flushes the cache whole.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from adapters.clock import Clock
@@ -42,28 +47,64 @@ def bearer_token(header: bytes | None) -> str:
     return token
 
 
+class _LRU:
+    """digest -> (expiry, value), at most ``size`` entries; the least recently used goes."""
+
+    __slots__ = ("_d", "size")
+
+    def __init__(self, size: int) -> None:
+        self._d: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self.size = size
+
+    def get(self, key: str, now: float) -> tuple[float, Principal | None] | None:
+        hit = self._d.get(key)
+        if hit is None:
+            return None
+        if hit[0] <= now:
+            del self._d[key]
+            return None
+        self._d.move_to_end(key)
+        return hit
+
+    def put(self, key: str, value: tuple[float, Principal | None]) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
 class Authenticator:
-    def __init__(self, store: Store, clock: Clock, ttl_s: float) -> None:
+    """Not thread-safe; one event loop (concurrent ``authenticate`` calls are fine)."""
+
+    def __init__(self, store: Store, clock: Clock, ttl_s: float,
+                 max_entries: int = _MAX_ENTRIES) -> None:
         self._store = store
         self._clock = clock
         self._ttl = ttl_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._known = _LRU(max_entries)
+        self._unknown = _LRU(max_entries)
 
     def invalidate(self) -> None:
         """Drop every cached entry (called after admin changes on this replica)."""
-        self._cache.clear()
+        self._known.clear()
+        self._unknown.clear()
 
     async def authenticate(self, key: str) -> Principal:
         d = digest(key)
         now_m = self._clock.monotonic()
-        hit = self._cache.get(d)
-        if hit is not None and hit[0] > now_m:
+        hit = self._known.get(d, now_m) or self._unknown.get(d, now_m)
+        if hit is not None:
             principal = hit[1]
         else:
             principal = await self._lookup(d)
-            if len(self._cache) >= _MAX_ENTRIES:
-                self._cache.clear()
-            self._cache[d] = (now_m + self._ttl, principal)
+            entry = (now_m + self._ttl, principal)
+            (self._known if principal is not None else self._unknown).put(d, entry)
         if principal is None:
             raise AuthenticationFailed(f"Incorrect API key provided: {display_prefix(key)}.")
         return principal

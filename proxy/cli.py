@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prequential accuracy of the output-token estimator vs baselines")
     p.add_argument("args", nargs=argparse.REMAINDER)
 
-    p = sub.add_parser("check-config", help="validate a configuration and print it")
+    p = sub.add_parser("check-config",
+                       help="validate a configuration and print it (secrets redacted)")
     p.add_argument("--config", "-c", help="YAML file (env DRIFTSCHED_CONFIG)")
 
     t = sub.add_parser("tenants", help="manage tenants").add_subparsers(dest="action", required=True)
@@ -228,7 +229,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.app import create_app
-    from proxy.config import load_settings
+    from proxy.config import load_settings, secret_values
     from proxy.logs import configure_logging
 
     overrides: dict[str, Any] = {}
@@ -238,7 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
         overrides.setdefault("server", {})["port"] = args.port
     settings = load_settings(args.config, overrides=overrides)
     check_policy(settings)
-    configure_logging(settings.server.log_level)
+    configure_logging(settings.server.log_level, secret_values(settings))
     app = create_app(settings)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port, access_log=False,
                 log_config=None, log_level=settings.server.log_level, lifespan="on",
@@ -267,11 +268,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(port=args.port, engines=args.engines, time_scale=args.time_scale,
                             exit_after_check=args.exit_after_check)
         if args.command == "check-config":
-            from proxy.config import load_settings
+            from proxy.config import load_settings, redacted
 
             s = load_settings(args.config)
             check_policy(s)
-            print(json.dumps(s.model_dump(mode="json"), indent=2))
+            # secrets (admin key, tenant keys, upstream credentials) print as <redacted>
+            print(json.dumps(redacted(s), indent=2))
             print("configuration OK", file=sys.stderr)
             return 0
         return _run_admin(args)

@@ -3,34 +3,92 @@
 Precedence (highest first): environment variables, the YAML file, defaults.
 
 * ``DRIFTSCHED_CONFIG`` names the YAML file (the CLI's ``--config`` wins over it).
-* ``DRIFTSCHED_<SECTION>__<KEY>[__<KEY>...]`` overrides one value; the value is parsed as a
-  YAML scalar, so ``DRIFTSCHED_SERVER__PORT=9000`` is an int and
-  ``DRIFTSCHED_STORE__TYPE=redis`` a string. ``DRIFTSCHED_ADMIN_KEY`` is a shortcut for
-  ``DRIFTSCHED_ADMIN__API_KEY``.
+* ``DRIFTSCHED_<SECTION>__<KEY>[__<KEY>...]`` overrides one value. The value is read as the
+  type of the setting it names (:func:`env_overrides`): a string setting takes the text as
+  it is (``DRIFTSCHED_ADMIN__API_KEY=null`` is the four-letter key ``null``, never "unset"),
+  numbers and booleans are parsed and validated, ``null`` unsets only an optional setting
+  that is not a string (``DRIFTSCHED_SCHEDULER__MAX_QUEUED=null``), and lists or mappings
+  are JSON. ``DRIFTSCHED_ADMIN_KEY`` is a shortcut for ``DRIFTSCHED_ADMIN__API_KEY``.
+* **Which variables are settings**: those two, and every ``DRIFTSCHED_*`` name holding
+  ``__``. Any other ``DRIFTSCHED_*`` variable (``DRIFTSCHED_URL`` of the CLI,
+  ``DRIFTSCHED_SHARED_DATA`` of the experiments, ...) is not the gateway's and is ignored,
+  except a name that starts with a section and one ``_`` (``DRIFTSCHED_SERVER_PORT``), an
+  error that says to write ``__``.
 
 Unknown keys are errors that name the key (``tenants[1].rpmm: extra inputs are not
-permitted``), never silently ignored. The engine-side sections (``upstreams``, ``pool``) are
-defined in :mod:`adapters.config`, beside the code that reads them.
+permitted``), never silently ignored. Numbers are finite and bounded (``Infinity`` is an
+error). Keys (the admin key, tenants' seeded keys) are :class:`~pydantic.SecretStr`: their
+``repr`` never shows them, and :func:`redacted` is what may be printed. The engine-side
+sections (``upstreams``, ``pool``) are defined in :mod:`adapters.config`, beside the code
+that reads them.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
     Field,
+    PlainSerializer,
+    SecretStr,
+    SerializationInfo,
     ValidationError,
     model_validator,
 )
 
-from adapters.config import PoolConfig, UpstreamConfig, _Strict
+from adapters.config import PoolConfig, UpstreamConfig
+from adapters.config import _Strict as _EngineStrict
 from adapters.errors import ConfigError
 
 ENV_PREFIX = "DRIFTSCHED_"
+REDACTED = "<redacted>"
+
+
+class _Strict(_EngineStrict):
+    """Unknown keys are errors; numbers are finite (``.inf`` / ``Infinity`` refused)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+def _non_empty(v: SecretStr) -> SecretStr:
+    if not v.get_secret_value():
+        raise ValueError("an empty key is not allowed (leave the setting out instead)")
+    return v
+
+
+def _dump_secret(v: SecretStr, info: SerializationInfo) -> str:
+    if info.context and info.context.get("redact"):
+        return REDACTED
+    return v.get_secret_value()
+
+
+#: a key in configuration. ``repr`` / ``str`` show ``**********``; a JSON dump gives the key
+#: (settings round-trip), unless dumped with ``context={"redact": True}`` (:func:`redacted`)
+Secret = Annotated[SecretStr, AfterValidator(_non_empty),
+                   PlainSerializer(_dump_secret, return_type=str, when_used="json")]
+
+# Bounds of a tenant's numbers (YAML and admin API alike): finite, positive, and small
+# enough that the stores' token arithmetic stays exact (integers below 2**53).
+Weight = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+Rpm = Annotated[int, Field(ge=1, le=10**9)]
+Tpm = Annotated[int, Field(ge=1, le=10**12)]
+Concurrency = Annotated[int, Field(ge=1, le=10**6)]
+DailyQuota = Annotated[int, Field(ge=1, le=10**15)]
+#: an SLO in milliseconds: at most a day
+SloMs = Annotated[float, Field(gt=0, le=86_400_000, allow_inf_nan=False)]
+#: seconds a request may wait in the queue: at most a day
+QueueTimeout = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class ServerConfig(_Strict):
@@ -45,8 +103,11 @@ class ServerConfig(_Strict):
 
 
 class AdminConfig(_Strict):
-    #: bearer token for /admin; admin API disabled (403) when unset
-    api_key: str | None = None
+    #: bearer token for /admin; admin API disabled (403) when unset (an empty key is an
+    #: error, not "unset")
+    api_key: Secret | None = None
+    #: serve /admin/docs and /admin/openapi.json without the admin key
+    public_docs: bool = False
 
 
 class StoreConfig(_Strict):
@@ -80,22 +141,22 @@ class TenantFields(_Strict):
     """A tenant's settings, as the YAML file and the admin API take them."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    qos_class: str = "standard"
-    weight: float = Field(1.0, gt=0)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    max_concurrency: int | None = Field(None, ge=1)
-    daily_token_quota: int | None = Field(None, ge=1)
-    ttft_slo_ms: float | None = Field(None, gt=0)
-    tpot_slo_ms: float | None = Field(None, gt=0)
-    queue_timeout_s: float = Field(30.0, ge=0)
+    qos_class: str = Field("standard", max_length=64)
+    weight: Weight = 1.0
+    rpm: Rpm | None = None
+    tpm: Tpm | None = None
+    max_concurrency: Concurrency | None = None
+    daily_token_quota: DailyQuota | None = None
+    ttft_slo_ms: SloMs | None = None
+    tpot_slo_ms: SloMs | None = None
+    queue_timeout_s: QueueTimeout = 30.0
     #: empty = every model served by the backends
-    allowed_models: list[str] = Field(default_factory=list)
+    allowed_models: list[ModelName] = Field(default_factory=list, max_length=1000)
 
 
 class TenantConfig(TenantFields):
     #: plaintext keys to seed (hashed on load; never stored in clear). Prefer the admin API.
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[Secret] = Field(default_factory=list)
 
 
 class PolicyConfig(_Strict):
@@ -195,25 +256,100 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+def _bare(ann: Any) -> Any:
+    while get_origin(ann) is Annotated:
+        ann = get_args(ann)[0]
+    return ann
+
+
+def _optional(ann: Any) -> tuple[list[Any], bool]:
+    """The alternatives of a type (``Annotated`` stripped), and whether ``None`` is one."""
+    ann = _bare(ann)
+    if get_origin(ann) in (Union, types.UnionType):
+        args = [_bare(a) for a in get_args(ann)]
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [ann], False
+
+
+def _setting_type(path: list[str]) -> Any:
+    """The annotation of the setting at ``path`` (``None``: no such setting)."""
+    ann: Any = Settings
+    for part in path:
+        alts, _ = _optional(ann)
+        node = alts[0] if len(alts) == 1 else None
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(part)
+            if field is None:
+                return None
+            ann = field.annotation
+        elif get_origin(node) is dict:
+            ann = get_args(node)[1]
+        else:
+            return None
+    return ann
+
+
+def _is_text(t: Any) -> bool:
+    if get_origin(t) is Literal:
+        return all(isinstance(v, str) for v in get_args(t))
+    return t in (str, SecretStr)
+
+
+def _env_value(name: str, raw: str, ann: Any) -> Any:
+    """``raw`` as the type of its setting (module doc)."""
+    if ann is None:
+        return raw  # not a setting: validation names the unknown key
+    alts, nullable = _optional(ann)
+    if any(_is_text(a) for a in alts):
+        return raw
+    if any(get_origin(a) in (list, dict) or (isinstance(a, type) and issubclass(a, BaseModel))
+           for a in alts):
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"environment variable {name}: not valid JSON: {e}") from None
+    if nullable and raw.strip().lower() in ("null", "none", "~"):
+        return None
+    return raw.strip()  # pydantic parses it (9000 -> int, false -> bool) and checks bounds
+
+
+_SECTION_TYPO = re.compile(r"^([A-Za-z]+)_")
+#: ``litellm_params`` entries that hold credentials
+_SECRET_PARAM = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings named by ``DRIFTSCHED_*`` variables, as nested data (module doc)."""
     out: dict[str, Any] = {}
     sections = set(Settings.model_fields)
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
+        rest = name[len(ENV_PREFIX):]
         if name == ENV_PREFIX + "ADMIN_KEY":
-            out.setdefault("admin", {})["api_key"] = raw
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        if len(path) < 2 or path[0] not in sections:
+            path = ["admin", "api_key"]
+        elif "__" in rest:
+            path = [p.lower() for p in rest.split("__")]
+            if path[0] not in sections or not all(path):
+                raise ConfigError(
+                    f"environment variable {name}: unknown setting; expected "
+                    f"{ENV_PREFIX}<SECTION>__<KEY> with SECTION in {sorted(sections)}"
+                )
+        elif rest.lower() in sections:
             raise ConfigError(
-                f"environment variable {name}: unknown setting; expected "
-                f"{ENV_PREFIX}<SECTION>__<KEY> with SECTION in {sorted(sections)}"
+                f"environment variable {name}: a whole section cannot be set; set its keys "
+                f"({ENV_PREFIX}{rest}__<KEY>) or use the YAML file"
             )
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        else:
+            m = _SECTION_TYPO.match(rest)
+            if m and m.group(1).lower() in sections:
+                raise ConfigError(
+                    f"environment variable {name}: settings are {ENV_PREFIX}<SECTION>__<KEY>, "
+                    f"with two underscores after the section (did you mean "
+                    f"{ENV_PREFIX}{m.group(1)}__{rest[len(m.group(0)):]}?)"
+                )
+            continue  # not a gateway setting (DRIFTSCHED_URL, DRIFTSCHED_SHARED_DATA, ...)
+        value = _env_value(name, raw, _setting_type(path))
         node = out
         for p in path[:-1]:
             node = node.setdefault(p, {})
@@ -255,7 +391,7 @@ def load_settings(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
         data = loaded or {}
-    data = _deep_merge(data, _env_overrides(environ))
+    data = _deep_merge(data, env_overrides(environ))
     if overrides:
         data = _deep_merge(data, overrides)
     return settings_from_dict(data)
@@ -266,3 +402,37 @@ def settings_from_dict(data: Mapping[str, Any]) -> Settings:
         return Settings.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """``settings`` as JSON data with every secret replaced by ``<redacted>``: the admin key,
+    tenants' keys, upstreams' ``api_key`` and those of their ``litellm_params`` that are
+    named like credentials (``api_key``, ``aws_secret_access_key``, ...). What
+    ``driftsched check-config`` prints."""
+    data: dict[str, Any] = settings.model_dump(mode="json", context={"redact": True})
+    ups = list(data.get("upstreams") or [])
+    if data.get("pool"):
+        ups += data["pool"].get("external") or []
+    for u in ups:
+        if u.get("api_key") is not None:
+            u["api_key"] = REDACTED
+        for k in u.get("litellm_params") or {}:
+            if _SECRET_PARAM.search(k):
+                u["litellm_params"][k] = REDACTED
+    return data
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Every secret value in ``settings`` (what the log formatter scrubs from each line)."""
+    out: list[str] = []
+    if settings.admin.api_key is not None:
+        out.append(settings.admin.api_key.get_secret_value())
+    for t in settings.tenants:
+        out += [k.get_secret_value() for k in t.api_keys]
+    ups = [*settings.upstreams, *(settings.pool.external if settings.pool else [])]
+    for u in ups:
+        if u.api_key:
+            out.append(u.api_key)
+        out += [v for k, v in u.litellm_params.items()
+                if isinstance(v, str) and _SECRET_PARAM.search(k)]
+    return out

@@ -10,6 +10,8 @@ import hashlib
 import secrets
 import string
 
+from pydantic import SecretStr
+
 from proxy.store.base import KeyRecord
 
 KEY_PREFIX = "dsk-"
@@ -41,8 +43,10 @@ def new_key(tenant: str, now: float, name: str = "") -> tuple[str, KeyRecord]:
     return key, record
 
 
-def seeded_record(key: str, tenant: str, now: float) -> KeyRecord:
+def seeded_record(key: str | SecretStr, tenant: str, now: float) -> KeyRecord:
     """The record for a key given in configuration; its id is stable across restarts."""
+    if isinstance(key, SecretStr):
+        key = key.get_secret_value()
     d = digest(key)
     return KeyRecord(
         key_id=f"key_cfg{d[:10]}",

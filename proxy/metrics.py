@@ -61,6 +61,11 @@ class GatewayMetrics:
             "driftsched_upstream_errors", "Engine failures seen by the gateway",
             ["backend", "code"], registry=r,
         )
+        self.http_errors = Counter(
+            "driftsched_http_errors",
+            "Error responses (OpenAI's shape) by surface (v1, admin) and HTTP status",
+            ["surface", "status"], registry=r,
+        )
         self.disconnects = Counter(
             "driftsched_client_disconnects", "Clients that went away before the response ended",
             ["tenant", "stage"], registry=r,

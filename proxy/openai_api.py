@@ -43,7 +43,7 @@ from adapters.upstream import (
 )
 from proxy.auth import Principal, bearer_token
 from proxy.lifecycle import Outcome, RequestLifecycle, mint_id
-from proxy.requests import PATHS, UPSTREAM_PATH, ParsedRequest, parse_request
+from proxy.requests import MAX_TOKENS, PATHS, UPSTREAM_PATH, ParsedRequest, parse_request
 
 if TYPE_CHECKING:
     from adapters.base import Backend
@@ -86,6 +86,26 @@ class ClientGone(Exception):
     """The client disconnected before its request body was read."""
 
 
+def _endpoint_label(path: str) -> str:
+    """The metrics/log label of a path that is not a completion endpoint (bounded set)."""
+    return "models" if path == "/v1/models" or path.startswith("/v1/models/") else "unknown"
+
+
+#: the ``usage`` counts the gateway reads (settling, access log); each an int in range
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def clean_usage(usage: Any) -> dict[str, Any] | None:
+    """An engine's ``usage`` reduced to its counts that are integers in 0..MAX_TOKENS
+    (``None`` when none is): a malformed report reads as "unknown", it cannot break
+    settling."""
+    if not isinstance(usage, dict):
+        return None
+    out = {k: v for k in _USAGE_KEYS
+           if type(v := usage.get(k)) is int and 0 <= v <= MAX_TOKENS}
+    return out or None
+
+
 def _header(scope: Scope, name: bytes) -> bytes | None:
     for k, v in scope["headers"]:
         if k == name:
@@ -102,21 +122,39 @@ class OpenAIHandler:
         rid_in = _header(scope, b"x-request-id")
         # the client's id is only echoed and logged; queue, holds and charges use a minted one
         rid = rid_in.decode() if rid_in and _RID_OK.match(rid_in) else mint_id()
+        ctx = Ctx(rid=rid, endpoint=PATHS.get(path) or _endpoint_label(path),
+                  t0=self.gw.clock.monotonic())
+        try:
+            await self._handle(scope, receive, send, ctx)
+        except Exception as e:
+            # the one backstop: whatever escaped the stages is a logged, counted 500 in
+            # OpenAI's shape (or the end of a stream already started), never a bare 500
+            errlog.exception("unexpected error", extra={"request_id": rid})
+            err = InternalError(f"internal error: {type(e).__name__}")
+            with contextlib.suppress(Exception):  # the client may be gone: nothing left to do
+                if not ctx.response_started:
+                    await self._send_error(send, ctx, err)
+                elif not ctx.ended:
+                    await self._stream_error(send, ctx, err)
+            self._finish_log(ctx)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, ctx: Ctx) -> None:
+        path: str = scope["path"]
         endpoint = PATHS.get(path)
-        ctx = Ctx(rid=rid, endpoint=endpoint or path, t0=self.gw.clock.monotonic())
         if endpoint is None:
             if path == "/v1/models" or path.startswith("/v1/models/"):
                 await self._models(scope, send, ctx)
-                return
-            await self._send_error(
-                send, ctx, NotFound(f"Invalid URL ({scope['method']} {path})", code="unknown_url")
-            )
+            else:
+                await self._send_error(send, ctx, NotFound(
+                    f"Invalid URL ({scope['method']} {path})", code="unknown_url"))
+            self._finish_log(ctx)
             return
         if scope["method"] != "POST":
             err = InvalidRequest(f"Method {scope['method']} not allowed on {path}; use POST.",
                                  code="method_not_allowed")
             err.status = 405
             await self._send_error(send, ctx, err)
+            self._finish_log(ctx)
             return
         try:
             ctx.principal = await self.gw.authenticate(bearer_token(_header(scope, b"authorization")))
@@ -131,10 +169,6 @@ class OpenAIHandler:
         except ClientGone:
             ctx.out.status = 499
             self._finish_log(ctx)
-            return
-        except Exception as e:  # never a traceback to the client
-            errlog.exception("unexpected error before admission", extra={"request_id": rid})
-            await self._send_error(send, ctx, InternalError(f"internal error: {type(e).__name__}"))
             return
 
         # Watch for a disconnect while serving: when receive() says the client went away
@@ -253,6 +287,9 @@ class OpenAIHandler:
                     )
                 except UpstreamConnectFailed as e:
                     gw.metrics.upstream_errors.labels(backend.name, e.code or "connect").inc()
+                    errlog.warning("could not connect to backend", extra={
+                        "request_id": ctx.rid, "backend": backend.name,
+                        "detail": str(e.__cause__ or e)})
                     last = e
                     continue
                 life.upstream_reached = True
@@ -283,8 +320,7 @@ class OpenAIHandler:
         try:
             body = await resp.aread()
         except httpx.HTTPError as e:
-            err = map_exception(e, backend)
-            self.gw.metrics.upstream_errors.labels(backend.name, err.code or "error").inc()
+            err = self._upstream_failed(ctx, backend, e)
             raise err from e
         if resp.status_code >= 400:
             err = upstream_status_error(resp.status_code, body, backend)
@@ -293,10 +329,10 @@ class OpenAIHandler:
             raise err
         try:
             obj = json.loads(body)
-            usage = obj.get("usage") if isinstance(obj, dict) else None
-            ctx.out.usage = usage if isinstance(usage, dict) else None
         except ValueError:
+            self.gw.metrics.upstream_errors.labels(backend.name, "invalid_json").inc()
             raise UpstreamError(f"backend {backend.name!r} returned invalid JSON") from None
+        ctx.out.usage = clean_usage(obj.get("usage")) if isinstance(obj, dict) else None
         ctx.out.first_byte_at = self.gw.clock.monotonic()
         ctx.out.status = 200
         headers = [
@@ -315,7 +351,7 @@ class OpenAIHandler:
             try:
                 body = await resp.aread()
             except httpx.HTTPError as e:
-                raise map_exception(e, backend) from e
+                raise self._upstream_failed(ctx, backend, e) from e
             err = upstream_status_error(resp.status_code, body, backend)
             if isinstance(err, UpstreamError):
                 self.gw.metrics.upstream_errors.labels(backend.name, f"http_{resp.status_code}").inc()
@@ -349,12 +385,19 @@ class OpenAIHandler:
                     if events > life.grow_mark:  # token drift, charged as it happens
                         await life.streamed(events)
         except httpx.HTTPError as e:
-            err = map_exception(e, backend)
-            self.gw.metrics.upstream_errors.labels(backend.name, err.code or "stream").inc()
-            out.usage, out.streamed_events = tap.usage, tap.events
+            err = self._upstream_failed(ctx, backend, e)
+            out.usage, out.streamed_events = clean_usage(tap.usage), tap.events
             raise UpstreamError(f"stream from backend {backend.name!r} broke: {err.message}") from e
-        out.usage, out.streamed_events = tap.usage, tap.events
+        out.usage, out.streamed_events = clean_usage(tap.usage), tap.events
         rest = tap.flush()
+        if tap.error is not None:
+            # the engine reported an error inside the stream (relayed to the client as it
+            # came): the request failed, whatever the 200 of the headers said
+            self.gw.metrics.upstream_errors.labels(backend.name, "stream_error").inc()
+            errlog.warning("engine error in stream", extra={
+                "request_id": ctx.rid, "backend": backend.name,
+                "error": str(tap.error.get("message"))[:200]})
+            out.status = UpstreamError.status
         if not tap.done and tap.error is None:
             self.gw.metrics.upstream_errors.labels(backend.name, "stream_truncated").inc()
             if rest:
@@ -363,15 +406,33 @@ class OpenAIHandler:
         ctx.ended = True
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
+    def _upstream_failed(self, ctx: Ctx, backend: Backend, exc: httpx.HTTPError) -> GatewayError:
+        """An engine I/O failure: counted, logged with its detail (addresses stay in the
+        log), and the client's error, which names the backend only."""
+        err = map_exception(exc, backend)
+        self.gw.metrics.upstream_errors.labels(backend.name, err.code or "error").inc()
+        errlog.warning("backend request failed", extra={
+            "request_id": ctx.rid, "backend": backend.name, "code": err.code,
+            "detail": f"{type(exc).__name__}: {exc}"})
+        return err
+
     # -- completion ----------------------------------------------------------------------
     async def _complete(self, ctx: Ctx) -> None:
         """Let the lifecycle settle the request, then log it. Runs even when cancelled."""
-        if ctx.life is not None:
+        life = ctx.life
+        if life is not None:
             try:
-                await ctx.life.settle(ctx.out)
+                await life.settle(ctx.out)
             except Exception:
-                errlog.exception("accounting failed",
-                                 extra={"request_id": ctx.rid, "id": ctx.life.id})
+                errlog.exception("accounting failed", extra={"request_id": ctx.rid, "id": life.id})
+                if life.admitted is not None:
+                    # settling stopped part-way: free the engine hold at least (releasing is
+                    # idempotent), or the scheduler would renew it forever
+                    try:
+                        await self.gw.scheduler.complete(life.admitted, None)
+                    except Exception:
+                        errlog.exception("releasing the hold failed",
+                                         extra={"request_id": ctx.rid, "id": life.id})
         self._finish_log(ctx)
 
     def _finish_log(self, ctx: Ctx) -> None:
@@ -413,6 +474,7 @@ class OpenAIHandler:
     # -- responses ---------------------------------------------------------------------
     async def _send_error(self, send: Send, ctx: Ctx, err: GatewayError) -> None:
         ctx.out.status = err.status
+        self.gw.metrics.http_errors.labels("v1", str(err.status)).inc()
         body = err.body()
         headers = [
             _JSON,
@@ -429,6 +491,7 @@ class OpenAIHandler:
     async def _stream_error(self, send: Send, ctx: Ctx, err: GatewayError) -> None:
         """An error after the SSE headers went out: an error event, then end of stream."""
         ctx.out.status = err.status
+        self.gw.metrics.http_errors.labels("v1", str(err.status)).inc()
         ctx.ended = True
         with contextlib.suppress(Exception):
             await send({"type": "http.response.body", "body": error_event(err.to_dict()),

@@ -4,11 +4,17 @@ Only what the gateway needs is checked (model, the prompt field, stream flags, t
 every other field — including vLLM extras such as ``top_k``, ``min_tokens``, ``ignore_eos`` —
 passes through untouched. The body is re-serialised only when the gateway must change it
 (injecting ``stream_options.include_usage``).
+
+Every malformed input is an :class:`~adapters.errors.InvalidRequest` (400), never another
+exception: bytes that are not JSON in UTF-8/16/32, JSON nested deeper than the parser takes
+(``RecursionError``), strings holding lone UTF-16 surrogates (``"\\ud800"``, which no
+engine can encode), and token counts out of :data:`MAX_TOKENS`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +30,24 @@ PATHS: dict[str, Endpoint] = {
     "/v1/embeddings": "embeddings",
 }
 UPSTREAM_PATH: dict[Endpoint, str] = {v: k for k, v in PATHS.items()}
+
+#: the largest ``max_tokens`` / ``max_completion_tokens`` taken (int32, what engines take);
+#: larger is a 400, so a charge can never overflow the stores' arithmetic
+MAX_TOKENS = 2**31 - 1
+#: ``n`` (choices per request) is 1..MAX_N, as in OpenAI's API
+MAX_N = 128
+#: ``priority`` (vLLM's) is a signed 32-bit integer
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+#: a ``\\uD800``-``\\uDFFF`` escape: the body may hold a lone surrogate (checked further)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+#: strict JSON: ``NaN`` / ``Infinity`` (which Python's json takes) are refused
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +73,46 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Inv
 
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
+    """The validated request; raises :class:`InvalidRequest` (400) for any malformed body."""
     if not raw:
         raise _bad("Request body is empty; expected a JSON object.")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        return _parse(endpoint, raw)
+    except RecursionError:
+        raise _bad("The JSON body of your request is nested too deeply.") from None
+
+
+def decode_json(raw: bytes) -> Any:
+    """The JSON value of ``raw``, strictly: :class:`InvalidRequest` for anything that is not
+    JSON text in UTF-8/16/32, for ``NaN`` / ``Infinity``, lone surrogates and nesting deeper
+    than the parser takes. (The admin API checks its bodies with it too.)"""
+    try:
+        return _loads(raw)[0]
+    except RecursionError:
+        raise _bad("The JSON body of your request is nested too deeply.") from None
+
+
+def _loads(raw: bytes) -> tuple[Any, bool]:
+    """The JSON value of ``raw`` and whether ``raw`` is UTF-8 (json also takes UTF-16/32)."""
+    encoding = json.detect_encoding(raw)
+    try:
+        # strict decoding: surrogates encoded as bytes (CESU-8) are refused here
+        text = raw.decode(encoding)
+        body = _DECODER.decode(text.removeprefix("\ufeff"))
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, over-long int literals
         raise _bad(f"We could not parse the JSON body of your request: {e}.") from None
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        # valid surrogate pairs (an emoji) are fine; a lone one cannot be encoded anywhere
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad("The JSON body of your request holds an invalid Unicode escape "
+                       "(a lone UTF-16 surrogate).") from None
+    return body, encoding == "utf-8"
+
+
+def _parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
+    body, utf8 = _loads(raw)
     if not isinstance(body, dict):
         raise _bad("Request body must be a JSON object.")
     model = body.get("model")
@@ -87,17 +145,20 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
         text = ""
 
     max_tokens = _max_tokens(body)
+    _check_n(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", param="stream")
     if endpoint == "embeddings" and stream:
         raise _bad("embeddings cannot be streamed", param="stream")
     priority = body.get("priority")
-    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-        raise _bad("'priority' must be an integer", param="priority")
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
+                                 or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]):
+        raise _bad("'priority' must be a 32-bit integer", param="priority")
 
     strip_usage = False
-    out = raw
+    # engines take UTF-8 JSON: a UTF-16/32 body is re-encoded, any other is forwarded as sent
+    out = raw if utf8 else json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
     if stream:
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
@@ -125,7 +186,13 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
         v = body.get(name)
         if v is None:
             continue
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise _bad(f"'{name}' must be a positive integer", param=name)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_TOKENS:
+            raise _bad(f"'{name}' must be an integer from 1 to {MAX_TOKENS}", param=name)
         return v
     return None
+
+
+def _check_n(body: dict[str, Any]) -> None:
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N):
+        raise _bad(f"'n' must be an integer from 1 to {MAX_N}", param="n")

@@ -7,6 +7,13 @@ positive :meth:`~proxy.store.base.Store.reconcile` (a debt paid by refill).
 
 The Lua scripts in ``lua/`` repeat this arithmetic operation for operation, so both stores
 give bit-identical answers for the same inputs.
+
+**Bounds.** Lua numbers are doubles, exact for integers up to 2**53 only, so the arithmetic
+is kept inside that range in both stores: a charge above :data:`MAX_CHARGE` is refused as
+``too_large`` (nothing charged) and a negative one charges nothing; a correction is clamped
+to ±:data:`MAX_DELTA`; the day counter stays in 0..:data:`MAX_COUNTER`. (Without them one
+request with ``max_tokens: 10**30`` charged 1e30 and its correction took the tenant's whole
+day back to 0: a quota bypass.)
 """
 
 from __future__ import annotations
@@ -17,6 +24,25 @@ from dataclasses import dataclass
 from proxy.store.base import Decision, Limits, LimitState, Reason
 
 DAY_S = 86400.0
+#: the largest charge one request may make (far above any engine's context)
+MAX_CHARGE = 2**40
+#: the largest correction one request may make (charge and real usage both bounded)
+MAX_DELTA = 2 * MAX_CHARGE
+#: the largest value a token counter holds (integers stay exact in a double)
+MAX_COUNTER = 2**53 - 1
+
+
+def charge_of(tokens: int) -> int:
+    """A charge as the stores take it: ``tokens`` below 0 count as 0."""
+    return max(0, tokens)
+
+
+def clamp_delta(delta: int) -> int:
+    return max(-MAX_DELTA, min(MAX_DELTA, delta))
+
+
+def clamp_counter(value: int) -> int:
+    return max(0, min(MAX_COUNTER, value))
 
 
 def utc_day(now: float) -> int:

@@ -14,7 +14,18 @@ import time
 from dataclasses import dataclass, field, replace
 
 from proxy.store.base import Decision, KeyRecord, Limits, Reason, Tenant, Usage
-from proxy.store.buckets import Bucket, decision, next_midnight, refill, utc_day, wait_s
+from proxy.store.buckets import (
+    MAX_CHARGE,
+    Bucket,
+    charge_of,
+    clamp_counter,
+    clamp_delta,
+    decision,
+    next_midnight,
+    refill,
+    utc_day,
+    wait_s,
+)
 
 TYPE = "memory"
 
@@ -34,7 +45,7 @@ class _Limited:
 
     def add_today(self, now: float, delta: int) -> int:
         day = utc_day(now)
-        used = max(0, self.days.get(day, 0) + delta)
+        used = clamp_counter(self.days.get(day, 0) + delta)
         self.days = {d: n for d, n in self.days.items() if d >= day - 1}
         self.days[day] = used
         return used
@@ -113,6 +124,7 @@ class MemoryStore:
         return st
 
     async def try_acquire(self, tenant: str, tokens: int, limits: Limits, now: float) -> Decision:
+        tokens = charge_of(tokens)
         st = self._state(tenant)
         rpm = None if limits.rpm is None else refill(st.rpm, limits.rpm, now)
         tpm = None if limits.tpm is None else refill(st.tpm, limits.tpm, now)
@@ -121,7 +133,7 @@ class MemoryStore:
 
         reason: Reason | None = None
         retry = 0.0
-        if (limits.tpm is not None and tokens > limits.tpm) or (
+        if tokens > MAX_CHARGE or (limits.tpm is not None and tokens > limits.tpm) or (
             quota is not None and tokens > quota
         ):
             reason, retry = "too_large", math.inf
@@ -157,6 +169,7 @@ class MemoryStore:
                                 tokens_in=tokens_in, tokens_out=tokens_out)
 
     async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:
+        delta_tokens = clamp_delta(delta_tokens)
         if delta_tokens == 0:
             return
         st = self._state(tenant)

@@ -42,7 +42,7 @@ from proxy.store.base import (
     Tenant,
     Usage,
 )
-from proxy.store.buckets import decision, next_midnight, utc_day
+from proxy.store.buckets import charge_of, clamp_delta, decision, next_midnight, utc_day
 
 TYPE = "redis"
 
@@ -255,7 +255,7 @@ class RedisStore:
         keys = [k.of(tenant, "rpm"), k.of(tenant, "tpm"), k.of(tenant, f"day:{utc_day(now)}")]
         args = [
             num(now),
-            str(int(tokens)),
+            str(charge_of(int(tokens))),
             num(limits.rpm),
             num(limits.tpm),
             num(limits.daily_token_quota),
@@ -282,7 +282,8 @@ class RedisStore:
         pipe = self._r.pipeline(transaction=False)
         if delta_tokens:
             keys = [self._k.of(tenant, "tpm"), self._k.of(tenant, f"day:{utc_day(now)}")]
-            args = [num(now), str(int(delta_tokens)), num(limits.tpm), str(_DAY_TTL_S)]
+            args = [num(now), str(clamp_delta(int(delta_tokens))), num(limits.tpm),
+                    str(_DAY_TTL_S)]
             await self._script("reconcile")(keys=keys, args=args, client=pipe)
         values = dict(zip(_USAGE_FIELDS, (requests, errors, tokens_in, tokens_out), strict=True))
         key = self._k.of(tenant, "usage")
@@ -297,7 +298,7 @@ class RedisStore:
         if delta_tokens == 0:
             return
         keys = [self._k.of(tenant, "tpm"), self._k.of(tenant, f"day:{utc_day(now)}")]
-        args = [num(now), str(int(delta_tokens)), num(limits.tpm), str(_DAY_TTL_S)]
+        args = [num(now), str(clamp_delta(int(delta_tokens))), num(limits.tpm), str(_DAY_TTL_S)]
         await self._run("reconcile", keys, args)
 
     # -- usage ---------------------------------------------------------------------------

@@ -130,9 +130,11 @@ def test_backends_listing_and_drain(gw: GatewayThread) -> None:
 
 
 def test_openapi_docs(gw: GatewayThread) -> None:
-    spec = httpx.get(gw.url + "/admin/openapi.json").json()
+    # behind the admin key (admin.public_docs is off by default)
+    assert httpx.get(gw.url + "/admin/openapi.json").status_code == 401
+    spec = gw.admin("GET", "/admin/openapi.json").json()
     assert "/admin/tenants" in spec["paths"] and "/admin/keys/{key_id}/rotate" in spec["paths"]
-    assert httpx.get(gw.url + "/admin/docs").status_code == 200
+    assert gw.admin("GET", "/admin/docs").status_code == 200
 
 
 def test_cli_wraps_the_admin_api(gw: GatewayThread) -> None:

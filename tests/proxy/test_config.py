@@ -32,7 +32,7 @@ def test_env_overrides_are_typed_and_nested(tmp_path: Path) -> None:
         "DRIFTSCHED_POOL__SIM__TIME_SCALE": "4",
     })
     assert s.store.type == "redis" and s.server.port == 9100 and s.server.access_log is False
-    assert s.admin.api_key == "secret"
+    assert s.admin.api_key is not None and s.admin.api_key.get_secret_value() == "secret"
     assert s.pool is not None and s.pool.sim.time_scale == 4.0
 
 

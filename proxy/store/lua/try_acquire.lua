@@ -4,7 +4,10 @@
 --       day counter ttl (s)
 -- Returns {ok, reason, retry_after_s, rpm_tokens, tpm_tokens, used_today}; "" = none.
 local now = tonumber(ARGV[1])
-local tokens = tonumber(ARGV[2])
+local tokens = arg_num(ARGV[2]) or 0
+if tokens < 0 then
+  tokens = 0
+end
 local rpm = tonumber(ARGV[3])
 local tpm = tonumber(ARGV[4])
 local quota = tonumber(ARGV[5])
@@ -13,13 +16,13 @@ local midnight = tonumber(ARGV[6])
 local rtok, rlast, ttok, tlast
 if rpm then rtok, rlast = refill(KEYS[1], rpm, now) end
 if tpm then ttok, tlast = refill(KEYS[2], tpm, now) end
-local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+local used = clamp(tonumber(redis.call('GET', KEYS[3]) or '0') or 0, 0, MAX_COUNTER)
 
 local function reply(ok, reason, retry)
   return {ok, reason, fmt(retry), rtok and fmt(rtok) or '', ttok and fmt(ttok) or '', fmt(used)}
 end
 
-if (tpm and tokens > tpm) or (quota and tokens > quota) then
+if tokens > MAX_CHARGE or (tpm and tokens > tpm) or (quota and tokens > quota) then
   return reply(0, 'too_large', math.huge)
 end
 if quota and used + tokens > quota then
@@ -40,6 +43,6 @@ if tpm then
   ttok = ttok - tokens
   save(KEYS[2], tpm, ttok, tlast)
 end
-used = used + tokens
+used = clamp(used + tokens, 0, MAX_COUNTER)
 redis.call('SET', KEYS[3], fmt(used), 'EX', ARGV[7])
 return reply(1, '', 0)
