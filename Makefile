@@ -5,6 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# the core with the demo's self-check (the OpenAI SDK): all that `make demo` and `make serve` need
+CORE_STAMP := $(VENV)/.core-stamp
+# the LiteLLM proxy reference of `make bench`, in a virtualenv of its own so that it never
+# changes the packages DriftSched runs with
+BENCH_VENV  ?= .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo serve test test-fast test-vllm-cpu check lint typecheck bench clean
@@ -12,18 +18,32 @@ STAMP  := $(VENV)/.installed-stamp
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 
+$(CORE_STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	@touch $(CORE_STAMP)
+
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	@touch $(STAMP)
+	@touch $(STAMP) $(CORE_STAMP)
 
-install: $(STAMP)  ## create .venv and install DriftSched with its dev tools
+# only the [bench] extra's requirements (read from pyproject.toml), not DriftSched itself
+$(BENCH_STAMP): pyproject.toml
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))" > $(BENCH_VENV)/requirements.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r $(BENCH_VENV)/requirements.txt
+	@touch $(BENCH_STAMP)
 
-demo: $(STAMP)  ## run the gateway + 2 simulator engines on the embedded default (Ctrl-C stops)
+install: $(STAMP)  ## create .venv and install DriftSched with its dev tools (the [dev] extra)
+
+demo: $(CORE_STAMP)  ## run the gateway + 2 simulator engines on the embedded default (Ctrl-C stops)
 	$(BIN)/driftsched demo
 
-serve: $(STAMP)  ## run the gateway with $$DRIFTSCHED_CONFIG (or config/driftsched.example.yaml)
+serve: $(CORE_STAMP)  ## run the gateway with $$DRIFTSCHED_CONFIG (or config/driftsched.example.yaml)
 	$(BIN)/driftsched serve -c $${DRIFTSCHED_CONFIG:-config/driftsched.example.yaml}
 
 test: $(STAMP)  ## run the test-suite (needs redis-server on PATH; starts its own)
@@ -40,8 +60,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy proxy adapters policies experiments prompts_dataset.py
 
-bench: $(STAMP)  ## gateway overhead vs direct vs LiteLLM (prints a table; not a test)
-	$(BIN)/python bench/gateway_bench.py
+bench: $(STAMP) $(BENCH_STAMP)  ## gateway overhead vs direct vs LiteLLM (prints a table; not a test)
+	$(BIN)/python bench/gateway_bench.py --litellm $(BENCH_VENV)/bin/litellm
 
 clean:  ## remove the virtualenvs and caches
-	rm -rf $(VENV) .vllm-venv .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .vllm-venv $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

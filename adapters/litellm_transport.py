@@ -30,7 +30,9 @@ take is dropped, not an error.
 
 LiteLLM is imported on first use, in a worker thread (:func:`aload_litellm`; it takes
 seconds), never when this module is imported: a gateway without such a backend never loads
-it. Two process-wide settings come with that import: ``LITELLM_LOCAL_MODEL_COST_MAP``
+it. It is an extra (``pip install 'driftsched[litellm]'``), not part of the core install;
+without it the backend's health check fails with :class:`LiteLLMMissing`'s message (shown
+by ``GET /admin/backends``) and a request routed there fails as a connect error. Two process-wide settings come with that import: ``LITELLM_LOCAL_MODEL_COST_MAP``
 defaults to ``True`` (else the import fetches LiteLLM's model map from the network, and
 waits for retries where there is none), and ``litellm.suppress_debug_info`` is set (else
 LiteLLM prints help banners to stdout on every error, into the gateway's JSON logs).
@@ -119,10 +121,26 @@ _SSE = {"content-type": "text/event-stream; charset=utf-8"}
 _DONE = b"data: [DONE]\n\n"
 
 
+INSTALL_HINT = "pip install 'driftsched[litellm]'"
+
+
+class LiteLLMMissing(ImportError):
+    """LiteLLM (or a package it imports) is not installed; the message says what to install."""
+
+
 def load_litellm() -> ModuleType:
-    """Import LiteLLM (blocking, seconds); idempotent. Raises ``ImportError`` if missing."""
+    """Import LiteLLM (blocking, seconds); idempotent. Raises :class:`LiteLLMMissing`."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    llm = importlib.import_module("litellm")
+    try:
+        llm = importlib.import_module("litellm")
+    except ImportError as e:
+        if e.name == "litellm":
+            why = "LiteLLM is not installed (the core install leaves it out)"
+        else:
+            why = f"LiteLLM cannot be imported ({e})"
+        raise LiteLLMMissing(
+            f"provider: litellm backends need LiteLLM: {why}; install the extra: {INSTALL_HINT}"
+        ) from e
     setattr(llm, "suppress_debug_info", True)  # noqa: B010 (else it prints banners to stdout)
     return llm
 
@@ -145,7 +163,7 @@ async def litellm_ready() -> tuple[bool, str | None]:
     try:
         await aload_litellm()
     except ImportError as e:
-        return False, f"litellm cannot be imported: {e}"
+        return False, str(e)
     return True, None
 
 
@@ -201,7 +219,10 @@ class LiteLLMTransport(httpx.AsyncBaseTransport):
         kwargs["model"] = self.model
         if fn_name != "aembedding":
             kwargs["stream"] = stream
-        llm = await aload_litellm()
+        try:
+            llm = await aload_litellm()
+        except ImportError as e:  # as a connect failure: next backend, else 502
+            raise httpx.ConnectError(f"litellm backend {self.name!r}: {e}", request=request) from e
         try:
             result = await getattr(llm, fn_name)(**kwargs)
         except Exception as e:

@@ -529,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         "`git worktree` of an older commit, as target LABEL (repeatable)",
     )
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    p.add_argument(
+        "--litellm",
+        metavar="PATH",
+        help="the LiteLLM proxy CLI (default: .bench-venv/bin/litellm, made by `make bench` "
+        "from the [bench] extra, else `litellm` beside this Python or on PATH)",
+    )
     a = p.parse_args(argv)
 
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
@@ -603,9 +609,18 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(srv)
             tmap[t] = (Target(t, srv, {"authorization": f"Bearer {TENANT_KEY}"}), port)
         elif t == "litellm":
-            exe = shutil.which("litellm", path=str(Path(py).parent)) or shutil.which("litellm")
-            if exe is None:
-                print("litellm CLI not found; skipping the LiteLLM reference", file=sys.stderr)
+            exe = (
+                a.litellm
+                or shutil.which("litellm", path=str(ROOT / ".bench-venv" / "bin"))
+                or shutil.which("litellm", path=str(Path(py).parent))
+                or shutil.which("litellm")
+            )
+            if exe is None or not Path(exe).exists():
+                print(
+                    f"litellm CLI not found ({exe or 'make bench installs it'}); "
+                    "skipping the LiteLLM reference",
+                    file=sys.stderr,
+                )
                 continue
             port = free_port()
             cfg = litellm_config(tmp, stub_url)
