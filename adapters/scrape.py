@@ -16,15 +16,25 @@ vLLM reserves one block of each engine's cache (the null block), so the usable c
 Missing names read as 0 (a fresh engine exports nothing until its first request on some
 versions); the old ``vllm:gpu_cache_usage_perc`` is used only when ``kv_cache_usage_perc``
 is absent. Malformed lines are skipped, never fatal: a scrape is advisory.
+
+Parsing is ``prometheus_client.parser``'s. :func:`parse_metrics` first keeps only the lines of
+the names above (a ``str.startswith`` per line): a vLLM exposition is mostly histogram
+buckets the gateway never reads, and on the whole text the library costs 4.5x what a
+hand-written parser does (1.3 ms for one simulator engine's 10 KB, on the event loop, every
+scrape). With the filter a scrape costs 0.1 ms, 2.7x less than the hand-written parser
+(``bench/scrape_bench.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import time
 from dataclasses import dataclass
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.base import EngineMetrics
 
@@ -53,57 +63,55 @@ class Scrape:
     kv_capacity_tokens: int | None
 
 
-def _parse_labels(text: str, i: int) -> tuple[dict[str, str], int]:
-    """Parse ``{k="v",...}`` starting at ``text[i] == '{'``; return labels and the index after '}'."""
-    labels: dict[str, str] = {}
-    i += 1
-    n = len(text)
-    while i < n:
-        while i < n and text[i] in " ,":
-            i += 1
-        if i < n and text[i] == "}":
-            return labels, i + 1
-        eq = text.index("=", i)
-        key = text[i:eq].strip()
-        i = eq + 1
-        if text[i] != '"':
-            raise ValueError("label value not quoted")
-        i += 1
-        out: list[str] = []
-        while text[i] != '"':
-            if text[i] == "\\":
-                i += 1
-                out.append({"n": "\n"}.get(text[i], text[i]))
-            else:
-                out.append(text[i])
-            i += 1
-        labels[key] = "".join(out)
-        i += 1
-    raise ValueError("unterminated label set")
+def _samples(text: str) -> list[Sample]:
+    """Raises ``ValueError`` on the first malformed line (the library's behaviour)."""
+    return [
+        Sample(s.name, s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
 
 
 def parse_samples(text: str) -> list[Sample]:
-    """Every sample in a Prometheus text exposition; comments and bad lines are skipped."""
-    samples: list[Sample] = []
+    """Every sample in a Prometheus text exposition; comments and bad lines are skipped.
+
+    The library stops at the first malformed line, so a text with one is parsed again line
+    by line (slow, and only for such a text: real engines do not send one).
+    """
+    try:
+        return _samples(text)
+    except ValueError:
+        pass
+    out: list[Sample] = []
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        try:
-            brace = line.find("{")
-            space = line.find(" ")
-            if brace != -1 and (space == -1 or brace < space):
-                name = line[:brace]
-                labels, end = _parse_labels(line, brace)
-                rest = line[end:].split()
-            else:
-                name, *rest = line.split()
-                labels = {}
-            value = float(rest[0])
-        except (ValueError, IndexError):
-            continue
-        samples.append(Sample(name, labels, value))
-    return samples
+        with contextlib.suppress(ValueError):
+            out.extend(_samples(line + "\n"))
+    return out
+
+
+_NAMES = frozenset(
+    {RUNNING, WAITING, KV_USAGE, KV_USAGE_OLD, PREEMPTIONS, PREEMPTIONS_OLD, CACHE_INFO, GENERATION}
+)
+_PREFIXES = tuple(sorted(_NAMES))
+_NAME = re.compile(r"[^{\s]+")
+
+
+def _wanted(text: str) -> str:
+    """The sample lines of the names :func:`parse_metrics` reads (exact names: a prefix such
+    as ``vllm:num_preemptions`` does not keep ``vllm:num_preemptions_created``)."""
+    keep = []
+    for line in text.splitlines():
+        if line[:1] in (" ", "\t"):
+            line = line.lstrip()
+        if line.startswith(_PREFIXES):
+            name = _NAME.match(line)
+            if name is not None and name.group() in _NAMES:
+                keep.append(line)
+    keep.append("")
+    return "\n".join(keep)
 
 
 def parse_metrics(text: str, now: float | None = None) -> Scrape:
@@ -114,7 +122,7 @@ def parse_metrics(text: str, now: float | None = None) -> Scrape:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     kv_tokens: int | None = None
-    for s in parse_samples(text):
+    for s in parse_samples(_wanted(text)):
         if s.name == CACHE_INFO:
             try:
                 blocks = int(float(s.labels["num_gpu_blocks"]))

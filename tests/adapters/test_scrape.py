@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
 from adapters.scrape import MetricsNotExported, parse_metrics, parse_samples, scrape
+from tests.conftest import free_port
+from tests.harness import Proc
 
 VLLM_TEXT = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -80,3 +84,45 @@ async def test_scrape_over_http() -> None:
         assert s.metrics.scraped_at > 0
         with pytest.raises(MetricsNotExported):
             await scrape(client, "http://other")
+
+
+def test_only_exact_names_are_read() -> None:
+    # names that merely start with a read name are other metrics, whatever comes first
+    text = (
+        "vllm:num_requests_running_max 99\n"
+        "vllm:num_requests_running{engine=\"0\"} 2\n"
+        "vllm:num_preemptions_created 1.7e9\n"
+        "vllm:num_preemptions_total 3\n"
+        "\tvllm:num_requests_waiting 4\n"  # leading blanks are allowed by the text format
+    )
+    m = parse_metrics(text, now=1).metrics
+    assert m.num_requests_running == 2.0
+    assert m.num_preemptions_total == 3.0
+    assert m.num_requests_waiting == 4.0
+
+
+def test_parse_metrics_equals_a_fold_of_every_sample_of_a_simulator(tmp_path: Path) -> None:
+    """The name filter in front of the library loses nothing on a real simulator's text."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sim = Proc([sys.executable, "-m", "adapters.sim", "--host", "127.0.0.1", "--port", str(port),
+                "--model", "m", "--log-level", "warning"], url + "/health", tmp_path / "sim.log")
+    try:
+        for n in (3, 5, 7):
+            httpx.post(url + "/v1/chat/completions", timeout=30, json={
+                "model": "m", "max_tokens": n, "messages": [{"role": "user", "content": "hi"}],
+            }).raise_for_status()
+        text = httpx.get(url + "/metrics").text
+    finally:
+        sim.stop()
+    every = parse_samples(text)
+    assert any(s.name.endswith("_bucket") for s in every)  # histograms were parsed too
+    want = {s.name: s.value for s in every if s.labels.get("model_name") == "m"}
+    s = parse_metrics(text, now=1.0)
+    assert s.metrics.generation_tokens_total == want["vllm:generation_tokens_total"] == 15.0
+    assert s.metrics.num_requests_running == want["vllm:num_requests_running"] == 0.0
+    assert s.metrics.kv_cache_usage_perc == want["vllm:kv_cache_usage_perc"]
+    assert s.metrics.num_preemptions_total == want["vllm:num_preemptions_total"]
+    (info,) = [x for x in every if x.name == "vllm:cache_config_info"]
+    blocks, block = int(info.labels["num_gpu_blocks"]), int(info.labels["block_size"])
+    assert s.kv_capacity_tokens == (blocks - 1) * block
