@@ -18,7 +18,7 @@ def test_null_admin_key_is_a_key_not_unset() -> None:
 
 
 def test_an_empty_admin_key_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="admin.api_key"):
+    with pytest.raises(ConfigError, match=r"admin\.api_key"):
         load_settings(None, environ={"DRIFTSCHED_ADMIN_KEY": ""})
 
 
@@ -37,7 +37,7 @@ def test_numbers_booleans_and_null_for_optional_numbers() -> None:
     })
     assert s.server.port == 9100 and s.server.access_log is False
     assert s.scheduler.max_queued is None and s.scheduler.governor.enabled is True
-    with pytest.raises(ConfigError, match="server.port"):
+    with pytest.raises(ConfigError, match=r"server\.port"):
         load_settings(None, environ={"DRIFTSCHED_SERVER__PORT": "null"})
     with pytest.raises(ConfigError, match="auth_cache_ttl_s"):
         load_settings(None, environ={"DRIFTSCHED_SERVER__AUTH_CACHE_TTL_S": ".inf"})
