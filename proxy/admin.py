@@ -18,11 +18,12 @@ import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated, Any
 
+import httpx
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.config import UpstreamConfig
@@ -91,9 +92,24 @@ class RotateIn(_Body):
 
 
 class BackendIn(UpstreamConfig):
-    """Body of ``POST /admin/backends``: an upstream as in the YAML file, numbers finite."""
+    """Body of ``POST /admin/backends``: an upstream as in the YAML file, numbers finite and
+    the URL one that parses (``http://[::1`` passed the YAML check and broke the pool's
+    scrape loop)."""
 
     model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("url")
+    @classmethod
+    def _parses(cls, v: str) -> str:
+        try:
+            url = httpx.URL(v)
+        except (httpx.InvalidURL, ValueError) as e:
+            raise ValueError(f"not a valid URL: {e}") from None
+        if url.scheme in ("http", "https") and not url.host:
+            raise ValueError("not a valid URL: no host")
+        if url.port is not None and not 0 < url.port < 65536:
+            raise ValueError("not a valid URL: port out of range")
+        return v
 
 
 class TenantOut(BaseModel):

@@ -182,14 +182,17 @@ def _parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:
+    """``max_completion_tokens``, else ``max_tokens`` (both are checked: both go upstream)."""
+    found: int | None = None
     for name in ("max_completion_tokens", "max_tokens"):
         v = body.get(name)
         if v is None:
             continue
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_TOKENS:
             raise _bad(f"'{name}' must be an integer from 1 to {MAX_TOKENS}", param=name)
-        return v
-    return None
+        if found is None:
+            found = v
+    return found
 
 
 def _check_n(body: dict[str, Any]) -> None:
