@@ -36,6 +36,7 @@ from adapters.errors import (
     PermissionDenied,
     StoreUnavailable,
 )
+from proxy.admin_ui import build_ui_router
 from proxy.config import (
     Concurrency,
     DailyQuota,
@@ -223,6 +224,8 @@ GW = Annotated[Gateway, Depends(_gateway)]
 
 def build_admin_router(app: DriftSchedApp) -> APIRouter:
     install_error_handlers(app.api)
+    # the operator page: a shell without data, so outside the admin key (proxy/admin_ui.py)
+    app.api.include_router(build_ui_router())
 
     async def require_admin(request: Request) -> None:
         configured = app.settings.admin.api_key
