@@ -3,19 +3,22 @@
 Each protocol answers one question, in the manner of llm-d's flow-control framework:
 
 * :class:`OrderingPolicy` — *which request in this queue next?* (a numeric queue key);
-* :class:`Accounting` — *how does serving a request change its tenant's state?*
+* :class:`ChargeModel` — *what does serving a request cost its tenant?* (fair share).
 
 *Which flow next, may it run now, on which engine?* is not a policy's question: the
 admission core (:mod:`proxy.admission.core`) answers it the same way for every policy --
-flows per (tenant, model), served in key order, under each tenant's live concurrency
-limit and each engine's capacity.
+flows per (tenant, model), served in key order (or, in ``"counter"`` order, by the lowest
+tenant counter first: exact VTC), under each tenant's live concurrency limit and each
+engine's capacity. The fair-share ledger (each tenant's virtual counter, the lift of a
+tenant returning from idle, the charges of its queued requests) lives in the core too, so
+it is one ledger whichever replica admits; a policy only says what a request costs.
 
 Policies are stateless: everything that changes while the gateway runs (virtual counters,
-in-flight counts, drift-adjusted limits) is a :class:`TenantState` the engine owns, stores
-(in memory or in Redis) and passes in; hooks return a new state instead of mutating one.
-Every built-in is an immutable object, so all methods here are safe to call concurrently
-from any task, thread or replica. Time is always an argument (``now``, wall-clock seconds
-from the injected :class:`adapters.clock.Clock`), never read from the system.
+in-flight counts, drift-adjusted limits) is a :class:`TenantState` snapshot the scheduler
+builds and passes in. Every built-in is an immutable object, so all methods here are safe
+to call concurrently from any task, thread or replica. Time is always an argument (``now``,
+wall-clock seconds from the injected :class:`adapters.clock.Clock`), never read from the
+system.
 
 Levels follow ``ClassConfig.level``: lower is more important. Keys are ordered lower first;
 the admission queue breaks equal keys by enqueue order, so the order over a queue is a
@@ -29,8 +32,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     from policies.drift import DriftParams
 
 
@@ -75,13 +76,14 @@ class TenantState:
 
     name: str
     level: int = 1
-    #: VTC virtual counter: weighted tokens served (charged at admit, corrected at completion)
+    #: VTC virtual counter: weighted tokens served (charged at grant, corrected at release),
+    #: as the admission queue's ledger last showed it (lifted to the floor if below)
     virtual_counter: float = 0.0
-    #: system virtual time, the same in every snapshot: the minimum counter over backlogged
-    #: tenants or, when none is backlogged, the counter of the tenant whose queue drained last
+    #: system virtual time: the minimum counter over backlogged tenants or, when none is
+    #: backlogged, the counter of the tenant whose queue drained last (the lift target)
     virtual_floor: float = 0.0
-    #: admission charges of the tenant's queued requests (added at enqueue, moved to the
-    #: counter at admission, dropped at cancellation): the service it has asked for
+    #: charges of the tenant's queued requests, this request's own included: the service
+    #: it has asked for and not yet received
     queued_charge: float = 0.0
     in_flight: int = 0
     #: current (drift-adjusted) concurrency limit; None = unlimited
@@ -117,42 +119,21 @@ class OrderingPolicy(Protocol):
         ...
 
 
-class Accounting(Protocol):
-    """How does queueing and serving a request change its tenant's state? (fair share)
+class ChargeModel(Protocol):
+    """What does serving a request cost its tenant? (fair share, in weighted tokens)
 
-    Every hook returns a new state for the same tenant and touches no other tenant. Charges
-    are additive (new - old does not depend on old), so a shared store can apply them as
-    increments (``HINCRBYFLOAT``); only :meth:`on_enqueue`'s lift is a ``max``. A request
-    goes through ``on_enqueue``, then ``on_admit`` + ``on_complete`` or ``on_cancel``.
+    The admission core adds :meth:`charge` to the tenant's virtual counter when the request
+    is granted and :meth:`correction` when it is released, so the counter ends at the true
+    cost; a granted request that is given back unserved is refunded its charge. Pure.
     """
 
-    def on_enqueue(
-        self,
-        state: TenantState,
-        req: QueuedRequest,
-        backlogged: Mapping[str, TenantState],
-        now: float,
-    ) -> TenantState:
-        """``req`` is enqueued (call before computing its key). A tenant returning from idle
-        (not in ``backlogged``) is first lifted to the minimum counter of the backlogged
-        tenants (``state.virtual_floor`` when none is), so idleness banks no credit; then
-        ``req``'s charge is added to ``queued_charge``."""
+    def charge(self, req: QueuedRequest) -> float:
+        """The grant charge of ``req`` (finite, >= 0): its predicted cost over its weight."""
         ...
 
-    def on_admit(self, state: TenantState, req: QueuedRequest, now: float) -> TenantState:
-        """``req`` was admitted: move its charge (prompt and predicted output) from
-        ``queued_charge`` to the counter."""
-        ...
-
-    def on_cancel(self, state: TenantState, req: QueuedRequest, now: float) -> TenantState:
-        """``req`` left the queue unserved (timeout, shed, disconnect): drop its charge."""
-        ...
-
-    def on_complete(
-        self, state: TenantState, req: QueuedRequest, actual_output_tokens: int, now: float
-    ) -> TenantState:
-        """An admitted ``req`` finished (or was cancelled mid-stream) after
-        ``actual_output_tokens``: correct the counter by actual minus predicted output."""
+    def correction(self, req: QueuedRequest, actual_output_tokens: int) -> float:
+        """What release adds to the grant charge once ``actual_output_tokens`` are known
+        (negative when the prediction was too long)."""
         ...
 
 
@@ -160,15 +141,24 @@ class Accounting(Protocol):
 class Policy:
     """What the registry builds from ``scheduler.policy``: the pieces of one policy.
 
-    ``ordering.key`` is each request's score in the admission queue; ``accounting`` (fair
-    share) keeps the tenant state the key reads; ``drift``: run a
+    ``ordering.key`` is each request's score in the admission queue; ``fair_share``: charge
+    requests to their tenants' virtual counters (the admission core keeps them; keys may
+    read them through :class:`TenantState`); ``order``: the admission queue's order,
+    ``"key"`` (every flow head by its key) or ``"counter"`` (the backlogged tenant with the
+    lowest counter first, its own requests by key: exact VTC); ``drift``: run a
     :class:`policies.drift.DriftController` with these parameters.
     """
 
     type: str
     ordering: OrderingPolicy
-    accounting: Accounting | None = None
+    fair_share: ChargeModel | None = None
+    #: proxy.admission.base.QueueOrder
+    order: Literal["key", "counter"] = "key"
     drift: DriftParams | None = None
+
+    def __post_init__(self) -> None:
+        if self.order == "counter" and self.fair_share is None:
+            raise ValueError("order 'counter' needs a fair_share charge model")
 
 
 DriftAction = Literal["none", "decrease", "increase", "compensate", "restore", "slo_decrease"]

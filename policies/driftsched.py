@@ -18,8 +18,9 @@ or, when the engine decodes slower than the TPOT SLO allows, the end-to-end budg
 ``ttft + tpot * pred`` less its expected service, which makes long requests more urgent.
 Drift feeds in twice: ``pred`` is scaled up by the tenant's drift ratio (its queue
 position is corrected) and the drift controller throttles drifting tenants' concurrency,
-boosting drifting premium tenants (``boost``) instead. *Debt* is VTC's counter (same
-accounting as ``fair``, evaluated after ``on_enqueue``) turned into a delay: a tenant that
+boosting drifting premium tenants (``boost``) instead. *Debt* is VTC's counter (the same
+charges as ``fair``, kept by the admission queue's ledger; the scheduler passes the tenant's
+counter, the floor and its queued charges, this request's included) turned into a delay: a tenant that
 has taken or queued more weighted tokens than the laggard waits a little longer, so one
 tenant's burst cannot crowd out its class; as the request's own charge is included, a long
 predicted output also yields a little to short ones (shortest-first, within ``max_debt_s``).
@@ -136,9 +137,4 @@ def build(parameters: Mapping[str, Any]) -> Policy:
         raise PolicyConfigError("scheduler.policy.parameters.drift: must be a mapping")
     drift = parse_parameters(TYPE, raw_drift, DriftParams, prefix="drift.")
     vtc = VirtualTokenCounter(p.input_weight, p.output_weight)
-    return Policy(
-        TYPE,
-        SlackOrder(p),
-        accounting=vtc,
-        drift=drift,
-    )
+    return Policy(TYPE, SlackOrder(p), fair_share=vtc, drift=drift)

@@ -10,18 +10,18 @@ cancellation), so the counter ends at the true cost. A tenant returning from idl
 to the minimum counter of the backlogged tenants (to the system floor when none is), so
 idleness banks no credit.
 
-Queue key (the admission queue has one order over flows, see :mod:`proxy.admission.core`):
-the tenant's *virtual finish time* at enqueue, ``virtual_counter + queued_charge`` (the
-request's own charge included), as in start-time / weighted fair queueing: a burst is
-spread over the virtual timeline and other tenants' requests interleave with it. Keys are
-fixed at enqueue, so a correction moves only later requests; there is no aging bound in
-seconds. (Exact VTC, which picks the backlogged tenant with the lowest counter at every
-dispatch, needs the counters inside the admission core; not built yet.)
+Order: exact VTC. The admission queue runs in ``"counter"`` order
+(:mod:`proxy.admission.core`): at every grant it serves the backlogged tenant whose counter
+is lowest, its own requests first come, first served (the key is 0.0), and a counter
+change (a grant's charge, a release's correction) re-ranks that tenant at once. The
+counters live in the queue (the Lua scripts on Redis), so every replica serves from one
+ledger. There is no aging bound in seconds.
 
-Guarantee: while tenants stay backlogged, their finish tags advance in proportion to the
-service they receive over their weights, so the tokens they receive converge to the ratio
-of their weights, whatever their request sizes (the completion correction settles wrong
-predictions for later requests).
+Guarantee (the VTC paper's bound for backlogged tenants): while tenants stay
+backlogged, the difference between the weighted service any two of them have received is
+bounded by a constant (of the order of the largest request's charge times the number of
+engine sequences), whatever their request sizes and rates; with the completion correction
+that holds for the true costs, not just the predicted ones.
 
 Charges are additive increments; the lift is a ``max`` at enqueue.
 
@@ -31,8 +31,8 @@ Parameters: ``input_weight`` (default 1.0), ``output_weight`` (default 2.0).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from policies.base import Policy, QueuedRequest, TenantState
@@ -51,14 +51,8 @@ class FairParams:
         check("output_weight", self.output_weight)
 
 
-def system_floor(counters: Iterable[float], last_drained: float) -> float:
-    """The engine's ``virtual_floor``: the minimum counter of the backlogged tenants, or
-    ``last_drained`` (the counter of the tenant whose queue emptied last) when none is."""
-    return min(counters, default=last_drained)
-
-
 class VirtualTokenCounter:
-    """:class:`Accounting` of VTC (module doc). Immutable."""
+    """:class:`~policies.base.ChargeModel` of VTC (module doc). Immutable."""
 
     __slots__ = ("input_weight", "output_weight")
 
@@ -67,54 +61,23 @@ class VirtualTokenCounter:
         self.output_weight = output_weight
 
     def charge(self, req: QueuedRequest) -> float:
-        """The admission charge of ``req``: prompt and predicted output, over its weight."""
+        """The grant charge of ``req``: prompt and predicted output, over its weight."""
         cost = self.input_weight * req.prompt_tokens + self.output_weight * req.predicted_output
         return cost / req.weight
 
     def correction(self, req: QueuedRequest, actual_output_tokens: int) -> float:
-        """What completion adds to the admission charge (negative if over-predicted)."""
+        """What release adds to the grant charge (negative if over-predicted)."""
         return self.output_weight * (actual_output_tokens - req.predicted_output) / req.weight
 
-    def on_enqueue(
-        self,
-        state: TenantState,
-        req: QueuedRequest,
-        backlogged: Mapping[str, TenantState],
-        now: float,
-    ) -> TenantState:
-        counter = state.virtual_counter
-        if state.name not in backlogged:
-            floor = (s.virtual_counter for s in backlogged.values())
-            counter = max(counter, system_floor(floor, state.virtual_floor))
-        queued = state.queued_charge + self.charge(req)
-        return replace(state, virtual_counter=counter, queued_charge=queued)
 
-    def on_admit(self, state: TenantState, req: QueuedRequest, now: float) -> TenantState:
-        c = self.charge(req)
-        return replace(
-            state,
-            virtual_counter=state.virtual_counter + c,
-            queued_charge=max(0.0, state.queued_charge - c),
-        )
-
-    def on_cancel(self, state: TenantState, req: QueuedRequest, now: float) -> TenantState:
-        return replace(state, queued_charge=max(0.0, state.queued_charge - self.charge(req)))
-
-    def on_complete(
-        self, state: TenantState, req: QueuedRequest, actual_output_tokens: int, now: float
-    ) -> TenantState:
-        delta = self.correction(req, actual_output_tokens)
-        return replace(state, virtual_counter=state.virtual_counter + delta)
-
-
-class VirtualFinishOrder:
-    """Ordering of ``fair``: ``max(virtual_floor, virtual_counter + queued_charge)``,
-    evaluated after :meth:`VirtualTokenCounter.on_enqueue` (module doc)."""
+class TenantFifo:
+    """Ordering of ``fair``: 0.0 for every request, so in the queue's counter order a
+    tenant's own requests are served in arrival order (module doc)."""
 
     __slots__ = ()
 
     def key(self, req: QueuedRequest, tenant: TenantState, now: float) -> float:
-        return max(tenant.virtual_floor, tenant.virtual_counter + tenant.queued_charge)
+        return 0.0
 
     def max_overtake_s(self, min_level: int, max_level: int) -> float:
         return math.inf
@@ -123,4 +86,4 @@ class VirtualFinishOrder:
 def build(parameters: Mapping[str, Any]) -> Policy:
     p = parse_parameters(TYPE, parameters, FairParams)
     vtc = VirtualTokenCounter(p.input_weight, p.output_weight)
-    return Policy(TYPE, VirtualFinishOrder(), accounting=vtc)
+    return Policy(TYPE, TenantFifo(), fair_share=vtc, order="counter")

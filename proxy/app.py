@@ -139,13 +139,13 @@ class DriftSchedApp:
         await store.start()
         sc = settings.scheduler
         caps = QueueCaps(max_queued=sc.max_queued, max_queued_per_tenant=sc.max_queued_per_tenant)
-        queue = build_queue(settings.store, self.replica_id, caps=caps)
+        policy = build_scheduling_policy(settings)
+        queue = build_queue(settings.store, self.replica_id, caps=caps, order=policy.order)
         await queue.start()
         metrics = GatewayMetrics()
         pool = self.pool_factory(settings)
         clients = UpstreamClients()
         shaper = Shaper(store, clock, settings.store.fail_open)
-        policy = build_scheduling_policy(settings)
         estimator = load_estimator(settings.scheduler.estimator)
         drift = DriftController(policy.drift, clock=clock) if policy.drift is not None else None
         scheduler = Scheduler(settings=settings, clock=clock, queue=queue, pool=pool,

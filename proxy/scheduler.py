@@ -8,8 +8,14 @@ The gateway side of scheduling. Per request:
 3. **wait** for the grant that any replica's dispatch makes once the tenant is under its
    (drift-adjusted) concurrency limit and an engine has room for the footprint; the grant
    names the engine;
-4. on completion **release** the hold, feed the estimator (off the request path), the drift
-   controller and the fairness accounting.
+4. on completion **release** the hold with the fair-share correction (actual minus
+   predicted cost), feed the estimator (off the request path) and the drift controller.
+
+Fair share is the admission queue's: each item carries its grant charge
+(:attr:`~proxy.admission.base.QueueItem.charge`, the policy's
+:class:`~policies.base.ChargeModel`) and the queue keeps every tenant's virtual counter, on
+Redis for all replicas at once. A key that reads the counters (``driftsched``'s debt) reads
+the ledger as the capacity loop last saw it (:class:`FairLedger`).
 
 A dispatch loop per replica wakes on release/enqueue notifications (not polling) and a
 capacity publisher pushes every engine's admission budget (KV capacity x
@@ -71,6 +77,8 @@ class Admitted:
     queued_s: float
     #: estimator features, kept for learning at completion
     features: dict[str, Any]
+    #: the fair-share charge its grant added to the tenant's counter
+    charge: float = 0.0
 
 
 class SloWindow:
@@ -134,11 +142,8 @@ class Scheduler:
         self.attainment_snapshot: dict[int, tuple[float, int]] = {}
         self._next_slo_check = 0.0
         self._lease_ttl = settings.store.lease_ttl_s
-        #: per-tenant policy state on this replica (virtual tags for fair share)
-        self._states: dict[str, TenantState] = {}
-        #: requests of each tenant queued on this replica (its backlogged tenants)
-        self._queued: dict[str, int] = {}
-        self._last_drained = 0.0
+        #: the queue's fair-share ledger as last read, plus this replica's charges since
+        self.ledger = FairLedger()
         self._held: dict[str, Admitted] = {}
         self._learn: deque[tuple[dict[str, Any], float]] = deque(maxlen=10_000)
         self._learn_wake = asyncio.Event()
@@ -226,17 +231,20 @@ class Scheduler:
         level = self.settings.classes[tenant.qos_class].level
         self.slo.record(level, met, now)
 
-    def tenant_state(self, tenant: Tenant) -> TenantState:
+    def tenant_state(self, tenant: Tenant, charge: float = 0.0) -> TenantState:
+        """What the policy's key reads of ``tenant`` now: its level, live limit, drift
+        annotations and, under a fair-share policy, its ledger position with ``charge``
+        (the request's own) counted as queued."""
         level = self.settings.classes[tenant.qos_class].level
-        st = self._states.get(tenant.name)
-        if st is None or st.level != level:
-            st = TenantState(name=tenant.name, level=level, limit=tenant.max_concurrency,
-                             queue_timeout_s=tenant.queue_timeout_s,
-                             virtual_counter=st.virtual_counter if st else
-                             self._floor(self._backlogged()))
-            self._states[tenant.name] = st
         self._base_limits[tenant.name] = tenant.max_concurrency
-        st = replace(st, limit=tenant.max_concurrency, queue_timeout_s=tenant.queue_timeout_s)
+        if self.policy.fair_share is None:
+            st = TenantState(tenant.name, level, limit=tenant.max_concurrency,
+                             queue_timeout_s=tenant.queue_timeout_s)
+        else:
+            vc, floor, queued = self.ledger.position(tenant.name)
+            st = TenantState(tenant.name, level, vc, floor, queued + charge,
+                             limit=tenant.max_concurrency,
+                             queue_timeout_s=tenant.queue_timeout_s)
         if self.drift is not None:
             self.drift.configure(tenant.name, level, tenant.max_concurrency)
             st = self.drift.annotate(st)
@@ -323,41 +331,6 @@ class Scheduler:
             f"{who} is full ({cap} requests waiting); it drains at about {rate:.1f} "
             f"requests/s. Please retry after {retry:.0f}s.", retry_after_s=retry)
 
-    def _backlogged(self) -> dict[str, TenantState]:
-        return {t: self._states[t] for t, n in self._queued.items() if n > 0 and t in self._states}
-
-    def _floor(self, backlogged: dict[str, TenantState]) -> float:
-        """System virtual time: min counter over backlogged tenants, else the counter of the
-        tenant whose queue drained last (VTC's lift target)."""
-        return min((s.virtual_counter for s in backlogged.values()), default=self._last_drained)
-
-    def _enqueue_state(self, qreq: QueuedRequest, state: TenantState, now: float) -> float:
-        """Apply the policy's enqueue accounting and return the request's queue key."""
-        acc = self.policy.accounting
-        backlogged = self._backlogged()
-        state = replace(state, virtual_floor=self._floor(backlogged))
-        if acc is not None:
-            state = acc.on_enqueue(state, qreq, backlogged, now)
-        self._states[state.name] = _persisted(state, self._states[state.name])
-        self._queued[state.name] = self._queued.get(state.name, 0) + 1
-        return self.policy.ordering.key(qreq, state, now)
-
-    def _dequeued(self, qreq: QueuedRequest, admitted: bool) -> None:
-        name = qreq.tenant
-        left = self._queued.get(name, 1) - 1
-        if left <= 0:
-            self._queued.pop(name, None)
-            if name in self._states:
-                self._last_drained = self._states[name].virtual_counter
-        else:
-            self._queued[name] = left
-        acc, st = self.policy.accounting, self._states.get(name)
-        if acc is None or st is None:
-            return
-        now = self.clock.time()
-        new = acc.on_admit(st, qreq, now) if admitted else acc.on_cancel(st, qreq, now)
-        self._states[name] = _persisted(new, st)
-
     async def admit(
         self, tenant: Tenant, req: ParsedRequest, rid: str, x: dict[str, Any], est: Estimate
     ) -> Admitted:
@@ -368,34 +341,37 @@ class Scheduler:
         removes the item, or releases the grant if it raced with the cancel.
         """
         now = self.clock.time()
-        state = self.tenant_state(tenant)
+        level = self.settings.classes[tenant.qos_class].level
         ttft, tpot = self.slo_ms(tenant)
         qreq = QueuedRequest(
             id=rid, tenant=tenant.name, arrival=now, prompt_tokens=req.prompt_tokens,
             predicted_output_p50=est.p50, predicted_output_p90=est.p90,
-            qos_class=tenant.qos_class, level=state.level, weight=tenant.weight,
+            qos_class=tenant.qos_class, level=level, weight=tenant.weight,
             max_tokens=req.max_tokens, ttft_slo_s=ttft / 1000 if ttft else None,
             tpot_slo_s=tpot / 1000 if tpot else None, model=req.model,
         )
+        fs = self.policy.fair_share
+        charge = fs.charge(qreq) if fs is not None else 0.0
+        state = self.tenant_state(tenant, charge)
         item = QueueItem(
             id=rid, tenant=tenant.name, replica=self.replica_id, model=req.model,
-            score=self._enqueue_state(qreq, state, now), footprint=qreq.footprint,
-            deadline=now + tenant.queue_timeout_s, exempt=self.governor.exempts(state.level),
+            score=self.policy.ordering.key(qreq, state, now), footprint=qreq.footprint,
+            deadline=now + tenant.queue_timeout_s, exempt=self.governor.exempts(level),
+            charge=charge,
         )
         granted = False
         try:
             await self.publish_limits([tenant.name])
             result = await self.queue.enqueue(item, now)
             if result in ("tenant_full", "full"):
-                self._dequeued(qreq, admitted=False)
                 raise self._queue_full(tenant, result)
         except StoreDown as e:
-            self._dequeued(qreq, admitted=False)
             if not self.settings.store.fail_open:
                 raise StoreUnavailable("The admission queue's store is unavailable.") from e
             log.warning("queue unavailable, admitting without scheduling (fail_open): %s", e)
             bypass = Grant(rid, tenant.name, self.replica_id, "", qreq.footprint)
             return Admitted(bypass, qreq, est, 0.0, {})
+        self.ledger.queued(tenant.name, charge)
         try:
             try:
                 await self.queue.dispatch(now, self._lease_ttl)
@@ -409,19 +385,18 @@ class Scheduler:
                     retry_after_s=self.retry_after_s(tenant),
                 )
             granted = True
-            self._dequeued(qreq, admitted=True)
-            adm = Admitted(res, qreq, est, self.clock.time() - now, x)
+            adm = Admitted(res, qreq, est, self.clock.time() - now, x, charge)
             self._held[rid] = adm
             return adm
         finally:
             if not granted:
-                self._dequeued(qreq, admitted=False)
-                await asyncio.shield(self._withdraw(rid))
+                await asyncio.shield(self._withdraw(rid, charge))
 
-    async def _withdraw(self, rid: str) -> None:
+    async def _withdraw(self, rid: str, charge: float) -> None:
         try:
             if not await self.queue.cancel(rid):
-                await self.queue.release(rid)  # granted while we gave up: give it back
+                # granted while we gave up: give it back, unserved, so uncharged
+                await self.queue.release(rid, -charge)
         except Exception:
             log.exception("withdrawing a queued request failed; its lease will expire")
 
@@ -442,21 +417,21 @@ class Scheduler:
             await self.queue.grow(rid, delta_tokens)
 
     async def complete(self, adm: Admitted, actual_output: int | None) -> None:
-        """Release the hold; learn from the real output length (None: unknown, no learning)."""
+        """Release the hold, correcting its fair-share charge by the real output length;
+        learn from it (None: unknown, charged as predicted, no learning)."""
         rid = adm.grant.id
         self._held.pop(rid, None)
         x = adm.features
+        fs = self.policy.fair_share
+        correction = 0.0
+        if fs is not None and actual_output is not None and adm.charge:
+            correction = fs.correction(adm.qreq, actual_output)
         try:
-            await self.queue.release(rid)
+            await self.queue.release(rid, correction)
         except Exception:
             log.exception("releasing a grant failed; its lease will expire")
         if actual_output is None:
             return
-        st = self._states.get(adm.qreq.tenant)
-        acc = self.policy.accounting
-        if st is not None and acc is not None:
-            new = acc.on_complete(st, adm.qreq, actual_output, self.clock.time())
-            self._states[st.name] = _persisted(new, st)
         if self.drift is not None:
             with contextlib.suppress(KeyError):
                 action = self.drift.observe(adm.qreq.tenant, adm.estimate.p50, actual_output)
@@ -532,6 +507,7 @@ class Scheduler:
                 await self.publish_limits()
                 await self.queue.dispatch(now, self._lease_ttl)
                 stats = await self.queue.stats()
+                self.ledger.observe(stats)
                 self._drain.observe(stats, now)
                 self.depth_snapshot = stats.queued
                 self.loads_snapshot = await self.queue.loads(now)
@@ -612,7 +588,36 @@ class DrainRates:
         self._rates = rates
 
 
-def _persisted(new: TenantState, old: TenantState) -> TenantState:
-    """Keep what accounting owns (counters); the drift fields are re-annotated per use."""
-    return replace(old, virtual_counter=new.virtual_counter, queued_charge=new.queued_charge,
-                   virtual_floor=new.virtual_floor)
+class FairLedger:
+    """The admission queue's fair-share ledger as this replica last read it
+    (:meth:`~proxy.admission.base.AdmissionQueue.stats`, every 0.5 s), plus the charges this
+    replica queued since: what a key that reads counters sees (``driftsched``'s debt). The
+    queue's own decisions never use this copy; it may lag other replicas by one read."""
+
+    __slots__ = ("_backlogged", "_charges", "_counters", "_floor", "_since")
+
+    def __init__(self) -> None:
+        self._counters: dict[str, float] = {}
+        self._charges: dict[str, float] = {}
+        self._backlogged: dict[str, int] = {}
+        self._floor = 0.0
+        self._since: dict[str, float] = {}
+
+    def observe(self, stats: QueueStats) -> None:
+        self._counters, self._charges = stats.counters, stats.queued_charge
+        self._backlogged, self._floor = stats.queued, stats.floor
+        self._since = {}
+
+    def queued(self, tenant: str, charge: float) -> None:
+        if charge:
+            self._since[tenant] = self._since.get(tenant, 0.0) + charge
+
+    def position(self, tenant: str) -> tuple[float, float, float]:
+        """(counter, floor, queued charges) of ``tenant``; a tenant with nothing queued is
+        at least at the floor (the lift the queue applies when it enqueues)."""
+        floor = self._floor
+        queued = self._charges.get(tenant, 0.0) + self._since.get(tenant, 0.0)
+        vc = self._counters.get(tenant, 0.0)
+        if vc < floor and tenant not in self._backlogged and tenant not in self._since:
+            vc = floor
+        return vc, floor, queued

@@ -14,6 +14,7 @@ from policies.base import Policy, QueuedRequest, TenantState
 from policies.registry import build_policy, register_builtins
 from proxy.admission.base import EngineCapacity, QueueItem
 from proxy.admission.core import AdmissionCore
+from proxy.scheduler import FairLedger
 
 T0 = 1_700_000_000.0
 
@@ -98,49 +99,51 @@ def random_tenant(rng: random.Random, name: str) -> TenantState:
 
 class CoreQueue:
     """The admission core (:class:`~proxy.admission.core.AdmissionCore`) with one engine,
-    fed as the scheduler feeds it: accounting at enqueue (lift, queued charge), then the
-    policy's key as the item's score. ``max_seqs`` None: unbounded capacity."""
+    fed as the scheduler feeds it: the core in the policy's order, each item with its
+    fair-share charge and the policy's key over the ledger as the scheduler reads it
+    (:class:`~proxy.scheduler.FairLedger`, here read afresh at every enqueue), corrections at
+    release. ``states``: the tenants' other fields (level, boost, ...). ``max_seqs`` None:
+    unbounded capacity."""
 
     def __init__(self, policy: Policy, max_seqs: int | None = None) -> None:
         self.policy = policy
-        self.core = AdmissionCore()
+        self.core = AdmissionCore(order=policy.order)
         self.core.set_engines([EngineCapacity("e", ("m",), None, max_seqs, True)], T0, 1e12)
         self.states: dict[str, TenantState] = {}
         self.queued: dict[str, QueuedRequest] = {}
+        self.ledger = FairLedger()
+
+    def charge(self, req: QueuedRequest) -> float:
+        fs = self.policy.fair_share
+        return fs.charge(req) if fs is not None else 0.0
+
+    def state(self, req: QueuedRequest) -> TenantState:
+        """The tenant's state as the key sees it when ``req`` is enqueued."""
+        st = self.states.get(req.tenant) or make_tenant(req.tenant)
+        self.ledger.observe(self.core.stats())
+        vc, floor, queued = self.ledger.position(req.tenant)
+        return replace(st, virtual_counter=vc, virtual_floor=floor,
+                       queued_charge=queued + self.charge(req))
 
     def enqueue(self, req: QueuedRequest, now: float | None = None) -> float:
         """Queue ``req`` (at its arrival unless ``now``); returns its key."""
         now = req.arrival if now is None else now
-        backlogged = {n: self.states[n] for n in {r.tenant for r in self.queued.values()}}
-        floor = min((s.virtual_counter for s in backlogged.values()), default=None)
-        st = self.states.get(req.tenant) or make_tenant(req.tenant)
-        if floor is not None:
-            st = replace(st, virtual_floor=floor)
-        if self.policy.accounting is not None:
-            st = self.policy.accounting.on_enqueue(st, req, backlogged, now)
-        self.states[req.tenant] = st
-        key = self.policy.ordering.key(req, st, now)
-        result = self.core.enqueue(
-            QueueItem(req.id, req.tenant, "r", "m", key, req.footprint, math.inf))
+        key = self.policy.ordering.key(req, self.state(req), now)
+        result = self.core.enqueue(QueueItem(req.id, req.tenant, "r", "m", key, req.footprint,
+                                             math.inf, charge=self.charge(req)))
         assert result == "queued", result
         self.queued[req.id] = req
         return key
 
     def dispatch(self, now: float, max_grants: int = 1 << 30) -> list[QueuedRequest]:
-        """Grant what the core admits now; admitted requests are charged (``on_admit``)."""
+        """Grant what the core admits now (the core charges each grant)."""
         grants, expired = self.core.dispatch(now, 1e12, max_grants)
         assert not expired
-        out = []
-        for g in grants:
-            req = self.queued.pop(g.id)
-            if self.policy.accounting is not None:
-                st = self.states[req.tenant]
-                self.states[req.tenant] = self.policy.accounting.on_admit(st, req, now)
-            out.append(req)
-        return out
+        return [self.queued.pop(g.id) for g in grants]
 
     def complete(self, req: QueuedRequest, actual_output: int, now: float) -> None:
-        self.core.release(req.id)
-        if self.policy.accounting is not None:
-            st = self.states[req.tenant]
-            self.states[req.tenant] = self.policy.accounting.on_complete(st, req, actual_output, now)
+        fs = self.policy.fair_share
+        self.core.release(req.id, fs.correction(req, actual_output) if fs is not None else 0.0)
+
+    def counter(self, tenant: str) -> float:
+        return self.core.stats().counters.get(tenant, 0.0)

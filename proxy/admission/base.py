@@ -24,7 +24,7 @@ and :meth:`AdmissionQueue.wait_capacity` may raise
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias
 
 
@@ -49,6 +49,15 @@ class QueueItem:
     #: may fill an engine up to ``max_seqs``, past its ``soft_seqs`` (the top class under
     #: the TPOT governor: its requests never wait for a slot the governor holds back)
     exempt: bool = False
+    #: weighted tokens added to the tenant's virtual counter when the item is granted (the
+    #: fair-share charge; 0 for policies without one). See :class:`QueueOrder`.
+    charge: float = 0.0
+
+
+#: how flows are ranked against each other: ``"key"`` by their head item's ``score``;
+#: ``"counter"`` by the tenant's virtual counter plus the head's ``score`` (exact VTC: the
+#: backlogged tenant that has received the least weighted service goes first)
+QueueOrder: TypeAlias = Literal["key", "counter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +112,17 @@ class QueueCaps:
 @dataclass(frozen=True, slots=True)
 class QueueStats:
     """Backlog and drain counters: queued items per backlogged tenant, grants made so far
-    (per backlogged tenant and in total) since the queue's state was created."""
+    (per backlogged tenant and in total) since the queue's state was created; and the
+    fair-share ledger: every charged tenant's virtual counter, the charges of each
+    backlogged tenant's queued items, and the system floor (the lowest counter of the
+    backlogged tenants, else the counter of the tenant whose queue drained last)."""
 
     queued: dict[str, int]
     granted: dict[str, int]
     granted_total: int
+    counters: dict[str, float] = field(default_factory=dict)
+    queued_charge: dict[str, float] = field(default_factory=dict)
+    floor: float = 0.0
 
 
 #: what :meth:`AdmissionQueue.enqueue` says: queued, already known (a no-op), or refused
@@ -126,6 +141,15 @@ class AdmissionQueue(Protocol):
     expired, or :meth:`cancel` removes it) -> while granted it holds capacity under a lease
     (:meth:`renew`, :meth:`grow`) -> :meth:`release`. Leases not renewed lapse and are
     reclaimed, so a crashed replica cannot leak capacity.
+
+    Fair share (VTC, Sheng et al., OSDI '24) is kept here, shared by every replica: each
+    tenant has a virtual counter of the weighted service it received (an item's ``charge``
+    at grant, the ``correction`` at release). A tenant that becomes backlogged (its first
+    queued item) is first lifted to the system floor -- the lowest counter of the
+    backlogged tenants, else the counter of the tenant whose queue drained last -- so
+    idleness banks no credit. Under ``"counter"`` order the flow of the backlogged tenant
+    with the lowest counter goes first; under ``"key"`` order the counters are only
+    reported (:meth:`stats`) for policies that read them.
     """
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -172,7 +196,8 @@ class AdmissionQueue(Protocol):
 
         First, lapsed leases (expiry <= ``now``) are reclaimed and every queued item with
         ``now > deadline`` is dropped, wherever it stands, and its replica is told
-        ``"expired"``. Then flow heads are taken in (score, enqueue order):
+        ``"expired"``. Then flow heads are taken in the queue's order (:data:`QueueOrder`:
+        by (score, enqueue order), or by (tenant counter + score, enqueue order)):
 
         * a tenant holding ``>= limit`` granted items (:meth:`set_limits`) is parked: its
           flows are not looked at, and keep their places;
@@ -183,7 +208,8 @@ class AdmissionQueue(Protocol):
           with the most free tokens wins (unlimited = most; ties: fewer seqs, then name).
           Granted: the item leaves the queue, holds ``min(footprint, budget)`` tokens and one
           seq on that engine under a lease expiring at ``now + lease_ttl_s``, counts in its
-          tenant's in-flight, and its replica is notified;
+          tenant's in-flight, adds its ``charge`` to its tenant's counter, and its replica is
+          notified;
         * no candidate has room: the head **blocks** every engine serving its model -- no
           later item is granted on them (strict order: nothing overtakes the head). Flows
           whose engines are all blocked keep their places. With a single model this is
@@ -206,10 +232,12 @@ class AdmissionQueue(Protocol):
         """
 
     # -- holds -------------------------------------------------------------------------
-    async def release(self, item_id: str) -> None:
+    async def release(self, item_id: str, correction: float = 0.0) -> None:
         """Free whatever ``item_id`` holds: its engine tokens and seq and its tenant's
-        in-flight slot (also dequeues it if still queued). Idempotent. Wakes
-        :meth:`wait_capacity` everywhere when something was freed."""
+        in-flight slot (also dequeues it if still queued). ``correction`` (weighted tokens,
+        may be negative) is added to the tenant's virtual counter when a hold was freed: the
+        fair-share charge made at grant time settled against the real output. Idempotent.
+        Wakes :meth:`wait_capacity` everywhere when something was freed."""
 
     async def move(self, item_id: str, engine: str) -> bool:
         """Move a hold (its footprint and sequence) to ``engine``: the request is served by

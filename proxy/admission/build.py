@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from proxy.admission.base import AdmissionQueue, QueueCaps
+from proxy.admission.base import AdmissionQueue, QueueCaps, QueueOrder
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -24,21 +24,24 @@ def build_queue(
     replica_id: str,
     *,
     caps: QueueCaps | None = None,
+    order: QueueOrder = "key",
     redis_client: Redis | None = None,
 ) -> AdmissionQueue:
     """A new, not yet started queue for ``cfg.type``.
 
     ``replica_id``: this gateway process, unique among live replicas (grants for the
     requests whose connection it holds are delivered to it). ``caps``: depth limits
-    checked at enqueue (default: none). ``redis_client``: (redis only)
+    checked at enqueue (default: none). ``order``: how flows are ranked (the policy's
+    :attr:`~policies.base.Policy.order`). ``redis_client``: (redis only)
     an existing ``redis.asyncio.Redis`` to share, e.g. the store's; its owner closes it.
     """
     if cfg.type == "memory":
         from proxy.admission.memory import MemoryQueue
 
-        return MemoryQueue(replica_id, caps)
+        return MemoryQueue(replica_id, caps, order)
     if cfg.type == "redis":
         from proxy.admission.redis import RedisQueue
 
-        return RedisQueue(replica_id, cfg.url, prefix=cfg.prefix, caps=caps, client=redis_client)
+        return RedisQueue(replica_id, cfg.url, prefix=cfg.prefix, caps=caps, order=order,
+                          client=redis_client)
     raise ValueError(f"store.type: unknown store {cfg.type!r}; known: ['memory', 'redis']")

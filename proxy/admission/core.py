@@ -12,16 +12,22 @@ Shape, after llm-d's flow control (bands, flows, ordering):
 * **flows**: one per (tenant, model) with something queued, a min-heap of
   ``(score, seq, id)`` (the policy's key, then enqueue order);
 * **ready heaps**: one per model, holding the head of every flow of that model whose tenant
-  is under its concurrency limit. "Which flow next?" is the ready head that comes first in
-  (score, seq) over the models that still have engine room, which is exactly the global
-  (score, seq) order over every item a dispatch may grant;
+  is under its concurrency limit, under its rank: ``(score, seq)`` in ``"key"`` order,
+  ``(counter + score, seq)`` in ``"counter"`` order (exact VTC). "Which flow next?" is the
+  ready head that comes first over the models that still have engine room, which is
+  exactly the global order over every item a dispatch may grant;
+* **the fair-share ledger**: a virtual counter per charged tenant (charge at grant,
+  correction at release), the lift to the system floor when a tenant becomes backlogged
+  (the floor is the minimum of a heap over the backlogged tenants' counters), and the
+  queued charge per backlogged tenant. A counter change re-ranks that tenant's flows only;
 * a tenant at its limit is **parked**: its flows leave the ready heaps (and come back when
   a hold is freed or its limit rises), so a throttled tenant's backlog costs nothing;
 * every heap uses lazy deletion: an entry is live only if it still matches the current
   state (the item's seq, the flow's ready token), and heaps are rebuilt when more than half
   stale.
 
-Dispatch therefore costs O((grants + models) log n), whatever the depth of the queue.
+Dispatch therefore costs O((grants + models) log n), whatever the depth of the queue or the
+number of tenants.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
+from collections.abc import Sized
 from dataclasses import dataclass, field
 
 from proxy.admission.base import (
@@ -38,6 +45,7 @@ from proxy.admission.base import (
     Grant,
     QueueCaps,
     QueueItem,
+    QueueOrder,
     QueueStats,
 )
 
@@ -97,8 +105,7 @@ class _Usable:
         return math.inf if self.budget is None else float(self.budget - self.held)
 
 
-def _too_stale(heap: list[tuple[float, int, str]] | list[tuple[float, int, int, str]],
-               live: int) -> bool:
+def _too_stale(heap: Sized, live: int) -> bool:
     return len(heap) > 2 * live + 64
 
 
@@ -109,8 +116,11 @@ class AdmissionCore:
     (the memory queue) tells waiters.
     """
 
-    def __init__(self, caps: QueueCaps | None = None) -> None:
+    def __init__(self, caps: QueueCaps | None = None, order: QueueOrder = "key") -> None:
+        if order not in ("key", "counter"):
+            raise ValueError(f"unknown queue order {order!r}")
         self.caps = caps or QueueCaps()
+        self.order: QueueOrder = order
         self._seq = 0
         self._token = 0
         self._items: dict[str, tuple[QueueItem, int]] = {}
@@ -133,6 +143,12 @@ class AdmissionCore:
         self._granted: dict[str, int] = {}
         self._granted_total = 0
         self._expired: OrderedDict[str, float] = OrderedDict()
+        #: fair share: tenant -> virtual counter; backlogged tenant -> queued charge;
+        #: (counter, tenant) of backlogged tenants, stale unless it matches the counter
+        self._vc: dict[str, float] = {}
+        self._qcharge: dict[str, float] = {}
+        self._backlog: list[tuple[float, str]] = []
+        self._last_drained = 0.0
 
     # -- tenants -----------------------------------------------------------------------------
     def _limited(self, tenant: str) -> bool:
@@ -177,7 +193,9 @@ class AdmissionCore:
                          if (f := self._items.get(e[2])) is not None and f[1] == e[1]]
             heapq.heapify(flow.heap)
         head = self._head(flow) if flow.live > 0 else None
-        want = head[:2] if head is not None and not self._limited(flow.tenant) else None
+        want = None
+        if head is not None and not self._limited(flow.tenant):
+            want = (self._rank(flow.tenant, head[0]), head[1])
         if want != flow.ready:
             model = flow.model
             live = self._ready_live.get(model, 0) + (want is not None) - (flow.ready is not None)
@@ -198,6 +216,9 @@ class AdmissionCore:
             if not models:
                 del self._tenant_models[flow.tenant]
 
+    def _rank(self, tenant: str, score: float) -> float:
+        return self._vc.get(tenant, 0.0) + score if self.order == "counter" else score
+
     def _ready_valid(self, entry: tuple[float, int, int, str], model: str) -> bool:
         flow = self._flows.get((entry[3], model))
         return flow is not None and flow.token == entry[2] and flow.ready is not None
@@ -209,6 +230,33 @@ class AdmissionCore:
                 return heap[0]
             heapq.heappop(heap)
         return None
+
+    # -- fair share --------------------------------------------------------------------------
+    def _floor(self) -> float:
+        """The lowest counter of the backlogged tenants, else the last drained one's."""
+        heap = self._backlog
+        while heap:
+            vc, tenant = heap[0]
+            if tenant in self._depth and self._vc.get(tenant, 0.0) == vc:
+                return vc
+            heapq.heappop(heap)
+        return self._last_drained
+
+    def _backlog_push(self, tenant: str) -> None:
+        heapq.heappush(self._backlog, (self._vc.get(tenant, 0.0), tenant))
+        if _too_stale(self._backlog, len(self._depth)):
+            self._backlog = [(self._vc.get(t, 0.0), t) for t in self._depth]
+            heapq.heapify(self._backlog)
+
+    def _count(self, tenant: str, delta: float) -> None:
+        """Add ``delta`` to the tenant's counter; a backlogged tenant's flows re-rank."""
+        if delta == 0:
+            return
+        self._vc[tenant] = self._vc.get(tenant, 0.0) + delta
+        if tenant in self._depth:
+            self._backlog_push(tenant)
+            if self.order == "counter":
+                self._tenant_sync(tenant)
 
     # -- engines -----------------------------------------------------------------------------
     def set_engines(self, engines: list[EngineCapacity], now: float, ttl_s: float) -> bool:
@@ -238,6 +286,14 @@ class AdmissionCore:
             return "full"
         self._seq += 1
         seq = self._seq
+        if item.tenant not in self._depth:  # becomes backlogged: lifted to the floor
+            floor = self._floor()
+            if self._vc.get(item.tenant, 0.0) < floor:
+                self._vc[item.tenant] = floor
+            self._depth[item.tenant] = 0
+            self._backlog_push(item.tenant)
+        if item.charge:
+            self._qcharge[item.tenant] = self._qcharge.get(item.tenant, 0.0) + item.charge
         self._items[item.id] = (item, seq)
         key = (item.tenant, item.model)
         flow = self._flows.get(key)
@@ -259,8 +315,12 @@ class AdmissionCore:
         left = self._depth[item.tenant] - 1
         if left > 0:
             self._depth[item.tenant] = left
-        else:
+            if item.charge:
+                self._qcharge[item.tenant] -= item.charge
+        else:  # drained: its counter is the floor while nobody is backlogged
             del self._depth[item.tenant]
+            self._qcharge.pop(item.tenant, None)
+            self._last_drained = self._vc.get(item.tenant, 0.0)
         flow = self._flows[(item.tenant, item.model)]
         flow.live -= 1
         self._flow_sync(flow)
@@ -314,6 +374,9 @@ class AdmissionCore:
         dropped as expired, in that order of the work."""
         self._reclaim(now)
         expired = self._expire(now)
+        if not any(self._ready_live.values()):  # no ready flow: nothing to read or grant
+            self._compact()
+            return [], expired
         usable: dict[str, _Usable] = {}
         by_model: dict[str, list[_Usable]] = {}
         for name in sorted(self._engines):
@@ -372,7 +435,13 @@ class AdmissionCore:
         self._inflight[item.tenant] = self._inflight.get(item.tenant, 0) + 1
         self._granted[item.tenant] = self._granted.get(item.tenant, 0) + 1
         self._granted_total += 1
+        if item.charge:
+            self._vc[item.tenant] = self._vc.get(item.tenant, 0.0) + item.charge
         self._dequeue(item.id)  # also re-lists the flow's next head
+        if item.charge and item.tenant in self._depth:
+            self._backlog_push(item.tenant)
+            if self.order == "counter":
+                self._tenant_sync(item.tenant)
         if self._limited(item.tenant):
             self._tenant_sync(item.tenant)
         return hold.grant(item.id)
@@ -392,10 +461,11 @@ class AdmissionCore:
             self._seqs.pop(engine, None)
             self._held.pop(engine, None)
 
-    def _drop_hold(self, item_id: str) -> bool:
+    def _drop_hold(self, item_id: str, correction: float = 0.0) -> bool:
         hold = self._holds.pop(item_id, None)
         if hold is None:
             return False
+        self._count(hold.tenant, correction)
         self._unhold(hold.engine, hold.footprint)
         n = self._inflight.get(hold.tenant, 0) - 1
         if n > 0:
@@ -415,9 +485,10 @@ class AdmissionCore:
             if hold is not None and hold.expiry == expiry:
                 self._drop_hold(item_id)
 
-    def release(self, item_id: str) -> bool:
-        """Free the hold and dequeue; True when something was freed."""
-        freed = self._drop_hold(item_id)
+    def release(self, item_id: str, correction: float = 0.0) -> bool:
+        """Free the hold (settling its charge by ``correction``) and dequeue; True when
+        something was freed."""
+        freed = self._drop_hold(item_id, correction)
         freed = self._dequeue(item_id) is not None or freed
         if freed:
             self._compact()
@@ -478,7 +549,8 @@ class AdmissionCore:
 
     def stats(self) -> QueueStats:
         granted = {t: self._granted.get(t, 0) for t in self._depth}
-        return QueueStats(dict(self._depth), granted, self._granted_total)
+        return QueueStats(dict(self._depth), granted, self._granted_total, dict(self._vc),
+                          dict(self._qcharge), self._floor())
 
     def in_flight(self, tenant: str, now: float) -> int:
         self._reclaim(now)

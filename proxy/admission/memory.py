@@ -16,6 +16,7 @@ from proxy.admission.base import (
     Grant,
     QueueCaps,
     QueueItem,
+    QueueOrder,
     QueueStats,
     WaitResult,
 )
@@ -31,9 +32,11 @@ class MemoryQueue:
     ``replica_id`` only names this process; every outcome is delivered locally.
     """
 
-    def __init__(self, replica_id: str = "local", caps: QueueCaps | None = None) -> None:
+    def __init__(
+        self, replica_id: str = "local", caps: QueueCaps | None = None, order: QueueOrder = "key"
+    ) -> None:
         self.replica_id = replica_id
-        self.core = AdmissionCore(caps)
+        self.core = AdmissionCore(caps, order)
         self._mailbox = Mailbox()
         self._bell = Bell()
 
@@ -90,9 +93,9 @@ class MemoryQueue:
         return await self._mailbox.wait(item_id, timeout_s, snapshot)
 
     # -- holds ---------------------------------------------------------------------------
-    async def release(self, item_id: str) -> None:
+    async def release(self, item_id: str, correction: float = 0.0) -> None:
         self._mailbox.discard(item_id)
-        if self.core.release(item_id):
+        if self.core.release(item_id, correction):
             self._bell.ring()
 
     async def move(self, item_id: str, engine: str) -> bool:

@@ -11,7 +11,8 @@ channel; its reader task fills the replica-local mailbox and rings the capacity 
 
 Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
 
-* ``P:{q}:items`` hash id -> item JSON ``{t, r, m, f, x?, q}`` (``q``: enqueue seq);
+* ``P:{q}:items`` hash id -> item JSON ``{t, r, m, f, x?, g?, q}`` (``g``: the charge as a
+  string; ``q``: enqueue seq);
   ``:deadlines`` zset id -> deadline; ``:seq`` enqueue counter; ``:depth`` hash tenant ->
   queued items.
 * flows: ``P:{q}:flow:<len(model)>:<model>:<tenant>`` zset ``"<seq:016d>:<id>"`` -> score;
@@ -20,6 +21,11 @@ Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
   member in the ready zset; ``P:{q}:tmodels:<tenant>`` set of the tenant's flow models.
 * ``:limits`` hash tenant -> concurrency limit (absent: unlimited); ``:granted`` hash
   tenant -> grants made (field ``""``: all tenants).
+* fair share: ``:vc`` hash tenant -> virtual counter; ``:backlog`` zset backlogged tenant ->
+  its counter (the floor is its first score); ``:qcharge`` hash backlogged tenant -> the
+  charges of its queued items; ``:conf`` hash ``order`` (``key`` / ``counter``, written by
+  :meth:`RedisQueue.start`) and ``drained`` (the counter of the tenant that drained last).
+  Counters are ``%.17g`` strings, so Lua and Python agree to the last bit.
 * ``P:{q}:engines`` hash name -> capacity JSON; ``:fresh`` hash name -> valid-until;
   ``:held`` / ``:seqs`` hash engine -> tokens / sequences held.
 * ``P:{q}:holds`` hash id -> hold JSON ``{e, t, r, f, g}`` (current and granted
@@ -58,6 +64,7 @@ from proxy.admission.base import (
     Outcome,
     QueueCaps,
     QueueItem,
+    QueueOrder,
     QueueStats,
     WaitResult,
 )
@@ -105,6 +112,10 @@ _KEYS = (
     "fhead",
     "limits",
     "granted",
+    "vc",
+    "backlog",
+    "qcharge",
+    "conf",
 )
 _ENQUEUED: dict[int, EnqueueResult] = {1: "queued", 0: "duplicate", -1: "tenant_full", -2: "full"}
 #: how long an "expired" outcome stays visible to a late :meth:`RedisQueue.wait`
@@ -136,6 +147,8 @@ def _item_json(item: QueueItem) -> str:
     }
     if item.exempt:
         d["x"] = True
+    if item.charge:
+        d["g"] = num(float(item.charge))  # a string: cjson re-encodes numbers with 14 digits
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -167,12 +180,16 @@ class RedisQueue:
         *,
         prefix: str = "driftsched",
         caps: QueueCaps | None = None,
+        order: QueueOrder = "key",
         client: Redis | None = None,
         max_connections: int = 64,
         socket_timeout_s: float = 5.0,
     ) -> None:
         self.replica_id = replica_id
+        if order not in ("key", "counter"):
+            raise ValueError(f"unknown queue order {order!r}")
         self.caps = caps or QueueCaps()
+        self.order: QueueOrder = order
         self._url = url
         self._keys = [f"{prefix}:{{q}}:{k}" for k in _KEYS]
         self._channels = f"{prefix}:queue:"
@@ -206,6 +223,11 @@ class RedisQueue:
             self._client = connect(self._url, self._max_connections, self._socket_timeout_s)
         try:
             self._scripts = await load_scripts(self._client, self._sources)
+            old = await self._client.hget(self.key("conf"), "order")
+            if old is not None and text(old) != self.order:
+                log.warning("the shared queue was ordered by %r; now by %r (replicas on one "
+                            "Redis must run the same scheduling policy)", text(old), self.order)
+            await self._client.hset(self.key("conf"), "order", self.order)
             self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             await self._pubsub.subscribe(self._mine, self._capacity)
             if self._pubsub.connection is not None:
@@ -355,9 +377,9 @@ class RedisQueue:
 
     # -- holds ---------------------------------------------------------------------------
     @unavailable_on_io_error
-    async def release(self, item_id: str) -> None:
+    async def release(self, item_id: str, correction: float = 0.0) -> None:
         self._mailbox.discard(item_id)
-        await self._run("release", item_id)
+        await self._run("release", item_id, num(float(correction)))
 
     @unavailable_on_io_error
     async def move(self, item_id: str, engine: str) -> bool:
@@ -400,10 +422,13 @@ class RedisQueue:
 
     @unavailable_on_io_error
     async def stats(self) -> QueueStats:
-        total, rows = await self._run("stats")
+        total, rows, vc, qcharge, floor = await self._run("stats")
         queued = {text(t): int(n) for t, n, _ in rows}
         granted = {text(t): int(g) for t, _, g in rows}
-        return QueueStats(queued, granted, int(total))
+        counters = {text(vc[i]): float(text(vc[i + 1])) for i in range(0, len(vc), 2)}
+        charges = {text(qcharge[i]): float(text(qcharge[i + 1]))
+                   for i in range(0, len(qcharge), 2)}
+        return QueueStats(queued, granted, int(total), counters, charges, float(text(floor)))
 
     @unavailable_on_io_error
     async def in_flight(self, tenant: str, now: float) -> int:

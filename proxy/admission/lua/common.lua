@@ -7,6 +7,7 @@ local K_SEQ, K_ITEMS, K_DEADLINES, K_DEPTH = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_ENGINES, K_FRESH, K_HELD, K_SEQS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_HOLDS, K_LEASES, K_INFLIGHT, K_EXPIRED = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_FHEAD, K_LIMITS, K_GRANTED = KEYS[13], KEYS[14], KEYS[15]
+local K_VC, K_BACKLOG, K_QCHARGE, K_CONF = KEYS[16], KEYS[17], KEYS[18], KEYS[19]
 -- per-flow, per-model and per-tenant keys share the hash tag: derived from the seq key
 local BASE = string.sub(K_SEQ, 1, -4)
 local CH_CAPACITY = ARGV[1] .. 'capacity'
@@ -46,6 +47,19 @@ local function count(key, field, delta)
   return n
 end
 
+-- The queue's order (core.py: AdmissionCore.order), read once per script.
+local COUNTER_ORDER = nil
+local function counter_order()
+  if COUNTER_ORDER == nil then
+    COUNTER_ORDER = redis.call('HGET', K_CONF, 'order') == 'counter'
+  end
+  return COUNTER_ORDER
+end
+
+local function vc_of(tenant)
+  return tonumber(redis.call('HGET', K_VC, tenant) or '0')
+end
+
 local function limited(tenant)
   local limit = redis.call('HGET', K_LIMITS, tenant)
   if not limit then
@@ -60,9 +74,13 @@ local function flow_sync(tenant, model)
   local fkey = flow_key(tenant, model)
   local name = flow_name(tenant, model)
   local head = redis.call('ZRANGE', fkey, 0, 0, 'WITHSCORES')
-  local want = nil
+  local want, rank = nil, nil
   if head[1] and not limited(tenant) then
     want = string.sub(head[1], 1, 16) .. ':' .. tenant
+    rank = head[2]
+    if counter_order() then -- core.py: _rank
+      rank = fmt(vc_of(tenant) + tonumber(head[2]))
+    end
   end
   local cur = redis.call('HGET', K_FHEAD, name) or nil -- a missing field is false
   if cur ~= want then
@@ -70,11 +88,13 @@ local function flow_sync(tenant, model)
       redis.call('ZREM', ready_key(model), cur)
     end
     if want then
-      redis.call('ZADD', ready_key(model), head[2], want)
+      redis.call('ZADD', ready_key(model), rank, want)
       redis.call('HSET', K_FHEAD, name, want)
     else
       redis.call('HDEL', K_FHEAD, name)
     end
+  elseif want and counter_order() then
+    redis.call('ZADD', ready_key(model), rank, want) -- same head, the counter moved
   end
   if not head[1] then
     redis.call('SREM', tmodels_key(tenant), model)
@@ -89,12 +109,45 @@ local function tenant_sync(tenant)
   end
 end
 
+-- The lowest counter of the backlogged tenants, else the last drained one's (core.py: _floor).
+local function floor()
+  local top = redis.call('ZRANGE', K_BACKLOG, 0, 0, 'WITHSCORES')
+  if top[1] then
+    return tonumber(top[2])
+  end
+  return tonumber(redis.call('HGET', K_CONF, 'drained') or '0')
+end
+
+-- Add `delta` to the tenant's counter; a backlogged tenant's flows re-rank (core.py: _count).
+local function add_counter(tenant, delta)
+  if delta == 0 then
+    return
+  end
+  local vc = fmt(vc_of(tenant) + delta)
+  redis.call('HSET', K_VC, tenant, vc)
+  if redis.call('HEXISTS', K_DEPTH, tenant) == 1 then
+    redis.call('ZADD', K_BACKLOG, vc, tenant)
+    if counter_order() then
+      tenant_sync(tenant)
+    end
+  end
+end
+
 -- Remove a queued item (its record decoded as `rec`) from every queue structure.
 local function dequeue(id, rec)
   redis.call('ZREM', flow_key(rec.t, rec.m), member(rec.q, id))
   redis.call('HDEL', K_ITEMS, id)
   redis.call('ZREM', K_DEADLINES, id)
-  count(K_DEPTH, rec.t, -1)
+  if count(K_DEPTH, rec.t, -1) > 0 then
+    local g = tonumber(rec.g or '0')
+    if g ~= 0 then
+      redis.call('HSET', K_QCHARGE, rec.t, fmt(tonumber(redis.call('HGET', K_QCHARGE, rec.t)) - g))
+    end
+  else -- drained: its counter is the floor while nobody is backlogged
+    redis.call('HDEL', K_QCHARGE, rec.t)
+    redis.call('ZREM', K_BACKLOG, rec.t)
+    redis.call('HSET', K_CONF, 'drained', fmt(vc_of(rec.t)))
+  end
   flow_sync(rec.t, rec.m)
 end
 
@@ -110,7 +163,7 @@ local function unhold(e, f)
 end
 
 -- Free a hold: its engine's tokens and seq, its tenant's in-flight slot. True when held.
-local function drop_hold(id)
+local function drop_hold(id, correction)
   local raw = redis.call('HGET', K_HOLDS, id)
   redis.call('ZREM', K_LEASES, id)
   if not raw then
@@ -118,6 +171,7 @@ local function drop_hold(id)
   end
   local h = cjson.decode(raw)
   redis.call('HDEL', K_HOLDS, id)
+  add_counter(h.t, correction)
   unhold(h.e, h.f)
   local n = count(K_INFLIGHT, h.t, -1)
   local limit = redis.call('HGET', K_LIMITS, h.t)
@@ -131,6 +185,6 @@ end
 local function reclaim(now_arg)
   local lapsed = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now_arg)
   for _, id in ipairs(lapsed) do
-    drop_hold(id)
+    drop_hold(id, 0)
   end
 end

@@ -28,6 +28,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DEADLINES, '-inf', '(' .. ARGV
 end
 redis.call('ZREMRANGEBYSCORE', K_EXPIRED, '-inf', fmt(now - tonumber(ARGV[6])))
 
+-- no flow head is listed ready: nothing to grant, so no engine to read (core.py: dispatch)
+if redis.call('HLEN', K_FHEAD) == 0 then
+  return {grants, mine_expired}
+end
+
 -- the usable engines (routable and fresh), by name, and the ones serving each model
 local names = redis.call('HKEYS', K_ENGINES)
 table.sort(names)
@@ -94,7 +99,17 @@ local function grant(id, rec, e)
   redis.call('HINCRBY', K_GRANTED, '', 1)
   e.held = e.held + f
   e.seqs = e.seqs + 1
+  local g = tonumber(rec.g or '0')
+  if g ~= 0 then
+    redis.call('HSET', K_VC, rec.t, fmt(vc_of(rec.t) + g))
+  end
   dequeue(id, rec) -- also re-lists the flow's next head
+  if g ~= 0 and redis.call('HEXISTS', K_DEPTH, rec.t) == 1 then
+    redis.call('ZADD', K_BACKLOG, fmt(vc_of(rec.t)), rec.t)
+    if counter_order() then
+      tenant_sync(rec.t)
+    end
+  end
   if limited(rec.t) then
     tenant_sync(rec.t)
   end

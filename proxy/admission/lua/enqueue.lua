@@ -1,6 +1,6 @@
 -- Queue an item in its flow (AdmissionQueue.enqueue; core.py: enqueue).
--- ARGV: channels, id, score, deadline, record JSON {t, r, m, f, x?}, max queued per tenant
--- ('' = none), max queued ('' = none).
+-- ARGV: channels, id, score, deadline, record JSON {t, r, m, f, x?, g?}, max queued per
+-- tenant ('' = none), max queued ('' = none). `g`: the charge, as a string (exact).
 -- Returns 1 queued, 0 duplicate, -1 tenant full, -2 full.
 local id = ARGV[2]
 if redis.call('HEXISTS', K_ITEMS, id) == 1 or redis.call('HEXISTS', K_HOLDS, id) == 1 then
@@ -15,6 +15,18 @@ if cap and redis.call('HLEN', K_ITEMS) >= cap then
   return -2
 end
 rec.q = redis.call('INCR', K_SEQ)
+if redis.call('HEXISTS', K_DEPTH, rec.t) == 0 then -- becomes backlogged: lifted to the floor
+  local fl = floor()
+  if vc_of(rec.t) < fl then
+    redis.call('HSET', K_VC, rec.t, fmt(fl))
+  end
+  redis.call('ZADD', K_BACKLOG, fmt(vc_of(rec.t)), rec.t)
+end
+local g = tonumber(rec.g or '0')
+if g ~= 0 then
+  local qc = tonumber(redis.call('HGET', K_QCHARGE, rec.t) or '0')
+  redis.call('HSET', K_QCHARGE, rec.t, fmt(qc + g))
+end
 redis.call('HSET', K_ITEMS, id, cjson.encode(rec))
 redis.call('SADD', tmodels_key(rec.t), rec.m)
 redis.call('ZADD', flow_key(rec.t, rec.m), ARGV[3], member(rec.q, id))

@@ -630,3 +630,113 @@ async def test_move_carries_the_hold_to_another_engine(queue: AdmissionQueue) ->
     await queue.release("a")
     assert [(x.held_tokens, x.seqs) for x in await queue.loads(T0)] == [(0, 0), (0, 0)]
     assert await queue.move("a", "e1") is False  # not held
+
+
+# -- fair share (the ledger; counter order is exact VTC) ------------------------------------
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def vtc(request: pytest.FixtureRequest) -> AsyncIterator[AdmissionQueue]:
+    """A queue in ``counter`` order."""
+    if request.param == "memory":
+        cfg = StoreConfig(type="memory")
+    else:
+        url = request.getfixturevalue("redis_server")
+        cfg = StoreConfig(type="redis", url=url, prefix=request.getfixturevalue("redis_prefix"))
+    q = build_queue(cfg, REPLICA, order="counter")
+    await q.start()
+    try:
+        yield q
+    finally:
+        await q.aclose()
+
+
+def charged(item_id: str, tenant: str, charge: float, score: float = 0.0) -> QueueItem:
+    return replace(make_item(item_id, score, tenant=tenant), charge=charge)
+
+
+async def serve_one_at_a_time(q: AdmissionQueue, n: int) -> list[str]:
+    """Grant one, release it (no correction), n times: the order a single sequence serves."""
+    out = []
+    for _ in range(n):
+        (g,) = await q.dispatch(T0, TTL, 1)
+        out.append(g.id)
+        await q.release(g.id)
+    return out
+
+
+async def test_counter_order_serves_the_lowest_counter(vtc: AdmissionQueue) -> None:
+    await vtc.set_engines([make_engine("e1", None, max_seqs=1)], T0, ENGINE_TTL)
+    await enqueue(vtc, *(charged(f"a{i}", "acme", 100.0) for i in range(3)))
+    await enqueue(vtc, *(charged(f"z{i}", "zeta", 10.0) for i in range(5)))
+    # counters tie at 0: the earlier enqueue first; then zeta (10, 20, ...) until it passes
+    # acme's 100; within a tenant, first come first served
+    assert await serve_one_at_a_time(vtc, 8) == ["a0", "z0", "z1", "z2", "z3", "z4", "a1", "a2"]
+    stats = await vtc.stats()
+    assert stats.counters == {"acme": 300.0, "zeta": 50.0}
+    assert stats.queued == {} and stats.queued_charge == {}
+
+
+async def test_key_order_keeps_keys_but_counts(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", None, max_seqs=1)], T0, ENGINE_TTL)
+    await enqueue(queue, charged("a0", "acme", 100.0, 0), charged("a1", "acme", 100.0, 1),
+                  charged("z0", "zeta", 10.0, 2))
+    assert await serve_one_at_a_time(queue, 3) == ["a0", "a1", "z0"]
+    assert (await queue.stats()).counters == {"acme": 200.0, "zeta": 10.0}
+
+
+async def test_a_correction_re_ranks_its_tenant(vtc: AdmissionQueue) -> None:
+    await vtc.set_engines([make_engine("e1", None, max_seqs=2)], T0, ENGINE_TTL)
+    await enqueue(vtc, charged("a0", "acme", 100.0), charged("z0", "zeta", 100.0))
+    assert sorted(await dispatch_ids(vtc)) == ["a0", "z0"]
+    await enqueue(vtc, charged("z1", "zeta", 100.0), charged("a1", "acme", 100.0))
+    await vtc.release("a0", 250.0)  # acme's answer was far longer than predicted
+    assert (await vtc.stats()).counters["acme"] == 350.0
+    assert await dispatch_ids(vtc) == ["z1"]  # zeta (100) before acme (350), though a1 ...
+    await vtc.release("z0", -90.0)  # ... and an over-prediction is given back
+    stats = await vtc.stats()
+    assert stats.counters == {"acme": 350.0, "zeta": 110.0}
+    assert stats.queued_charge == {"acme": 100.0}
+
+
+async def test_a_tenant_back_from_idle_is_lifted_to_the_floor(vtc: AdmissionQueue) -> None:
+    """Idleness banks no credit: a tenant that becomes backlogged starts at the lowest
+    counter of the backlogged tenants (else the counter of the tenant drained last)."""
+    await vtc.set_engines([make_engine("e1", None, max_seqs=1)], T0, ENGINE_TTL)
+    await enqueue(vtc, *(charged(f"a{i}", "acme", 100.0) for i in range(6)))
+    assert await serve_one_at_a_time(vtc, 4) == ["a0", "a1", "a2", "a3"]
+    stats = await vtc.stats()
+    assert stats.floor == 400.0 and stats.queued_charge == {"acme": 200.0}
+    await enqueue(vtc, charged("z0", "zeta", 100.0), charged("z1", "zeta", 100.0))
+    assert (await vtc.stats()).counters["zeta"] == 400.0  # lifted from 0, not 400 ahead
+    # from equal counters the two alternate instead of zeta taking four turns in a row
+    assert await serve_one_at_a_time(vtc, 4) == ["a4", "z0", "a5", "z1"]
+    # nobody backlogged: the floor is the counter of the tenant that drained last
+    assert (await vtc.stats()).floor == 600.0
+    await enqueue(vtc, charged("n0", "newco", 1.0))
+    assert (await vtc.stats()).counters["newco"] == 600.0
+    # a tenant above the floor keeps its counter when it comes back
+    await vtc.release((await vtc.dispatch(T0, TTL))[0].id, 1000.0)
+    await enqueue(vtc, charged("n1", "newco", 1.0), charged("a6", "acme", 1.0))
+    # ... and then is the floor that acme, idle since, is lifted to
+    assert (await vtc.stats()).counters == {"acme": 1601.0, "zeta": 600.0, "newco": 1601.0}
+    assert await serve_one_at_a_time(vtc, 2) == ["n1", "a6"]
+
+
+async def test_cancel_and_expiry_drop_queued_charges(vtc: AdmissionQueue) -> None:
+    await enqueue(vtc, charged("a0", "acme", 5.0), charged("a1", "acme", 7.0))
+    await enqueue(vtc, replace(charged("a2", "acme", 11.0), deadline=T0 + 1))
+    assert (await vtc.stats()).queued_charge == {"acme": 23.0}
+    assert await vtc.cancel("a0")
+    assert (await vtc.stats()).queued_charge == {"acme": 18.0}
+    await vtc.dispatch(T0 + 2, TTL)  # no engine: nothing granted, a2 expires
+    stats = await vtc.stats()
+    assert stats.queued_charge == {"acme": 7.0} and stats.counters.get("acme", 0.0) == 0.0
+
+
+async def test_a_refunded_grant_costs_nothing(vtc: AdmissionQueue) -> None:
+    await vtc.set_engines([make_engine("e1", None)], T0, ENGINE_TTL)
+    await enqueue(vtc, charged("a0", "acme", 40.0))
+    assert await dispatch_ids(vtc) == ["a0"]
+    assert (await vtc.stats()).counters == {"acme": 40.0}
+    await vtc.release("a0", -40.0)  # granted while its client gave up
+    await vtc.release("a0", 500.0)  # a second release of the same hold changes nothing
+    assert (await vtc.stats()).counters == {"acme": 0.0}

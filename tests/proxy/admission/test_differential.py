@@ -2,9 +2,11 @@
 in Lua) make identical decisions on random operation sequences (Hypothesis).
 
 Every operation of :class:`~proxy.admission.base.AdmissionQueue` is drawn: enqueue (with
-depth caps), cancel, dispatch, release, move, grow, renew, limit changes, engine-view changes
-and clock steps. After each one both queues must agree on its result, on the depth, the
-stats and every engine's load.
+depth caps and fair-share charges), cancel, dispatch, release (with charge corrections),
+move, grow, renew, limit changes, engine-view changes and clock steps, under both queue
+orders (``key`` and ``counter``: exact VTC). After each one both queues must agree on its
+result, on the depth, the stats (the fair-share ledger to the last bit) and every engine's
+load.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.admission.base import EngineCapacity, QueueCaps, QueueItem
+from proxy.admission.base import EngineCapacity, QueueCaps, QueueItem, QueueOrder
 from proxy.admission.memory import MemoryQueue
 from proxy.admission.redis import RedisQueue
 
@@ -46,6 +48,7 @@ enqueue_op = st.tuples(
         st.integers(0, 2500),  # footprint (some beyond every budget)
         st.booleans(),  # exempt
         st.sampled_from([0.0, 5.0, 30.0, 300.0]),  # deadline offset
+        st.sampled_from([0.0, 0.0, 100.0, 1 / 3, 1234.5678, 1e-9]),  # fair-share charge
 )
 dispatch_op = st.tuples(st.just("dispatch"), st.sampled_from([2.0, 8.0, 30.0]),
                         st.sampled_from([1, 2, 64]))
@@ -54,7 +57,8 @@ ops = st.one_of(
     enqueue_op, enqueue_op, enqueue_op, enqueue_op, dispatch_op, dispatch_op,
     st.tuples(st.just("engines"), st.lists(engine_spec, max_size=3, unique_by=lambda e: e[0]),
               st.sampled_from([5.0, 60.0])),
-    st.tuples(st.just("release"), st.integers(0, 1000)),
+    st.tuples(st.just("release"), st.integers(0, 1000),
+              st.sampled_from([0.0, -50.25, 0.1, 300.0, -1e6])),  # charge correction
     st.tuples(st.just("move"), st.integers(0, 1000), st.sampled_from(ENGINES)),
     st.tuples(st.just("grow"), st.integers(0, 1000), st.integers(-400, 400)),
     st.tuples(st.just("renew"), st.integers(0, 1000)),
@@ -79,9 +83,9 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
     mem, red = run.mem, run.red
     kind = op[0]
     if kind == "enqueue":
-        _, t, m, score, footprint, exempt, dl = op
+        _, t, m, score, footprint, exempt, dl, charge = op
         item = QueueItem(f"i{n}", TENANTS[t], "r1", MODELS[m], score, footprint,
-                         run.now + dl, exempt)
+                         run.now + dl, exempt, charge)
         run.ids.append(item.id)
         assert await mem.enqueue(item, run.now) == await red.enqueue(item, run.now)
     elif kind == "dispatch":
@@ -101,8 +105,8 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
         victim = run.granted[op[1] % len(run.granted)]
         if kind == "release":
             run.granted.remove(victim)
-            await mem.release(victim)
-            await red.release(victim)
+            await mem.release(victim, op[2])
+            await red.release(victim, op[2])
         elif kind == "grow":
             await mem.grow(victim, op[2])
             await red.grow(victim, op[2])
@@ -126,10 +130,12 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
     assert await mem.loads(run.now) == await red.loads(run.now)
 
 
-async def play(url: str, prefix: str, sequence: list[tuple]) -> None:  # type: ignore[type-arg]
-    red = RedisQueue("r1", url, prefix=prefix, caps=CAPS)
+async def play(
+    url: str, prefix: str, sequence: list[tuple], order: QueueOrder  # type: ignore[type-arg]
+) -> None:
+    red = RedisQueue("r1", url, prefix=prefix, caps=CAPS, order=order)
     await red.start()
-    run = Run(MemoryQueue("r1", CAPS), red)
+    run = Run(MemoryQueue("r1", CAPS, order), red)
     try:
         await run.mem.set_engines([EngineCapacity("e1", tuple(MODELS), 1000, 4, True)], T0, 60)
         await red.set_engines([EngineCapacity("e1", tuple(MODELS), 1000, 4, True)], T0, 60)
@@ -145,29 +151,34 @@ async def play(url: str, prefix: str, sequence: list[tuple]) -> None:  # type: i
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
-@given(sequence=st.lists(ops, min_size=30, max_size=200))
+@given(sequence=st.lists(ops, min_size=30, max_size=200),
+       order=st.sampled_from(["key", "counter"]))
 def test_memory_and_redis_decide_alike(
-    redis_server: str, redis_prefix: str, sequence: list[tuple]  # type: ignore[type-arg]
+    redis_server: str, redis_prefix: str, sequence: list[tuple],  # type: ignore[type-arg]
+    order: QueueOrder,
 ) -> None:
-    asyncio.run(play(redis_server, f"{redis_prefix}-d{next(_prefixes)}", sequence))
+    asyncio.run(play(redis_server, f"{redis_prefix}-d{next(_prefixes)}", sequence, order))
 
 
-def test_a_long_mixed_run_decides_alike(redis_server: str, redis_prefix: str) -> None:
+@pytest.mark.parametrize("order", ["key", "counter"])
+def test_a_long_mixed_run_decides_alike(
+    redis_server: str, redis_prefix: str, order: QueueOrder
+) -> None:
     """One long fixed run (many tenants backlogged at once, parks and un-parks, expiry)."""
     seq: list[tuple] = [("engines", [("e1", MODELS, 2000, 4, 3, True),  # type: ignore[type-arg]
                                      ("e2", ["m1"], 1000, 2, None, True)], 60.0)]
     for n in range(300):
         seq.append(("enqueue", n % 4, n % 2, float(n % 7), (n * 97) % 1300, n % 11 == 0,
-                    [5.0, 30.0, 300.0][n % 3]))
+                    [5.0, 30.0, 300.0][n % 3], (n * 37 % 500) / 7))
         if n % 5 == 0:
             seq.append(("limits", n % 4, [None, 1, 2, 3][(n // 5) % 4]))
         if n % 3 == 0:
             seq.append(("dispatch", 8.0, 64))
         if n % 4 == 0:
-            seq.append(("release", n))
+            seq.append(("release", n, (n % 9 - 4) * 12.5))
         if n % 17 == 0:
             seq.append(("clock", 4.0))
         if n % 29 == 0:
             seq.append(("engines", [("e1", MODELS, 2000, 4, 3, True),
                                     ("e2", ["m1"], 1000, 2, None, True)], 60.0))
-    asyncio.run(play(redis_server, f"{redis_prefix}-long", seq))
+    asyncio.run(play(redis_server, f"{redis_prefix}-long-{order}", seq, order))
