@@ -13,6 +13,7 @@ const REFRESH_MS = 3000;
 const $ = (id) => document.getElementById(id);
 let timer = null;
 let busy = false;
+let again = false;  // a refresh asked for while one runs (after an action): run it next
 
 class ApiError extends Error {
   constructor(status, code, message) {
@@ -214,8 +215,9 @@ function setStatus(text, isError = false) {
 }
 
 async function refresh() {
-  if (busy) return;
+  if (busy) { again = true; return; }
   busy = true;
+  again = false;
   try {
     const [tenants, usage, keys, backends, sched] = await Promise.all([
       api("GET", "/tenants"), api("GET", "/usage"), api("GET", "/keys"),
@@ -228,6 +230,7 @@ async function refresh() {
   } finally {
     busy = false;
   }
+  if (again && sessionStorage.getItem(KEY_SLOT)) refresh();
 }
 
 function failed(e) {

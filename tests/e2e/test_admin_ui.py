@@ -18,9 +18,10 @@ installs Chromium and ``make install`` Playwright, and a skip would hide an unte
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import threading
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,7 @@ pytestmark = [pytest.mark.e2e]
 
 ACME_KEY = "dsk-uiacme00-" + "a" * 40
 BULK_KEY = "dsk-uibulk00-" + "b" * 40
-SLOW_MS = 60_000  # the batch tenant's requests hold their slot for the whole test
+SLOW_MS = 120_000  # the batch tenant's requests hold their slot for the whole test
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 
 
@@ -59,7 +60,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("admin-ui")
     stub, stub_url = start_stub(tmp, chunks=4)
     procs: list[Proc] = []
-    load: list[threading.Thread] = []
+    load: list[socket.socket] = []
     try:
         procs, urls = start_gateways({
             "server": {"access_log": False, "auth_cache_ttl_s": 0},
@@ -76,31 +77,37 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         }, tmp, 1)
         url = urls[0]
         assert _chat(url, ACME_KEY).status_code == 200  # some usage to show
-        for _ in range(3):
-            t = threading.Thread(target=_chat, args=(url, BULK_KEY, SLOW_MS), daemon=True)
-            t.start()
-            load.append(t)
+        load = [_slow_request(url, BULK_KEY) for _ in range(3)]
         _wait_for(lambda: httpx.get(url + "/admin/scheduler", headers=ADMIN)
                   .json()["queue_depth"].get("bulk") == 2, "two bulk requests queued")
         yield url
     finally:
+        for sock in load:  # a disconnect cancels them: the gateway then stops at once
+            sock.close()
         for p in procs:
             p.stop()
         stub.stop()
-        for t in load:
-            t.join(10)
 
 
-def _chat(url: str, key: str, delay_ms: int = 0) -> httpx.Response | None:
-    body: dict[str, Any] = {"model": "stub", "max_tokens": 4,
-                            "messages": [{"role": "user", "content": "hi"}]}
-    if delay_ms:
-        body["stub_delay_ms"] = delay_ms
-    try:
-        return httpx.post(url + "/v1/chat/completions", json=body, timeout=delay_ms / 1000 + 30,
-                          headers={"authorization": f"Bearer {key}"})
-    except httpx.HTTPError:  # the gateway stops under the slow ones at the end of the test
-        return None
+def _chat(url: str, key: str) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=30,
+                      headers={"authorization": f"Bearer {key}"},
+                      json={"model": "stub", "max_tokens": 4,
+                            "messages": [{"role": "user", "content": "hi"}]})
+
+
+def _slow_request(url: str, key: str) -> socket.socket:
+    """A chat request the stub answers after ``SLOW_MS``, sent on a socket of its own and
+    left unread: closing the socket is the client going away."""
+    body = json.dumps({"model": "stub", "max_tokens": 4, "stub_delay_ms": SLOW_MS,
+                       "messages": [{"role": "user", "content": "slow"}]}).encode()
+    u = httpx.URL(url)
+    sock = socket.create_connection((u.host, u.port or 80), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: %s\r\n"
+                 b"authorization: Bearer %s\r\ncontent-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%s"
+                 % (u.host.encode(), key.encode(), len(body), body))
+    return sock
 
 
 def _wait_for(cond: Any, what: str, timeout: float = 15.0) -> None:
@@ -197,6 +204,15 @@ def _check_page(page: Any, expect: Any, gateway: str, tmp_path: Path) -> None:
     expect(page.locator("#new-key")).to_be_hidden()
     assert page.input_value("#new-key-value") == ""
     assert key not in page.content()
+
+    # a label is text, never markup
+    xss = '<img src=x onerror="window.__xss = 1">'
+    page.fill("#key-name", xss)
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#keys tbody tr", has_text=xss)).to_be_visible()
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("#keys img").count() == 0
+    page.click("#new-key-dismiss")
 
     # drain an engine, then take it back
     page.locator("#engines tr[data-key=stub1] button.drain").click()
