@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from proxy.app import create_app
+from proxy.config import settings_from_dict
 from tests.harness import ADMIN_KEY, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,3 +84,13 @@ def test_package_data_carries_every_ui_file() -> None:
 async def test_trailing_slash_redirects_to_the_page(client: httpx.AsyncClient) -> None:
     r = await client.get("/admin/ui/")
     assert r.status_code in (307, 308) and r.headers["location"].endswith("/admin/ui")
+
+
+async def test_page_loads_with_the_admin_api_disabled() -> None:
+    """Its sign-in then shows the API's 403 ``admin_disabled`` message."""
+    app = create_app(settings_from_dict({"store": {"type": "memory"}}))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gw") as c:
+        assert (await c.get("/admin/ui")).status_code == 200
+        r = await c.get("/admin/tenants", headers={"authorization": "Bearer x"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
