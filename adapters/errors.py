@@ -6,7 +6,9 @@ Nothing else is mapped to HTTP anywhere else.
 
     GatewayError
     ├── InvalidRequest          400 invalid_request_error
-    │   └── BodyTooLarge        413 invalid_request_error / request_too_large
+    │   ├── BodyTooLarge        413 invalid_request_error / request_too_large
+    │   └── ClientTimeout       408 invalid_request_error / request_timeout (headers or
+    │                               body not received in time; the connection is closed)
     ├── AuthenticationFailed    401 invalid_request_error / invalid_api_key
     ├── PermissionDenied        403 invalid_request_error / model_not_allowed
     ├── NotFound                404 invalid_request_error / model_not_found
@@ -14,6 +16,10 @@ Nothing else is mapped to HTTP anywhere else.
     │   └── QuotaExceeded       429 insufficient_quota / insufficient_quota (no retry)
     ├── QueueTimeout            503 server_error / queue_timeout            (retry)
     ├── StoreUnavailable        503 server_error / store_unavailable        (retry)
+    ├── ServerOverloaded        503 server_error / server_overloaded        (retry; at the
+    │                               connection limit)
+    ├── DeadlineExceeded        504 server_error / deadline_exceeded        (no retry; ran
+    │                               past server.max_request_duration_s)
     ├── UpstreamError           502 server_error / upstream_error
     │   ├── UpstreamUnavailable 503 server_error / no_healthy_backend
     │   └── UpstreamTimeout     504 server_error / upstream_timeout
@@ -181,6 +187,37 @@ class StoreUnavailable(GatewayError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers=retry_headers(1.0))
+
+
+class ClientTimeout(InvalidRequest):
+    """The client did not send its request (headers or body) in time."""
+
+    status = 408
+    default_code = "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"connection": "close"})
+
+
+class ServerOverloaded(GatewayError):
+    """The server is at its connection limit."""
+
+    status = 503
+    default_code = "server_overloaded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers=retry_headers(1.0))
+
+
+class DeadlineExceeded(GatewayError):
+    """The request ran longer than the gateway allows any request to run; retrying the same
+    request would most likely run as long again (``x-should-retry: false`` tells the SDKs)."""
+
+    status = 504
+    default_code = "deadline_exceeded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"x-should-retry": "false"})
 
 
 class UpstreamError(GatewayError):

@@ -41,10 +41,13 @@ from proxy.gateway import Gateway, seed_tenants
 from proxy.metrics import GatewayMetrics
 from proxy.openai_api import OpenAIHandler
 from proxy.scheduler import Scheduler
+from proxy.server import body_deadline
 from proxy.shaping import Shaper
 from proxy.store import build_store
 
 log = logging.getLogger("driftsched.app")
+#: methods whose body the admin API reads (under ``server.body_timeout_s``)
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 PoolFactory = Callable[[Settings], BackendPool]
 
@@ -112,6 +115,8 @@ class DriftSchedApp:
         it stops here instead of reaching the server's log a second time. One that no
         handler rendered gets a 500 in OpenAI's shape."""
         started = False
+        if scope["method"] in _BODY_METHODS:
+            receive = body_deadline(receive, self.settings.server.body_timeout_s)
 
         async def tracked(message: MutableMapping[str, Any]) -> None:
             nonlocal started

@@ -226,11 +226,10 @@ def check_policy(settings: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from proxy.app import create_app
     from proxy.config import load_settings, secret_values
     from proxy.logs import configure_logging
+    from proxy.server import build_server
 
     overrides: dict[str, Any] = {}
     if args.host:
@@ -241,9 +240,7 @@ def _serve(args: argparse.Namespace) -> int:
     check_policy(settings)
     configure_logging(settings.server.log_level, secret_values(settings))
     app = create_app(settings)
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, access_log=False,
-                log_config=None, log_level=settings.server.log_level, lifespan="on",
-                proxy_headers=False)
+    build_server(app).run()
     return 0
 
 

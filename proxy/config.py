@@ -100,6 +100,24 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
     #: seconds a key -> tenant lookup is cached in-process (revocations take this long)
     auth_cache_ttl_s: float = Field(5.0, ge=0)
+    # Timeouts and limits (proxy/server.py, docs/reliability.md). Each one ends a request
+    # that would otherwise hold a connection, and maybe an engine hold, for ever.
+    #: seconds from a connection's opening (or a new request's first byte on a kept-alive
+    #: connection) to the end of the request headers; then 408 and the connection closed
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    #: seconds from the end of the headers to the end of the body; then 408 and closed
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    #: seconds a /v1 request may run in all (queue, engine, stream); then 504
+    #: ``deadline_exceeded`` (an SSE error event mid-stream) and its hold released. null: none
+    max_request_duration_s: float | None = Field(900.0, gt=0, le=86_400)
+    #: seconds the client may leave the response unread (the server's write buffer full)
+    #: before its connection is aborted and its request's engine hold released
+    send_timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: open client connections; a request beyond them gets 503 ``server_overloaded``
+    #: (``retry-after: 1``, connection closed). null: no limit
+    max_connections: int | None = Field(4096, ge=1, le=1_000_000)
+    #: seconds an idle kept-alive connection stays open
+    keep_alive_timeout_s: int = Field(5, ge=1, le=3600)
 
 
 class AdminConfig(_Strict):
@@ -117,6 +135,10 @@ class StoreConfig(_Strict):
     #: an engine hold (a request's admission slot) not renewed for this long is reclaimed
     #: (crashed replica)
     lease_ttl_s: float = Field(30.0, gt=0)
+    #: a replica that has not beaten its heartbeat (every replica_ttl_s / 5) for this long is
+    #: declared dead by another replica's next dispatch: its queued requests are dropped and
+    #: its holds freed at once, not after their leases (a dispatching replica is never dead)
+    replica_ttl_s: float = Field(1.5, gt=0)
     #: when the store is unreachable: admit without limits (true) or fail with 503 (false)
     fail_open: bool = False
 

@@ -100,16 +100,14 @@ def _self_check(base: str, keys: dict[str, str], admin_key: str, done: threading
 
 def run_demo(port: int = 8000, engines: int = 2, time_scale: float = 1.0,
              exit_after_check: bool = False) -> int:
-    import uvicorn
-
     from proxy.app import create_app
     from proxy.logs import configure_logging
+    from proxy.server import build_server
 
     configure_logging("warning")
     settings, keys, admin_key = demo_settings(port, engines, time_scale)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, access_log=False,
-                                           log_config=None, log_level="warning", lifespan="on"))
+    server = build_server(app, host="127.0.0.1", port=port, log_level="warning")
     done = threading.Event()
     base = f"http://127.0.0.1:{port}"
     failed: list[BaseException] = []

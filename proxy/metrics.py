@@ -66,6 +66,11 @@ class GatewayMetrics:
             "Error responses (OpenAI's shape) by surface (v1, admin) and HTTP status",
             ["surface", "status"], registry=r,
         )
+        self.connections_closed = Counter(
+            "driftsched_connections_closed",
+            "Connections the server closed or refused on a limit, by reason (header_timeout, "
+            "send_timeout, over_limit)", ["reason"], registry=r,
+        )
         self.disconnects = Counter(
             "driftsched_client_disconnects", "Clients that went away before the response ended",
             ["tenant", "stage"], registry=r,

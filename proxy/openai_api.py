@@ -10,6 +10,14 @@ errors in OpenAI's shape, and let the lifecycle settle it.
 A watcher task waits on ``receive()`` for ``http.disconnect`` in parallel with the work; a
 client that goes away at any stage (queued, waiting for the engine, mid-stream) cancels the
 work, which closes the upstream request and releases every slot and token it held.
+
+Two limits of ``server`` are enforced here, each by one timer per request (nothing per
+chunk): the body must arrive within ``body_timeout_s`` of the headers (else 408 and the
+connection closed), and a request runs at most ``max_request_duration_s`` (else the work is
+cancelled like a disconnect, which releases what it holds, and the client gets 504
+``deadline_exceeded``, as an SSE error event when the stream has begun). A client that stops
+reading is the server's to catch (:mod:`proxy.server`: its connection is aborted, which
+reads here as a disconnect).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import httpx
 
 from adapters.errors import (
     BodyTooLarge,
+    ClientTimeout,
+    DeadlineExceeded,
     GatewayError,
     InternalError,
     InvalidRequest,
@@ -68,6 +78,8 @@ class Ctx:
     rid: str
     endpoint: str
     t0: float
+    #: the event loop's clock at arrival (the max-duration timer runs on it)
+    started: float
     principal: Principal | None = None
     req: ParsedRequest | None = None
     life: RequestLifecycle | None = None
@@ -76,6 +88,10 @@ class Ctx:
     #: the last body message is being sent (a disconnect after it is the normal end)
     ended: bool = False
     stage: str = "auth"
+    #: the client went away (the watcher cancelled the work)
+    gone: bool = False
+    #: ``server.max_request_duration_s`` passed (its timer cancelled the work)
+    expired: bool = False
 
     @property
     def rl_headers(self) -> list[tuple[bytes, bytes]]:
@@ -123,7 +139,7 @@ class OpenAIHandler:
         # the client's id is only echoed and logged; queue, holds and charges use a minted one
         rid = rid_in.decode() if rid_in and _RID_OK.match(rid_in) else mint_id()
         ctx = Ctx(rid=rid, endpoint=PATHS.get(path) or _endpoint_label(path),
-                  t0=self.gw.clock.monotonic())
+                  t0=self.gw.clock.monotonic(), started=asyncio.get_running_loop().time())
         try:
             await self._handle(scope, receive, send, ctx)
         except Exception as e:
@@ -175,48 +191,62 @@ class OpenAIHandler:
         # before the response ended, cancel this task (the work releases what it holds).
         task = asyncio.current_task()
         assert task is not None
-        gone = False
 
         def on_message(f: asyncio.Future[dict[str, Any]]) -> None:
-            nonlocal gone
             if f.cancelled() or f.exception() is not None or ctx.ended:
                 return
             if f.result().get("type") == "http.disconnect":
-                gone = True
+                ctx.gone = True
                 assert ctx.principal is not None
                 stage = ctx.life.stage if ctx.life is not None else ctx.stage
                 self.gw.metrics.disconnects.labels(ctx.principal.tenant.name, stage).inc()
                 task.cancel()
 
+        def on_deadline() -> None:
+            if not ctx.ended and not ctx.gone:
+                ctx.expired = True
+                task.cancel()  # _serve renders the 504
+
         watch = asyncio.ensure_future(receive())
         watch.add_done_callback(on_message)
+        limit = self.gw.settings.server.max_request_duration_s
+        timer = None if limit is None else asyncio.get_running_loop().call_at(
+            ctx.started + limit, on_deadline)
         try:
             await self._serve(ctx, send)
         except asyncio.CancelledError:
-            if not gone or task.uncancel() > 0:
+            if not ctx.gone or task.uncancel() > 0:
                 raise  # not (only) ours: the server is cancelling us
         finally:
             watch.cancel()
+            if timer is not None:
+                timer.cancel()
 
     # -- stages ------------------------------------------------------------------------
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        limit = self.gw.settings.server.max_body_bytes
+        server = self.gw.settings.server
+        limit = server.max_body_bytes
         cl = _header(scope, b"content-length")
         if cl is not None and cl.isdigit() and int(cl) > limit:
             raise BodyTooLarge(f"Request body of {int(cl)} bytes exceeds the limit of {limit} bytes.")
         chunks: list[bytes] = []
         size = 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            async with asyncio.timeout(server.body_timeout_s):
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        raise ClientGone
+                    chunk = msg.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise BodyTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+                    chunks.append(chunk)
+                    if not msg.get("more_body", False):
+                        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except TimeoutError:
+            raise ClientTimeout(f"The request body did not arrive within "
+                                f"{server.body_timeout_s:g} s (server.body_timeout_s).") from None
 
     def _check_model(self, principal: Principal, model: str) -> None:
         if model not in self.gw.pool_models():
@@ -245,8 +275,21 @@ class OpenAIHandler:
             else:
                 await self._send_error(send, ctx, e)
         except asyncio.CancelledError:
-            ctx.out.status = 499  # client closed request
-            raise
+            task = asyncio.current_task()
+            assert task is not None
+            if not ctx.expired or ctx.gone or task.uncancel() > 0:
+                ctx.out.status = 499  # client closed request (or the server is stopping)
+                raise
+            # server.max_request_duration_s: the work is stopped, its hold released below
+            limit = gw.settings.server.max_request_duration_s
+            err: GatewayError = DeadlineExceeded(f"The request ran longer than the gateway allows "
+                                   f"({limit:g} s, server.max_request_duration_s).")
+            errlog.warning("request deadline exceeded", extra={
+                "request_id": ctx.rid, "id": life.id, "stage": life.stage})
+            if ctx.response_started:
+                await self._stream_error(send, ctx, err)
+            else:
+                await self._send_error(send, ctx, err)
         except Exception as e:
             errlog.exception("unexpected error", extra={"request_id": ctx.rid, "id": life.id})
             err = InternalError(f"internal error: {type(e).__name__}")

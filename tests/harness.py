@@ -1,8 +1,9 @@
 """Builders for integration tests: real processes and real HTTP over loopback.
 
 * :class:`Proc` runs a command (an engine, a gateway) as a subprocess and waits for a URL.
-* :class:`GatewayThread` runs a real uvicorn server with ``create_app(settings)`` in a
-  background thread (its own event loop), so a test can also look inside the app.
+* :class:`GatewayThread` runs the real server (:func:`proxy.server.build_server`) with
+  ``create_app(settings)`` in a background thread (its own event loop), so a test can also
+  look inside the app.
 * :func:`make_settings` builds validated settings from a few keywords.
 """
 
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from proxy.app import DriftSchedApp, create_app
 from proxy.config import Settings, settings_from_dict
+from proxy.server import build_server
 from tests.conftest import free_port
 
 ADMIN_KEY = "adm-test-key"
@@ -125,9 +126,9 @@ class GatewayThread:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app: DriftSchedApp = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-            lifespan="on", log_level="warning"))
+        # the server `driftsched serve` runs: its protocol, timeouts and connection limit
+        self.server = build_server(self.app, host="127.0.0.1", port=self.port,
+                                   log_level="warning")
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
