@@ -142,6 +142,7 @@ class Scheduler:
         self.attainment_snapshot: dict[int, tuple[float, int]] = {}
         self._next_slo_check = 0.0
         self._lease_ttl = settings.store.lease_ttl_s
+        self._replica_ttl = settings.store.replica_ttl_s
         #: the queue's fair-share ledger as last read, plus this replica's charges since
         self.ledger = FairLedger()
         self._held: dict[str, Admitted] = {}
@@ -160,8 +161,10 @@ class Scheduler:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        await self.queue.heartbeat(self.clock.time(), self._replica_ttl)
         await self.publish_capacity()
         self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._capacity_loop(), name="capacity"),
             asyncio.create_task(self._renew_loop(), name="hold-renewal"),
@@ -529,6 +532,17 @@ class Scheduler:
             except Exception:
                 log.exception("dispatch failed")
                 await asyncio.sleep(0.5)
+
+    async def _heartbeat_loop(self) -> None:
+        """Tell the queue this replica is alive (a lapsed one is reaped by the others)."""
+        while True:
+            await asyncio.sleep(self._replica_ttl / 5)
+            try:
+                await self.queue.heartbeat(self.clock.time(), self._replica_ttl)
+            except StoreDown as e:
+                log.warning("heartbeat failed: %s", e)
+            except Exception:
+                log.exception("heartbeat failed")
 
     async def _renew_loop(self) -> None:
         while True:

@@ -194,9 +194,10 @@ class AdmissionQueue(Protocol):
     async def dispatch(self, now: float, lease_ttl_s: float, max_grants: int = 64) -> list[Grant]:
         """Admit what fits now, atomically, in (score, enqueue order); the grants made.
 
-        First, lapsed leases (expiry <= ``now``) are reclaimed and every queued item with
-        ``now > deadline`` is dropped, wherever it stands, and its replica is told
-        ``"expired"``. Then flow heads are taken in the queue's order (:data:`QueueOrder`:
+        First, lapsed leases (expiry <= ``now``) are reclaimed, every other replica whose
+        heartbeat lapsed (:meth:`heartbeat`) is reaped (in order of item id), and every
+        queued item with ``now > deadline`` is dropped, wherever it stands, and its replica
+        is told ``"expired"``. Then flow heads are taken in the queue's order (:data:`QueueOrder`:
         by (score, enqueue order), or by (tenant counter + score, enqueue order)):
 
         * a tenant holding ``>= limit`` granted items (:meth:`set_limits`) is parked: its
@@ -256,6 +257,15 @@ class AdmissionQueue(Protocol):
     async def renew(self, item_ids: list[str], now: float, lease_ttl_s: float) -> int:
         """Extend the leases of holds still held at ``now`` to ``now + lease_ttl_s`` (never
         shortening one); returns how many were still held."""
+
+    async def heartbeat(self, now: float, ttl_s: float) -> bool:
+        """This replica is alive until ``now + ttl_s`` (never shortened). Once a replica's
+        heartbeat has lapsed, the next :meth:`dispatch` by any other replica reaps it: its
+        queued items are dropped (``"expired"``) and its holds freed, so a crashed replica's
+        work costs the others nothing after ``ttl_s``. A replica that never beats is never
+        reaped (its holds lapse with their leases). Returns False when this replica was not
+        known alive: its first beat, or it had been reaped (its waiters will see
+        ``"expired"`` and its holds are gone)."""
 
     async def wait_capacity(self, timeout_s: float) -> None:
         """Return on the next enqueue / cancel / release / grow-down / engine-view change

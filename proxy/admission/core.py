@@ -149,6 +149,11 @@ class AdmissionCore:
         self._qcharge: dict[str, float] = {}
         self._backlog: list[tuple[float, str]] = []
         self._last_drained = 0.0
+        #: replica liveness: replica -> alive until; (alive until, replica), stale unless it
+        #: matches; replica -> ids queued or held for it
+        self._alive: dict[str, float] = {}
+        self._alive_heap: list[tuple[float, str]] = []
+        self._owned: dict[str, set[str]] = {}
 
     # -- tenants -----------------------------------------------------------------------------
     def _limited(self, tenant: str) -> bool:
@@ -258,6 +263,59 @@ class AdmissionCore:
             if self.order == "counter":
                 self._tenant_sync(tenant)
 
+    # -- replicas ----------------------------------------------------------------------------
+    def _own(self, replica: str, item_id: str) -> None:
+        self._owned.setdefault(replica, set()).add(item_id)
+
+    def _disown(self, replica: str, item_id: str) -> None:
+        owned = self._owned.get(replica)
+        if owned is not None:
+            owned.discard(item_id)
+            if not owned:
+                del self._owned[replica]
+
+    def heartbeat(self, replica: str, now: float, ttl_s: float) -> bool:
+        """``replica`` is alive until ``now + ttl_s`` (never shortened); False when it was
+        not known alive: its first beat, or it was declared dead and reaped."""
+        known = replica in self._alive
+        until = max(self._alive.get(replica, -math.inf), now + ttl_s)
+        self._alive[replica] = until
+        heapq.heappush(self._alive_heap, (until, replica))
+        if _too_stale(self._alive_heap, len(self._alive)):
+            self._alive_heap = [(u, r) for r, u in self._alive.items()]
+            heapq.heapify(self._alive_heap)
+        return known
+
+    def _reap(self, now: float, caller: str | None) -> list[QueueItem]:
+        """Forget every replica but ``caller`` whose heartbeat lapsed before ``now``: drop
+        its queued items (returned, as expired: nobody waits for them) and free its holds. A
+        replica that never beat is never reaped (its holds still have leases)."""
+        out: list[QueueItem] = []
+        heap, keep = self._alive_heap, []
+        while heap and heap[0][0] < now:
+            until, replica = heapq.heappop(heap)
+            if self._alive.get(replica) != until:
+                continue
+            if replica == caller:  # slow, not dead: it is dispatching
+                keep.append((until, replica))
+                continue
+            del self._alive[replica]
+            for item_id in sorted(self._owned.pop(replica, ())):
+                found = self._items.get(item_id)
+                if found is not None:
+                    self._dequeue(item_id)
+                    self._expired[item_id] = now
+                    out.append(found[0])
+                else:
+                    self._drop_hold(item_id)
+        for entry in keep:
+            heapq.heappush(heap, entry)
+        return out
+
+    def alive(self) -> dict[str, float]:
+        """Replicas known alive, with the time they are alive until."""
+        return dict(self._alive)
+
     # -- engines -----------------------------------------------------------------------------
     def set_engines(self, engines: list[EngineCapacity], now: float, ttl_s: float) -> bool:
         """Upsert the capacity view; True when it changed (AdmissionQueue.set_engines)."""
@@ -295,6 +353,7 @@ class AdmissionCore:
         if item.charge:
             self._qcharge[item.tenant] = self._qcharge.get(item.tenant, 0.0) + item.charge
         self._items[item.id] = (item, seq)
+        self._own(item.replica, item.id)
         key = (item.tenant, item.model)
         flow = self._flows.get(key)
         if flow is None:
@@ -312,6 +371,7 @@ class AdmissionCore:
         if entry is None:
             return None
         item = entry[0]
+        self._disown(item.replica, item_id)
         left = self._depth[item.tenant] - 1
         if left > 0:
             self._depth[item.tenant] = left
@@ -368,12 +428,13 @@ class AdmissionCore:
 
     # -- dispatch ----------------------------------------------------------------------------
     def dispatch(
-        self, now: float, lease_ttl_s: float, max_grants: int = 64
+        self, now: float, lease_ttl_s: float, max_grants: int = 64, replica: str | None = None
     ) -> tuple[list[Grant], list[QueueItem]]:
         """Admit what fits now (AdmissionQueue.dispatch): the grants made and the items
-        dropped as expired, in that order of the work."""
+        dropped as expired (or as a dead replica's), in that order of the work.
+        ``replica``: the caller, which is alive whatever its heartbeat says."""
         self._reclaim(now)
-        expired = self._expire(now)
+        expired = self._reap(now, replica) + self._expire(now)
         if not any(self._ready_live.values()):  # no ready flow: nothing to read or grant
             self._compact()
             return [], expired
@@ -438,6 +499,7 @@ class AdmissionCore:
         if item.charge:
             self._vc[item.tenant] = self._vc.get(item.tenant, 0.0) + item.charge
         self._dequeue(item.id)  # also re-lists the flow's next head
+        self._own(item.replica, item.id)  # now as a hold
         if item.charge and item.tenant in self._depth:
             self._backlog_push(item.tenant)
             if self.order == "counter":
@@ -465,6 +527,7 @@ class AdmissionCore:
         hold = self._holds.pop(item_id, None)
         if hold is None:
             return False
+        self._disown(hold.replica, item_id)
         self._count(hold.tenant, correction)
         self._unhold(hold.engine, hold.footprint)
         n = self._inflight.get(hold.tenant, 0) - 1

@@ -72,7 +72,7 @@ class MemoryQueue:
         return True
 
     async def dispatch(self, now: float, lease_ttl_s: float, max_grants: int = 64) -> list[Grant]:
-        grants, expired = self.core.dispatch(now, lease_ttl_s, max_grants)
+        grants, expired = self.core.dispatch(now, lease_ttl_s, max_grants, self.replica_id)
         for item in expired:
             self._mailbox.deliver(item.id, "expired")
         for grant in grants:
@@ -107,6 +107,9 @@ class MemoryQueue:
     async def grow(self, item_id: str, delta_tokens: int) -> None:
         if self.core.grow(item_id, delta_tokens):
             self._bell.ring()
+
+    async def heartbeat(self, now: float, ttl_s: float) -> bool:
+        return self.core.heartbeat(self.replica_id, now, ttl_s)
 
     async def renew(self, item_ids: list[str], now: float, lease_ttl_s: float) -> int:
         return self.core.renew(item_ids, now, lease_ttl_s)

@@ -26,6 +26,8 @@ Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
   charges of its queued items; ``:conf`` hash ``order`` (``key`` / ``counter``, written by
   :meth:`RedisQueue.start`) and ``drained`` (the counter of the tenant that drained last).
   Counters are ``%.17g`` strings, so Lua and Python agree to the last bit.
+* replicas: ``:alive`` zset replica -> alive until (its heartbeat);
+  ``P:{q}:owned:<replica>`` set of the ids queued or held for it (what reaping frees).
 * ``P:{q}:engines`` hash name -> capacity JSON; ``:fresh`` hash name -> valid-until;
   ``:held`` / ``:seqs`` hash engine -> tokens / sequences held.
 * ``P:{q}:holds`` hash id -> hold JSON ``{e, t, r, f, g}`` (current and granted
@@ -95,6 +97,7 @@ _SCRIPTS = (
     "set_engines",
     "loads",
     "in_flight",
+    "heartbeat",
 )
 _KEYS = (
     "seq",
@@ -116,6 +119,7 @@ _KEYS = (
     "backlog",
     "qcharge",
     "conf",
+    "alive",
 )
 _ENQUEUED: dict[int, EnqueueResult] = {1: "queued", 0: "duplicate", -1: "tenant_full", -2: "full"}
 #: how long an "expired" outcome stays visible to a late :meth:`RedisQueue.wait`
@@ -190,6 +194,7 @@ class RedisQueue:
             raise ValueError(f"unknown queue order {order!r}")
         self.caps = caps or QueueCaps()
         self.order: QueueOrder = order
+        self._beaten = False
         self._url = url
         self._keys = [f"{prefix}:{{q}}:{k}" for k in _KEYS]
         self._channels = f"{prefix}:queue:"
@@ -395,6 +400,16 @@ class RedisQueue:
         if not item_ids:
             return 0
         return int(await self._run("renew", num(now), num(lease_ttl_s), *item_ids))
+
+    @unavailable_on_io_error
+    async def heartbeat(self, now: float, ttl_s: float) -> bool:
+        known = bool(await self._run("heartbeat", self.replica_id, num(now + ttl_s)))
+        if not known and self._beaten:
+            log.warning("this replica was declared dead (no heartbeat for %.1fs): its queued "
+                        "requests were dropped and its holds freed by another replica", ttl_s)
+            self._mailbox.wake_all()  # its waiters re-read the queue: "expired"
+        self._beaten = True
+        return known
 
     # -- views ---------------------------------------------------------------------------
     @unavailable_on_io_error

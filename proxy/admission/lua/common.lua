@@ -8,6 +8,7 @@ local K_ENGINES, K_FRESH, K_HELD, K_SEQS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_HOLDS, K_LEASES, K_INFLIGHT, K_EXPIRED = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_FHEAD, K_LIMITS, K_GRANTED = KEYS[13], KEYS[14], KEYS[15]
 local K_VC, K_BACKLOG, K_QCHARGE, K_CONF = KEYS[16], KEYS[17], KEYS[18], KEYS[19]
+local K_ALIVE = KEYS[20]
 -- per-flow, per-model and per-tenant keys share the hash tag: derived from the seq key
 local BASE = string.sub(K_SEQ, 1, -4)
 local CH_CAPACITY = ARGV[1] .. 'capacity'
@@ -133,8 +134,14 @@ local function add_counter(tenant, delta)
   end
 end
 
+-- ids queued or held for a replica (core.py: _owned)
+local function owned_key(replica)
+  return BASE .. 'owned:' .. replica
+end
+
 -- Remove a queued item (its record decoded as `rec`) from every queue structure.
 local function dequeue(id, rec)
+  redis.call('SREM', owned_key(rec.r), id)
   redis.call('ZREM', flow_key(rec.t, rec.m), member(rec.q, id))
   redis.call('HDEL', K_ITEMS, id)
   redis.call('ZREM', K_DEADLINES, id)
@@ -171,6 +178,7 @@ local function drop_hold(id, correction)
   end
   local h = cjson.decode(raw)
   redis.call('HDEL', K_HOLDS, id)
+  redis.call('SREM', owned_key(h.r), id)
   add_counter(h.t, correction)
   unhold(h.e, h.f)
   local n = count(K_INFLIGHT, h.t, -1)
@@ -186,5 +194,28 @@ local function reclaim(now_arg)
   local lapsed = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now_arg)
   for _, id in ipairs(lapsed) do
     drop_hold(id, 0)
+  end
+end
+
+-- Forget every replica but `me` whose heartbeat lapsed before now: drop its queued items
+-- (as expired: nobody waits for them), free its holds (core.py: _reap).
+local function reap(now_arg, me)
+  for _, r in ipairs(redis.call('ZRANGEBYSCORE', K_ALIVE, '-inf', '(' .. now_arg)) do
+    if r ~= me then
+      redis.call('ZREM', K_ALIVE, r)
+      local key = owned_key(r)
+      local ids = redis.call('SMEMBERS', key)
+      table.sort(ids)
+      for _, id in ipairs(ids) do
+        local raw = redis.call('HGET', K_ITEMS, id)
+        if raw then
+          dequeue(id, cjson.decode(raw))
+          redis.call('ZADD', K_EXPIRED, now_arg, id)
+        else
+          drop_hold(id, 0)
+        end
+      end
+      redis.call('DEL', key)
+    end
   end
 end

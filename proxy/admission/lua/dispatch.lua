@@ -9,6 +9,7 @@ local me = ARGV[5]
 local grants, mine_expired = {}, {}
 
 reclaim(ARGV[2])
+reap(ARGV[2], me)
 
 -- drop every item past its deadline, wherever it stands
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DEADLINES, '-inf', '(' .. ARGV[2])) do
@@ -104,6 +105,7 @@ local function grant(id, rec, e)
     redis.call('HSET', K_VC, rec.t, fmt(vc_of(rec.t) + g))
   end
   dequeue(id, rec) -- also re-lists the flow's next head
+  redis.call('SADD', owned_key(rec.r), id) -- now as a hold
   if g ~= 0 and redis.call('HEXISTS', K_DEPTH, rec.t) == 1 then
     redis.call('ZADD', K_BACKLOG, fmt(vc_of(rec.t)), rec.t)
     if counter_order() then

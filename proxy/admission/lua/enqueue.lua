@@ -28,6 +28,7 @@ if g ~= 0 then
   redis.call('HSET', K_QCHARGE, rec.t, fmt(qc + g))
 end
 redis.call('HSET', K_ITEMS, id, cjson.encode(rec))
+redis.call('SADD', owned_key(rec.r), id)
 redis.call('SADD', tmodels_key(rec.t), rec.m)
 redis.call('ZADD', flow_key(rec.t, rec.m), ARGV[3], member(rec.q, id))
 redis.call('ZADD', K_DEADLINES, ARGV[4], id)

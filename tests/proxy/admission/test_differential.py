@@ -3,8 +3,8 @@ in Lua) make identical decisions on random operation sequences (Hypothesis).
 
 Every operation of :class:`~proxy.admission.base.AdmissionQueue` is drawn: enqueue (with
 depth caps and fair-share charges), cancel, dispatch, release (with charge corrections),
-move, grow, renew, limit changes, engine-view changes and clock steps, under both queue
-orders (``key`` and ``counter``: exact VTC). After each one both queues must agree on its
+move, grow, renew, limit changes, engine-view changes, replica heartbeats (items of three
+replicas; a lapsed one is reaped) and clock steps, under both queue orders (``key`` and ``counter``: exact VTC). After each one both queues must agree on its
 result, on the depth, the stats (the fair-share ledger to the last bit) and every engine's
 load.
 """
@@ -29,6 +29,8 @@ T0 = 1_700_000_000.0
 TENANTS = ["acme", "zeta", "équipe/ü", "t:3"]
 MODELS = ["m1", "org/m:2"]
 ENGINES = ["e1", "e2", "e3"]
+#: r1 dispatches; r2 and r3 own items too, beat or fall silent and are reaped
+REPLICAS = ["r1", "r2", "r3"]
 CAPS = QueueCaps(max_queued=40, max_queued_per_tenant=16)
 _prefixes = itertools.count()
 
@@ -49,6 +51,7 @@ enqueue_op = st.tuples(
         st.booleans(),  # exempt
         st.sampled_from([0.0, 5.0, 30.0, 300.0]),  # deadline offset
         st.sampled_from([0.0, 0.0, 100.0, 1 / 3, 1234.5678, 1e-9]),  # fair-share charge
+        st.sampled_from([0, 0, 1, 2]),  # replica
 )
 dispatch_op = st.tuples(st.just("dispatch"), st.sampled_from([2.0, 8.0, 30.0]),
                         st.sampled_from([1, 2, 64]))
@@ -67,6 +70,8 @@ ops = st.one_of(
               st.sampled_from([None, 0, 1, 2, 3])),
     st.tuples(st.just("clock"), st.sampled_from([0.3, 1.0, 4.0, 20.0])),
     st.tuples(st.just("in_flight"), st.integers(0, len(TENANTS) - 1)),
+    st.tuples(st.just("heartbeat"), st.integers(0, len(REPLICAS) - 1),
+              st.sampled_from([0.5, 2.0, 30.0])),
 )
 
 
@@ -74,6 +79,8 @@ ops = st.one_of(
 class Run:
     mem: MemoryQueue
     red: RedisQueue
+    #: the other replicas' queues on the same Redis (their heartbeats)
+    others: dict[str, RedisQueue]
     now: float = T0
     ids: list[str] = field(default_factory=list)
     granted: list[str] = field(default_factory=list)
@@ -83,8 +90,8 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
     mem, red = run.mem, run.red
     kind = op[0]
     if kind == "enqueue":
-        _, t, m, score, footprint, exempt, dl, charge = op
-        item = QueueItem(f"i{n}", TENANTS[t], "r1", MODELS[m], score, footprint,
+        _, t, m, score, footprint, exempt, dl, charge, r = op
+        item = QueueItem(f"i{n}", TENANTS[t], REPLICAS[r], MODELS[m], score, footprint,
                          run.now + dl, exempt, charge)
         run.ids.append(item.id)
         assert await mem.enqueue(item, run.now) == await red.enqueue(item, run.now)
@@ -120,6 +127,11 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
         limits = {TENANTS[op[1]]: op[2]}
         await mem.set_limits(limits)
         await red.set_limits(limits)
+    elif kind == "heartbeat":
+        replica = REPLICAS[op[1]]
+        known = run.mem.core.heartbeat(replica, run.now, op[2])
+        red_q = run.red if replica == "r1" else run.others[replica]
+        assert known == await red_q.heartbeat(run.now, op[2])
     elif kind == "clock":
         run.now += op[1]
     elif kind == "in_flight":
@@ -135,7 +147,10 @@ async def play(
 ) -> None:
     red = RedisQueue("r1", url, prefix=prefix, caps=CAPS, order=order)
     await red.start()
-    run = Run(MemoryQueue("r1", CAPS, order), red)
+    others = {r: RedisQueue(r, url, prefix=prefix, caps=CAPS, order=order) for r in REPLICAS[1:]}
+    for q in others.values():
+        await q.start()
+    run = Run(MemoryQueue("r1", CAPS, order), red, others)
     try:
         await run.mem.set_engines([EngineCapacity("e1", tuple(MODELS), 1000, 4, True)], T0, 60)
         await red.set_engines([EngineCapacity("e1", tuple(MODELS), 1000, 4, True)], T0, 60)
@@ -147,6 +162,8 @@ async def play(
     finally:
         await run.mem.aclose()
         await red.aclose()
+        for q in others.values():
+            await q.aclose()
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -169,7 +186,9 @@ def test_a_long_mixed_run_decides_alike(
                                      ("e2", ["m1"], 1000, 2, None, True)], 60.0)]
     for n in range(300):
         seq.append(("enqueue", n % 4, n % 2, float(n % 7), (n * 97) % 1300, n % 11 == 0,
-                    [5.0, 30.0, 300.0][n % 3], (n * 37 % 500) / 7))
+                    [5.0, 30.0, 300.0][n % 3], (n * 37 % 500) / 7, n % 5 % 3))
+        if n % 13 == 0:
+            seq.append(("heartbeat", n % 3, [2.0, 30.0][n // 13 % 2]))
         if n % 5 == 0:
             seq.append(("limits", n % 4, [None, 1, 2, 3][(n // 5) % 4]))
         if n % 3 == 0:

@@ -99,6 +99,33 @@ async def test_expiry_by_one_instance_reaches_the_others_wait(new_queue: QueueFa
     assert await b.wait("y", 0.01) == "expired"
 
 
+# -- replica liveness ----------------------------------------------------------------------
+async def test_a_silent_replica_is_reaped_by_the_next_dispatch(new_queue: QueueFactory) -> None:
+    """No ghost grants: once a replica's heartbeat lapses, the next dispatch by another
+    replica drops its queued items and frees its holds, and their room goes to the living."""
+    live, dead = await new_queue("live"), await new_queue("dead")
+    await live.set_engines([EngineCapacity("e1", ("m",), 1000, 2, True)], T0, 600)
+    assert not await dead.heartbeat(T0, 2.0)  # first beat
+    assert await dead.heartbeat(T0 + 1, 2.0)  # alive until T0 + 3
+    assert not await live.heartbeat(T0, 0.5)
+    await dead.enqueue(item("d1", "dead"), T0)
+    await dead.enqueue(item("d2", "dead", tenant="zeta"), T0)
+    assert [g.id for g in await live.dispatch(T0, 30)] == ["d1", "d2"]  # engine full
+    await dead.enqueue(item("d3", "dead"), T0)
+    await live.enqueue(item("l1", "live"), T0)
+    assert await live.dispatch(T0 + 3, 30) == []  # dead is alive until T0 + 3 inclusive
+    # dead beats no more; live's own beat lapsed too, but the dispatcher is alive by definition
+    grants = await live.dispatch(T0 + 3.01, 30)
+    assert [g.id for g in grants] == ["l1"]  # d1, d2 freed, d3 dropped before l1 was looked at
+    assert await live.depth() == {}
+    assert await live.in_flight("zeta", T0 + 3.01) == 0
+    assert await dead.wait("d3", 0.01) == "expired"  # what a revived "dead" would see
+    assert not await dead.heartbeat(T0 + 4, 2.0)  # it learns it was reaped
+    await dead.release("d1")  # its late release frees nothing more
+    (load,) = await live.loads(T0 + 4)
+    assert (load.held_tokens, load.seqs) == (100, 1)
+
+
 async def test_waits_survive_a_lost_subscription(new_queue: QueueFactory, raw: Redis) -> None:
     a, b = await new_queue("ra"), await new_queue("rb")
     await a.set_engines(ENGINES, T0, 60)

@@ -1,0 +1,10 @@
+-- This replica is alive until ARGV[3] (AdmissionQueue.heartbeat; core.py: heartbeat).
+-- ARGV: channels, replica, alive until. Returns 1 when it was known alive, else 0.
+local old = redis.call('ZSCORE', K_ALIVE, ARGV[2])
+if not old or tonumber(old) < tonumber(ARGV[3]) then
+  redis.call('ZADD', K_ALIVE, ARGV[3], ARGV[2])
+end
+if old then
+  return 1
+end
+return 0
