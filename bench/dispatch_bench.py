@@ -34,7 +34,11 @@ limit carried by each ``QueueItem``, no ``set_limits``), e.g.::
     .venv/bin/python bench/dispatch_bench.py --old /tmp/old_main
     git worktree remove --force /tmp/old_main
 
+``--order counter`` runs the new queue in exact-VTC order (the ``fair`` policy): every item
+carries a charge, so each grant moves its tenant's counter and re-ranks its flows.
+
 Usage: .venv/bin/python bench/dispatch_bench.py [--quick] [--stores memory,redis]
+       [--order key|counter]
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ FREE_TENANT = "free"
 WARMUP = 5
 FILL_BATCH = 500  # concurrent enqueues per batch when filling redis
 TARGET_US = {"memory": 200.0, "redis": 1000.0}
+CHARGE = 300.0  # fair-share charge of every item with --order counter
 
 
 def log(msg: str) -> None:
@@ -80,8 +85,10 @@ def log(msg: str) -> None:
 class Api:
     """The queue API of one source tree: new (``proxy.admission``) or old (``proxy.store``)."""
 
-    def __init__(self, old: bool) -> None:
+    def __init__(self, old: bool, order: str = "key") -> None:
         self.old = old
+        #: the new queue's order; "counter" (exact VTC) charges every item CHARGE
+        self.order = order
         if old:
             from proxy.store.queue_base import EngineCapacity, QueueItem
             from proxy.store.queue_memory import MemoryQueue
@@ -110,6 +117,8 @@ class Api:
         )
         if self.old:
             kw["concurrency_limit"] = limit  # the old design: the limit travels with each item
+        elif self.order == "counter":
+            kw["charge"] = CHARGE
         return self.QueueItem(**kw)
 
     async def set_limits(self, q: Any, limits: dict[str, int | None]) -> None:
@@ -120,10 +129,14 @@ class Api:
         return self.EngineCapacity("e0", (MODEL,), None, max_seqs, True)
 
     def memory(self) -> Any:
-        return self.MemoryQueue(REPLICA)
+        if self.old:
+            return self.MemoryQueue(REPLICA)
+        return self.MemoryQueue(REPLICA, order=self.order)
 
     def redis(self, url: str, prefix: str) -> Any:
-        return self.RedisQueue(REPLICA, url, prefix=prefix)
+        if self.old:
+            return self.RedisQueue(REPLICA, url, prefix=prefix)
+        return self.RedisQueue(REPLICA, url, prefix=prefix, order=self.order)
 
 
 # -- redis-server ---------------------------------------------------------------------------
@@ -446,7 +459,7 @@ async def amain(args: argparse.Namespace, api: Api) -> int:
             raise SystemExit(f"--stores: unknown store {s!r}; known: memory, redis")
     backlogs = [1_000, 10_000] if args.quick else [1_000, 10_000, 50_000]
     tenant_counts = [10, 100] if args.quick else [10, 100, 1_000]
-    label = "old" if args.old else "new"
+    label = "old" if args.old else f"new, {args.order} order"
     log(f"{label} code: {api.source} @ {git_rev(api.source)}")
 
     server: RedisServer | None = None
@@ -516,12 +529,15 @@ def main() -> int:
         help="seconds of timed dispatches per cell once --min-iters are in",
     )
     ap.add_argument("--redis-server", default="redis-server", help="redis-server binary")
+    ap.add_argument("--order", choices=["key", "counter"], default="key",
+                    help="the new queue's order: key, or counter (exact VTC; every item "
+                         "charged, each grant re-ranks its tenant)")
     args = ap.parse_args()
     root = str(Path(args.old).resolve()) if args.old else str(REPO)
     if args.old and not (Path(root) / "proxy" / "store" / "queue_memory.py").exists():
         raise SystemExit(f"--old {root}: no proxy/store/queue_memory.py there")
     sys.path.insert(0, root)
-    api = Api(old=args.old is not None)
+    api = Api(old=args.old is not None, order=args.order)
     if Path(api.source) != Path(root):
         raise SystemExit(f"imported proxy from {api.source}, expected {root}")
     return asyncio.run(amain(args, api))
