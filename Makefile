@@ -13,7 +13,7 @@ BENCH_VENV  ?= .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo serve test test-fast test-vllm-cpu check lint typecheck bench clean
+.PHONY: help install demo serve test test-fast test-vllm-cpu chaos check lint typecheck bench clean
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -47,7 +47,10 @@ serve: $(CORE_STAMP)  ## run the gateway with $$DRIFTSCHED_CONFIG (or config/dri
 	$(BIN)/driftsched serve -c $${DRIFTSCHED_CONFIG:-config/driftsched.example.yaml}
 
 test: $(STAMP)  ## run the test-suite (needs redis-server on PATH; starts its own)
-	$(BIN)/python -m pytest -q -m "not vllm_cpu"
+	$(BIN)/python -m pytest -q -m "not vllm_cpu and not chaos_slow"
+
+chaos: $(STAMP)  ## the whole chaos suite (tests/chaos, slow part included); figures in results/chaos.json
+	DRIFTSCHED_CHAOS_REPORT=results/chaos.json $(BIN)/python -m pytest -q -m chaos tests/chaos
 
 test-vllm-cpu: $(STAMP)  ## real vLLM on CPU with a tiny local model (installs .vllm-venv on first use)
 	$(BIN)/python -m pytest -q -m vllm_cpu tests/vllm_cpu

@@ -92,6 +92,10 @@ class Ctx:
     gone: bool = False
     #: ``server.max_request_duration_s`` passed (its timer cancelled the work)
     expired: bool = False
+    #: cancellations this handler asked for (it takes back as many: :func:`_absorb`)
+    cancels: int = 0
+    #: the work has seen its cancellation, or is settling: cancel it no more
+    stopping: bool = False
 
     @property
     def rl_headers(self) -> list[tuple[bytes, bytes]]:
@@ -100,6 +104,20 @@ class Ctx:
 
 class ClientGone(Exception):
     """The client disconnected before its request body was read."""
+
+
+#: seconds between cancellations of work that runs on after being cancelled
+_RECANCEL_S = 0.05
+
+
+def _absorb(ctx: Ctx, task: asyncio.Task[Any]) -> bool:
+    """Take back this handler's cancellations of ``task``; whether none is left (nobody else,
+    such as the server shutting down, cancelled it too)."""
+    left = task.cancelling()
+    for _ in range(ctx.cancels):
+        left = task.uncancel()
+    ctx.cancels = 0
+    return left == 0
 
 
 def _endpoint_label(path: str) -> str:
@@ -191,6 +209,17 @@ class OpenAIHandler:
         # before the response ended, cancel this task (the work releases what it holds).
         task = asyncio.current_task()
         assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            # cancel the work, and again while it runs on: a library may swallow a
+            # cancellation (redis-py's asyncio client does, for a command cancelled in
+            # flight), and the work would then run to its end for a client long gone
+            if ctx.stopping or ctx.ended or task.done():
+                return
+            ctx.cancels += 1
+            task.cancel()
+            loop.call_later(_RECANCEL_S, stop)
 
         def on_message(f: asyncio.Future[dict[str, Any]]) -> None:
             if f.cancelled() or f.exception() is not None or ctx.ended:
@@ -200,22 +229,21 @@ class OpenAIHandler:
                 assert ctx.principal is not None
                 stage = ctx.life.stage if ctx.life is not None else ctx.stage
                 self.gw.metrics.disconnects.labels(ctx.principal.tenant.name, stage).inc()
-                task.cancel()
+                stop()
 
         def on_deadline() -> None:
             if not ctx.ended and not ctx.gone:
                 ctx.expired = True
-                task.cancel()  # _serve renders the 504
+                stop()  # _serve renders the 504
 
         watch = asyncio.ensure_future(receive())
         watch.add_done_callback(on_message)
         limit = self.gw.settings.server.max_request_duration_s
-        timer = None if limit is None else asyncio.get_running_loop().call_at(
-            ctx.started + limit, on_deadline)
+        timer = None if limit is None else loop.call_at(ctx.started + limit, on_deadline)
         try:
             await self._serve(ctx, send)
         except asyncio.CancelledError:
-            if not ctx.gone or task.uncancel() > 0:
+            if not ctx.gone or not _absorb(ctx, task):
                 raise  # not (only) ours: the server is cancelling us
         finally:
             watch.cancel()
@@ -275,9 +303,10 @@ class OpenAIHandler:
             else:
                 await self._send_error(send, ctx, e)
         except asyncio.CancelledError:
+            ctx.stopping = True
             task = asyncio.current_task()
             assert task is not None
-            if not ctx.expired or ctx.gone or task.uncancel() > 0:
+            if not ctx.expired or ctx.gone or not _absorb(ctx, task):
                 ctx.out.status = 499  # client closed request (or the server is stopping)
                 raise
             # server.max_request_duration_s: the work is stopped, its hold released below
@@ -298,6 +327,7 @@ class OpenAIHandler:
             else:
                 await self._send_error(send, ctx, err)
         finally:
+            ctx.stopping = True
             if ctx.ended:
                 # the response is out: a disconnect no longer cancels us (see __call__),
                 # so settling runs inline, without a shielding task per request
