@@ -25,12 +25,14 @@ INPUT_WEIGHT, OUTPUT_WEIGHT = 1.0, 2.0
 
 
 def spread_tokens(r: Req, lo: float, hi: float) -> float:
-    """Output tokens of ``r`` streamed within [lo, hi] (evenly over first token..done)."""
+    """Output tokens of ``r`` streamed within [lo, hi) (evenly over first token..done); an
+    answer whose tokens all came at one instant counts where that instant falls, so that
+    adjacent windows never count it twice."""
     if not r.ok or r.first_token_s is None or r.done_s is None or not r.completion_tokens:
         return 0.0
     a, b = r.first_token_s, r.done_s
     if b <= a:
-        return float(r.completion_tokens) if lo <= a <= hi else 0.0
+        return float(r.completion_tokens) if lo <= a < hi else 0.0
     overlap = max(0.0, min(b, hi) - max(a, lo))
     return r.completion_tokens * overlap / (b - a)
 
@@ -39,9 +41,14 @@ def maxmin_fair(
     demand: Mapping[str, float], weight: Mapping[str, float], capacity: float
 ) -> dict[str, float]:
     """Weighted max-min fair allocation of ``capacity`` (water-filling): no tenant gets more
-    than it asked for, and the rest is shared in proportion to the weights."""
+    than it asked for, and the rest is shared in proportion to the weights. The shares sum
+    to ``min(capacity, total demand)``; a tenant with no demand gets 0. Raises
+    :class:`ValueError` for a tenant with demand and a weight <= 0."""
     alloc = {t: 0.0 for t in demand}
     active = {t for t, d in demand.items() if d > 0}
+    bad = sorted(t for t in active if not weight[t] > 0)
+    if bad:
+        raise ValueError(f"maxmin_fair: weight of {', '.join(bad)} must be > 0")
     left = capacity
     while active and left > 1e-9:
         per_weight = left / sum(weight[t] for t in active)
@@ -58,6 +65,8 @@ def maxmin_fair(
 
 
 def jain(xs: Sequence[float]) -> float | None:
+    """Jain's index (sum x)^2 / (n sum x^2) of non-negative ``xs``: 1 when all are equal,
+    1/n when one has everything; None for no values, 1 when all are 0 (equal)."""
     if not xs:
         return None
     s2 = sum(x * x for x in xs)
@@ -105,7 +114,8 @@ def service_difference(
         k = min(n_win - 1, int(r.first_token_s // window_s))
         got[k][r.tenant] += INPUT_WEIGHT * (r.prompt_tokens or 0) / w
         for i in range(n_win):
-            lo, hi = i * window_s, (i + 1) * window_s
+            # the last window is closed on the right: an answer ending on the run's end counts
+            lo, hi = i * window_s, (i + 1) * window_s if i < n_win - 1 else math.inf
             got[i][r.tenant] += OUTPUT_WEIGHT * spread_tokens(r, lo, hi) / w
     diffs = [
         max(got[i][t] for t in active[i]) - min(got[i][t] for t in active[i])

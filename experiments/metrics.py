@@ -20,6 +20,7 @@ from experiments.fairness import (
     INPUT_WEIGHT,
     OUTPUT_WEIGHT,
     fair_share_jain,
+    jain,
     service_difference,
     spread_tokens,
 )
@@ -43,8 +44,11 @@ DEFINITIONS: dict[str, str] = {
     ),
     "attainment": "requests meeting their SLO / requests sent (rejected, timed-out, failed "
     "and cancelled requests are misses)",
-    "throughput": "output tokens of successful requests / makespan (first dispatch to last "
-    "completion of the run)",
+    "throughput": "output tokens of successful requests / makespan (first dispatch to the "
+    "last end -- completion or failure -- of a dispatched request)",
+    "output tokens": "output tokens of successful requests (the work done, whatever the makespan)",
+    "engine busy share": "simulated seconds the engines spent in steps (sim:busy_seconds_total)"
+    " / (engines x makespan); none for engines that do not report it",
     "in-window throughput": "output tokens streamed while arrivals last (each request's "
     "tokens spread evenly between its first token and its completion) / the arrival window",
     "goodput": "requests meeting their SLO / makespan",
@@ -56,6 +60,8 @@ DEFINITIONS: dict[str, str] = {
     "fair shares from weighted water-filling of the service the group received over the "
     "tenants' demands (their requests' true prompt + output lengths); 1 = every tenant got "
     "exactly its fair share",
+    "attainment Jain": "Jain's index over the attainment of each tenant of the group (1 = "
+    "every tenant met its SLO equally often; all 0 also reads 1), beside the lowest tenant's",
     "VTC service difference": "per 60 s window, max - min of weighted service (service / "
     "weight) among the group's tenants with arrivals in the window; max and mean over windows",
     "estimator MAE / tau": "mean |predicted p50 - actual output tokens| and Kendall's tau-b "
@@ -87,8 +93,12 @@ def slo_met(r: Req, slo: Mapping[str, Any]) -> bool:
 
 
 def makespan(reqs: Sequence[Req]) -> float:
-    starts = [r.dispatched_s for r in reqs if r.dispatched_s is not None]
-    ends = [r.done_s for r in reqs if r.done_s is not None]
+    """First dispatch to the last end (completion or failure) of a dispatched request; 0
+    without one. A request the generator never sent ends when the replay stopped: not
+    counted."""
+    sent = [r for r in reqs if r.dispatched_s is not None]
+    starts = [r.dispatched_s for r in sent if r.dispatched_s is not None]
+    ends = [r.done_s for r in sent if r.done_s is not None]
     if not starts or not ends:
         return 0.0
     return max(1e-9, max(ends) - min(starts))
@@ -131,6 +141,24 @@ def group_stats(
     }
 
 
+def attainment_fairness(tenant_stats: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Jain's index over the tenants' attainment, and the lowest one (tenants without
+    requests are left out)."""
+    att = {t: s["attainment"] for t, s in tenant_stats.items() if s["attainment"] is not None}
+    if not att:
+        return {"jain": None, "min": None, "min_tenant": None}
+    low = min(sorted(att), key=lambda t: att[t])
+    return {"jain": jain(list(att.values())), "min": att[low], "min_tenant": low}
+
+
+def busy_share(engines: Sequence[Mapping[str, float]], span: float) -> float | None:
+    """Engines' busy seconds / (engines x ``span``); None unless every engine reports it."""
+    busy = [e.get("sim:busy_seconds_total") for e in engines]
+    if not busy or span <= 0 or any(b is None for b in busy):
+        return None
+    return sum(b for b in busy if b is not None) / (len(busy) * span)
+
+
 # -- time series ---------------------------------------------------------------------------
 def rolling_attainment(
     reqs: Sequence[Req],
@@ -139,14 +167,16 @@ def rolling_attainment(
     window_s: float = ROLLING_WINDOW_S,
     step_s: float = 1.0,
 ) -> tuple[list[float], list[float | None]]:
-    """Attainment of the requests arriving in (t - window, t], for t = window..end."""
+    """Attainment of the requests arriving in (t - window, t], for t = window..end (the
+    first window also holds arrivals at 0); None where no request arrived."""
     items = sorted((r.intended_s, slo_met(r, slos[r.tenant])) for r in reqs)
     times = [float(t) for t in np.arange(window_s, end_s + 1e-9, step_s)]
     arr = np.array([a for a, _ in items]) if items else np.zeros(0)
     met = np.cumsum([0, *(int(m) for _, m in items)])
     values: list[float | None] = []
     for t in times:
-        lo, hi = np.searchsorted(arr, t - window_s, "right"), np.searchsorted(arr, t, "right")
+        lo = np.searchsorted(arr, t - window_s, "right") if t - window_s > 0 else 0
+        hi = np.searchsorted(arr, t, "right")
         n = int(hi - lo)
         values.append(float(met[hi] - met[lo]) / n if n else None)
     return times, values
@@ -271,12 +301,19 @@ def compute(run: RunData, header: Mapping[str, Any]) -> dict[str, Any]:
         "class_levels": level,
         "tenant_class": {t: rs[0].qos_class for t, rs in tenants.items()},
     }
+
+    def attainment_of(group: Sequence[Req]) -> dict[str, Any]:
+        f = attainment_fairness({t: out["tenants"][t] for t in {r.tenant for r in group}})
+        return {f"attainment_{k}": v for k, v in f.items()}
+
     fair: dict[str, Any] = {"classes": {}, "all": fair_share_jain(reqs, run.weights)}
     for c, rs in classes.items():
         fair["classes"][c] = {
             **fair_share_jain(rs, run.weights),
+            **attainment_of(rs),
             "service_difference": service_difference(rs, run.weights),
         }
+    fair["all"].update(attainment_of(reqs))
     fair["all"]["service_difference"] = service_difference(reqs, run.weights)
     out["fairness"] = fair
     tenant_of = {r.request_id: r.tenant for r in reqs}
@@ -334,6 +371,7 @@ def compute(run: RunData, header: Mapping[str, Any]) -> dict[str, Any]:
     engines = run.info.get("engines") or []
     out["preemptions"] = sum(e.get("vllm:num_preemptions_total", 0.0) for e in engines)
     out["sim_lag_s"] = sum(e.get("sim:lag_seconds_total", 0.0) for e in engines)
+    out["engine_busy_share"] = busy_share(engines, span)
     out["gateway_rejections"] = run.info.get("gateway_rejections", {})
     out["distortion"] = distortion(run)
     return out

@@ -1,4 +1,5 @@
-"""``run_experiment.sh`` end to end on the miniature scenario, and the metrics' arithmetic.
+"""``run_experiment.sh`` end to end on the miniature scenario (the metrics' arithmetic:
+``test_metrics.py``, ``test_fairness.py``).
 
 The end-to-end test drives the real processes (gateway, two simulator engines through the
 pool manager, the load generator) on ``experiments/scenarios/mini.yaml`` (15 s of arrivals)
@@ -14,10 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from experiments.fairness import jain, maxmin_fair
-from experiments.metrics import recovery, rolling_attainment
-from experiments.rundata import Req
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -67,30 +64,3 @@ def test_mini_experiment_end_to_end(tmp_path: Path, shared_data: Path) -> None:
     assert metrics["fcfs"]["drift"][0]["actions"] == 0  # fcfs has no drift controller
     experiment = json.loads((run / "experiment.json").read_text())
     assert experiment["versions"]["python"] and experiment["pool"]["time_scale"] == 4.0
-
-
-def test_maxmin_fair_share_and_jain() -> None:
-    # 90 units over demands 10 / 100 / 100 with weights 1 / 1 / 2: the small one is
-    # satisfied, the other two split the remaining 80 as 1:2
-    fair = maxmin_fair({"a": 10, "b": 100, "c": 100}, {"a": 1, "b": 1, "c": 2}, 90)
-    assert fair == pytest.approx({"a": 10, "b": 80 / 3, "c": 160 / 3})
-    # enough for everyone: the fair share is the demand
-    assert maxmin_fair({"a": 5, "b": 7}, {"a": 1, "b": 1}, 100) == {"a": 5, "b": 7}
-    assert jain([1.0, 1.0, 1.0]) == pytest.approx(1.0)
-    assert jain([1.0, 0.0]) == pytest.approx(0.5)
-
-
-def _req(t: float, ttft: float) -> Req:
-    return Req(f"r{t}", "acme", "premium", t, t, t + ttft, t + ttft + 1.0, 200, "", 10, 11,
-               10, 11)  # fmt: skip
-
-
-def test_rolling_attainment_and_recovery() -> None:
-    slos = {"acme": {"ttft_slo_s": 1.0, "tpot_slo_s": 0.2}}
-    # one request per second; those arriving in [20, 30) miss their TTFT SLO
-    reqs = [_req(float(t), 5.0 if 20 <= t < 30 else 0.1) for t in range(60)]
-    times, values = rolling_attainment(reqs, slos, 60.0)
-    assert values[times.index(15.0)] == 1.0 and values[times.index(29.0)] == 0.0
-    rec = recovery(times, values, onset=20.0, end=60.0)
-    # the window (t - 10, t] is clean again from t = 39
-    assert rec["min"] == 0.0 and rec["first_s"] == rec["sustained_s"] == 19.0
