@@ -17,8 +17,10 @@ timer handles armed and cancelled on protocol events, so a request pays nothing 
 * **connection limit** (``server.max_connections``): uvicorn's ``limit_concurrency``, whose
   plain-text ``Service Unavailable`` is replaced by a 503 in OpenAI's shape with
   ``retry-after`` and ``connection: close``.
-* a response that ends before the request body was read to its end (408, 413) closes the
-  connection, since the rest of that body cannot be told from the next request.
+* a response that ends before the request body was read to its end (408, 413, an early
+  401) says ``connection: close`` and closes the connection, since the rest of that body
+  cannot be told from the next request (without the header a client reuses the connection
+  and reads a reset).
 
 The body read timeout and the maximum request duration need the app's error path (a 408 or
 504 rendered, counted and logged like any error) and live in the app
@@ -113,6 +115,8 @@ class GatewayProtocol(HttpToolsProtocol):
         self._stall_timer: asyncio.TimerHandle | None = None
         #: some bytes of a request came, its headers are not complete
         self._partial = False
+        #: the keep-alive the current request's cycle gets once its body is all in
+        self._keep_alive = True
 
     # -- header timeout ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -131,6 +135,22 @@ class GatewayProtocol(HttpToolsProtocol):
             self._read_timer.cancel()
             self._read_timer = None
         super().on_headers_complete()
+        # until its body is all in, a response to this request says ``connection: close``
+        # (and uvicorn closes after it): the client must not reuse a connection whose rest
+        # of body would be read as the next request (on_response_complete)
+        cycle = self.cycle
+        if cycle is not None:
+            self._keep_alive, cycle.keep_alive = cycle.keep_alive, False
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = self._keep_alive
+
+    def shutdown(self) -> None:
+        self._keep_alive = False
+        super().shutdown()
 
     def _arm_read(self) -> None:
         self._read_timer = self.loop.call_later(self.limits.header_timeout_s, self._read_timeout)

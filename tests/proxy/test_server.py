@@ -150,8 +150,24 @@ def test_half_a_body_gets_408_and_is_closed(gw: GatewayThread, path: str) -> Non
     raw = read_all(s)
     assert openai_error(raw, 408)["type"] == "invalid_request_error"
     assert 0.4 < time.monotonic() - t0 < 3
-    if path.startswith("/v1"):
-        assert b"connection: close" in raw.lower()
+    assert b"connection: close" in raw.lower()  # so that no client reuses the connection
+
+
+def test_an_answer_before_the_body_is_in_closes_the_connection(gw: GatewayThread) -> None:
+    """A response sent before the request body was all read (here: a bad key, answered at
+    once) tells the client ``connection: close``; a client that reused the connection would
+    send its next request into the rest of the body and read a reset."""
+    body = json.dumps({"model": "stub", "messages": MSG}).encode()
+    s = raw_connect(gw)
+    s.sendall(request_head("/v1/chat/completions", len(body), "dsk-wrong" + "w" * 40)
+              + body[:10])
+    raw = read_all(s)  # the server closes after its answer
+    assert openai_error(raw, 401)["code"] == "invalid_api_key"
+    assert b"connection: close" in raw.lower()
+    # a whole request on a kept-alive connection is unaffected
+    s = raw_connect(gw)
+    health(s)
+    health(s)
 
 
 def test_a_whole_body_in_slow_pieces_within_the_timeout_is_served(gw: GatewayThread) -> None:
