@@ -8,9 +8,11 @@ not yet read; failures become the gateway's own exceptions:
 
     connect refused / DNS / connect timeout -> UpstreamConnectFailed (nothing was sent:
                                                the caller may retry another backend)
+    closed before any response (a dead      -> UpstreamConnectFailed too (nothing reached
+      engine's pooled connection)              the client; the engine is gone)
     pool exhausted                          -> UpstreamUnavailable (503)
     read timeout                            -> UpstreamTimeout (504)
-    connection dropped, protocol error      -> UpstreamError (502)
+    connection dropped mid-body             -> UpstreamError (502)
 
 :func:`upstream_status_error` maps an engine's error status the same way: its 4xx are the
 client's fault and keep their status, except 401 / 403 / 407 / 429, which are about the
@@ -184,6 +186,11 @@ async def open_request(
         headers = {**headers, "authorization": f"Bearer {backend.api_key}"}
     try:
         return await clients.post(backend, path, body, headers)
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+        # the engine closed the connection before any response (a pooled connection to an
+        # engine that just died): nothing reached the client, so another engine may serve it
+        raise UpstreamConnectFailed(
+            f"backend {backend.name!r} closed the connection before answering") from e
     except httpx.HTTPError as e:
         raise map_exception(e, backend) from e
 

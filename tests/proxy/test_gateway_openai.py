@@ -339,6 +339,54 @@ def test_connect_failure_is_retried_on_another_backend(tmp_path: Path) -> None:
         proc.stop()
 
 
+def test_an_engine_that_hangs_up_without_answering_is_failed_over(tmp_path: Path) -> None:
+    """An engine that accepts the connection and closes it without a byte (a dead engine's
+    pooled connection, a crashing process): nothing reached the client, so the request goes
+    to another engine instead of a 502."""
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    hung_up = 0
+    models = json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+    def hang_up() -> None:  # healthy to probes, hangs up on completions
+        nonlocal hung_up
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            head = conn.recv(65536)
+            if head.startswith(b"POST /v1/chat/completions"):
+                hung_up += 1
+            else:
+                body = (models if b"/v1/models" in head.split(b"\r\n")[0] else "{}").encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    proc, url = start_stub(tmp_path)
+    rude = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    settings = make_settings(
+        upstreams=[{"name": "hangup", "url": rude, "models": ["stub"]},
+                   {"name": "live", "url": url, "models": ["stub"]}],
+        tenants=[{"name": "a", "api_keys": [KEY_A]}])
+    g = GatewayThread(settings)
+    try:
+        for _ in range(6):
+            r = client(g, max_retries=0).chat.completions.create(model="stub", messages=MSG,
+                                                                 max_tokens=2)
+            assert r.usage is not None
+        assert hung_up >= 1  # requests were sent to the rude engine first
+    finally:
+        g.stop()
+        proc.stop()
+        srv.close()
+
+
 def _unused_port() -> int:
     from tests.conftest import free_port
 
