@@ -179,6 +179,18 @@ class QueueTimeout(GatewayError):
         self.retry_after_s = retry_after_s
 
 
+class SloUnattainable(GatewayError):
+    """The request could no longer meet its TTFT SLO while queued and the policy sheds such
+    requests (``driftsched`` with ``feasibility: shed``)."""
+
+    status = 503
+    default_code = "slo_unattainable"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, headers=retry_headers(retry_after_s))
+        self.retry_after_s = retry_after_s
+
+
 class StoreUnavailable(GatewayError):
     """The state store (Redis) did not answer; limits cannot be checked."""
 

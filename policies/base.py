@@ -3,7 +3,8 @@
 Each protocol answers one question, in the manner of llm-d's flow-control framework:
 
 * :class:`OrderingPolicy` — *which request in this queue next?* (a numeric queue key);
-* :class:`ChargeModel` — *what does serving a request cost its tenant?* (fair share).
+* :class:`ChargeModel` — *what does serving a request cost its tenant?* (fair share);
+* :class:`Feasibility` — *until when can a request still meet its TTFT SLO?*
 
 *Which flow next, may it run now, on which engine?* is not a policy's question: the
 admission core (:mod:`proxy.admission.core`) answers it the same way for every policy --
@@ -137,6 +138,23 @@ class ChargeModel(Protocol):
         ...
 
 
+class Feasibility(Protocol):
+    """When can a queued request no longer meet its TTFT SLO? (SLO-feasibility admission)
+
+    The admission queue applies :attr:`rule` to a request still queued at its
+    :meth:`late_at`: ``"demote"`` moves it behind every request still on time (served when
+    capacity is spare, else dropped at its queue timeout), ``"shed"`` refuses it at once
+    (503 ``slo_unattainable``), so capacity goes to requests that can still make it.
+    """
+
+    rule: Literal["demote", "shed"]
+
+    def late_at(self, req: QueuedRequest) -> float:
+        """Wall-clock time after which ``req``, granted then, would miss its TTFT SLO;
+        ``math.inf`` without one. Pure."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """What the registry builds from ``scheduler.policy``: the pieces of one policy.
@@ -146,7 +164,8 @@ class Policy:
     read them through :class:`TenantState`); ``order``: the admission queue's order,
     ``"key"`` (every flow head by its key) or ``"counter"`` (the backlogged tenant with the
     lowest counter first, its own requests by key: exact VTC); ``drift``: run a
-    :class:`policies.drift.DriftController` with these parameters.
+    :class:`policies.drift.DriftController` with these parameters; ``feasibility``: give
+    each request a ``late_at`` and the queue a rule for it (:class:`Feasibility`).
     """
 
     type: str
@@ -155,6 +174,7 @@ class Policy:
     #: proxy.admission.base.QueueOrder
     order: Literal["key", "counter"] = "key"
     drift: DriftParams | None = None
+    feasibility: Feasibility | None = None
 
     def __post_init__(self) -> None:
         if self.order == "counter" and self.fair_share is None:

@@ -42,8 +42,16 @@ ahead of premium; below saturation every class is still served.
 
 Parameters (defaults): ``aging_s`` 60.0, ``max_boost`` 1, ``prefill_s_per_token`` 0.0002,
 ``decode_s_per_token`` 0.03, ``max_slack_s`` 10.0, ``debt_s_per_ktoken`` 0.5,
-``max_debt_s`` 5.0, ``input_weight`` 1.0, ``output_weight`` 2.0,
-``drift``: a mapping of :class:`policies.drift.DriftParams`.
+``max_debt_s`` 5.0, ``input_weight`` 1.0, ``output_weight`` 2.0, ``feasibility``
+``"demote"``, ``drift``: a mapping of :class:`policies.drift.DriftParams`.
+
+Feasibility. A request still queued past ``arrival + ttft_slo - prefill`` can no longer meet
+its TTFT SLO (:class:`TtftFeasibility`). Under overload, least-slack-first would otherwise
+spend capacity on exactly those requests, each served just too late, while the ones behind
+them go late in turn. ``"demote"`` (default) moves it behind every request still on time,
+where it is served when capacity is spare or dropped at its queue timeout; ``"shed"``
+answers it at once with 503 ``slo_unattainable``; ``"none"`` keeps it in place. The aging
+bound above holds for requests still on time; a demoted one may be passed by any of them.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from policies.base import Policy, QueuedRequest, TenantState
 from policies.drift import DriftParams
@@ -74,8 +82,14 @@ class DriftschedParams:
     max_debt_s: float = 5.0
     input_weight: float = 1.0
     output_weight: float = 2.0
+    #: a request still queued when it can no longer meet its TTFT SLO: "demote", "shed" or
+    #: "none" (not "off": YAML reads that as false)
+    feasibility: str = "demote"
 
     def __post_init__(self) -> None:
+        if self.feasibility not in ("demote", "shed", "none"):
+            raise ValueError(
+                f"feasibility: {self.feasibility!r} is not one of 'demote', 'shed', 'none'")
         check("aging_s", self.aging_s)
         check("output_weight", self.output_weight)
         for name in (
@@ -129,6 +143,23 @@ class SlackOrder:
         return p.aging_s * spread + p.max_slack_s + p.max_debt_s
 
 
+class TtftFeasibility:
+    """:class:`~policies.base.Feasibility` of ``driftsched``: a request is late once it can
+    no longer start in time for its TTFT SLO, ``arrival + ttft_slo - prefill`` (the same
+    start-by as the slack term's)."""
+
+    __slots__ = ("prefill_s_per_token", "rule")
+
+    def __init__(self, prefill_s_per_token: float, rule: Literal["demote", "shed"]) -> None:
+        self.prefill_s_per_token = prefill_s_per_token
+        self.rule: Literal["demote", "shed"] = rule
+
+    def late_at(self, req: QueuedRequest) -> float:
+        if req.ttft_slo_s is None or not math.isfinite(req.ttft_slo_s):
+            return math.inf
+        return req.arrival + req.ttft_slo_s - self.prefill_s_per_token * req.prompt_tokens
+
+
 def build(parameters: Mapping[str, Any]) -> Policy:
     own = {k: v for k, v in parameters.items() if k != "drift"}
     p = parse_parameters(TYPE, own, DriftschedParams)
@@ -137,4 +168,8 @@ def build(parameters: Mapping[str, Any]) -> Policy:
         raise PolicyConfigError("scheduler.policy.parameters.drift: must be a mapping")
     drift = parse_parameters(TYPE, raw_drift, DriftParams, prefix="drift.")
     vtc = VirtualTokenCounter(p.input_weight, p.output_weight)
-    return Policy(TYPE, SlackOrder(p), fair_share=vtc, drift=drift)
+    feasibility = None
+    if p.feasibility != "none":
+        rule: Literal["demote", "shed"] = "shed" if p.feasibility == "shed" else "demote"
+        feasibility = TtftFeasibility(p.prefill_s_per_token, rule)
+    return Policy(TYPE, SlackOrder(p), fair_share=vtc, drift=drift, feasibility=feasibility)

@@ -145,7 +145,9 @@ class DriftSchedApp:
         sc = settings.scheduler
         caps = QueueCaps(max_queued=sc.max_queued, max_queued_per_tenant=sc.max_queued_per_tenant)
         policy = build_scheduling_policy(settings)
-        queue = build_queue(settings.store, self.replica_id, caps=caps, order=policy.order)
+        late = policy.feasibility.rule if policy.feasibility is not None else "demote"
+        queue = build_queue(settings.store, self.replica_id, caps=caps, order=policy.order,
+                            late=late)
         await queue.start()
         metrics = GatewayMetrics()
         pool = self.pool_factory(settings)

@@ -42,7 +42,13 @@ from typing import Any
 
 from adapters.base import BackendPool
 from adapters.clock import Clock
-from adapters.errors import ContextLengthExceeded, QueueFull, QueueTimeout, StoreUnavailable
+from adapters.errors import (
+    ContextLengthExceeded,
+    QueueFull,
+    QueueTimeout,
+    SloUnattainable,
+    StoreUnavailable,
+)
 from policies.base import Policy, QueuedRequest, TenantState
 from policies.drift import DriftController
 from policies.estimator import Estimate, OutputTokenEstimator
@@ -353,14 +359,14 @@ class Scheduler:
             max_tokens=req.max_tokens, ttft_slo_s=ttft / 1000 if ttft else None,
             tpot_slo_s=tpot / 1000 if tpot else None, model=req.model,
         )
-        fs = self.policy.fair_share
+        fs, feas = self.policy.fair_share, self.policy.feasibility
         charge = fs.charge(qreq) if fs is not None else 0.0
         state = self.tenant_state(tenant, charge)
         item = QueueItem(
             id=rid, tenant=tenant.name, replica=self.replica_id, model=req.model,
             score=self.policy.ordering.key(qreq, state, now), footprint=qreq.footprint,
             deadline=now + tenant.queue_timeout_s, exempt=self.governor.exempts(level),
-            charge=charge,
+            charge=charge, late_at=feas.late_at(qreq) if feas is not None else math.inf,
         )
         granted = False
         try:
@@ -381,6 +387,12 @@ class Scheduler:
                 res = await self.queue.wait(rid, tenant.queue_timeout_s + 0.5)
             except StoreDown as e:
                 raise StoreUnavailable("The admission queue's store is unavailable.") from e
+            if res == "expired" and feas is not None and feas.rule == "shed" \
+                    and self.clock.time() < item.deadline:
+                raise SloUnattainable(
+                    f"Request could no longer be started within the TTFT SLO of tenant "
+                    f"{tenant.name!r} ({ttft:g} ms) and was shed.",
+                    retry_after_s=self.retry_after_s(tenant))
             if not isinstance(res, Grant):
                 raise QueueTimeout(
                     f"Request waited {tenant.queue_timeout_s:g}s in the queue of tenant "

@@ -24,6 +24,7 @@ and :meth:`AdmissionQueue.wait_capacity` may raise
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias
 
@@ -52,12 +53,22 @@ class QueueItem:
     #: weighted tokens added to the tenant's virtual counter when the item is granted (the
     #: fair-share charge; 0 for policies without one). See :class:`QueueOrder`.
     charge: float = 0.0
+    #: absolute time after which the item can no longer meet its TTFT SLO if it started
+    #: (feasibility); once ``now > late_at`` while queued the queue's :data:`LateRule` applies
+    late_at: float = math.inf
 
 
 #: how flows are ranked against each other: ``"key"`` by their head item's ``score``;
 #: ``"counter"`` by the tenant's virtual counter plus the head's ``score`` (exact VTC: the
 #: backlogged tenant that has received the least weighted service goes first)
 QueueOrder: TypeAlias = Literal["key", "counter"]
+
+#: what happens to a queued item past its ``late_at`` (SLO feasibility): ``"demote"`` it
+#: behind every item still on time (its score + :data:`DEMOTED`: served when capacity is
+#: spare, or dropped at its deadline), or ``"shed"`` it at once (reported ``"expired"``)
+LateRule: TypeAlias = Literal["demote", "shed"]
+#: added to a demoted item's score; scores of items on time stay below ``DEMOTED / 2``
+DEMOTED = 2.0**50
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from proxy.admission.base import AdmissionQueue, QueueCaps, QueueOrder
+from proxy.admission.base import AdmissionQueue, LateRule, QueueCaps, QueueOrder
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -25,6 +25,7 @@ def build_queue(
     *,
     caps: QueueCaps | None = None,
     order: QueueOrder = "key",
+    late: LateRule = "demote",
     redis_client: Redis | None = None,
 ) -> AdmissionQueue:
     """A new, not yet started queue for ``cfg.type``.
@@ -32,16 +33,17 @@ def build_queue(
     ``replica_id``: this gateway process, unique among live replicas (grants for the
     requests whose connection it holds are delivered to it). ``caps``: depth limits
     checked at enqueue (default: none). ``order``: how flows are ranked (the policy's
-    :attr:`~policies.base.Policy.order`). ``redis_client``: (redis only)
+    :attr:`~policies.base.Policy.order`). ``late``: what happens to an item past its
+    ``late_at`` (:data:`~proxy.admission.base.LateRule`). ``redis_client``: (redis only)
     an existing ``redis.asyncio.Redis`` to share, e.g. the store's; its owner closes it.
     """
     if cfg.type == "memory":
         from proxy.admission.memory import MemoryQueue
 
-        return MemoryQueue(replica_id, caps, order)
+        return MemoryQueue(replica_id, caps, order, late)
     if cfg.type == "redis":
         from proxy.admission.redis import RedisQueue
 
         return RedisQueue(replica_id, cfg.url, prefix=cfg.prefix, caps=caps, order=order,
-                          client=redis_client)
+                          late=late, client=redis_client)
     raise ValueError(f"store.type: unknown store {cfg.type!r}; known: ['memory', 'redis']")

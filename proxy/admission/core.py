@@ -36,13 +36,15 @@ import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from proxy.admission.base import (
+    DEMOTED,
     EngineCapacity,
     EngineLoad,
     EnqueueResult,
     Grant,
+    LateRule,
     QueueCaps,
     QueueItem,
     QueueOrder,
@@ -116,11 +118,15 @@ class AdmissionCore:
     (the memory queue) tells waiters.
     """
 
-    def __init__(self, caps: QueueCaps | None = None, order: QueueOrder = "key") -> None:
+    def __init__(self, caps: QueueCaps | None = None, order: QueueOrder = "key",
+                 late: LateRule = "demote") -> None:
         if order not in ("key", "counter"):
             raise ValueError(f"unknown queue order {order!r}")
+        if late not in ("demote", "shed"):
+            raise ValueError(f"unknown late rule {late!r}")
         self.caps = caps or QueueCaps()
         self.order: QueueOrder = order
+        self.late: LateRule = late
         self._seq = 0
         self._token = 0
         self._items: dict[str, tuple[QueueItem, int]] = {}
@@ -132,6 +138,8 @@ class AdmissionCore:
         #: tenant -> models of its non-empty flows
         self._tenant_models: dict[str, set[str]] = {}
         self._deadlines: list[tuple[float, int, str]] = []
+        #: (late_at, id) of queued items with a finite late_at; stale unless it matches
+        self._late: list[tuple[float, str]] = []
         self._depth: dict[str, int] = {}
         self._limits: dict[str, int] = {}
         self._engines: dict[str, tuple[EngineCapacity, float]] = {}
@@ -362,6 +370,8 @@ class AdmissionCore:
         heapq.heappush(flow.heap, (item.score, seq, item.id))
         flow.live += 1
         heapq.heappush(self._deadlines, (item.deadline, seq, item.id))
+        if item.late_at != math.inf:
+            heapq.heappush(self._late, (item.late_at, item.id))
         self._depth[item.tenant] = self._depth.get(item.tenant, 0) + 1
         self._flow_sync(flow)
         return "queued"
@@ -415,6 +425,32 @@ class AdmissionCore:
             del self._expired[item_id]
         return out
 
+    def _overdue(self, now: float) -> list[QueueItem]:
+        """Apply the late rule to every queued item past its ``late_at`` (in (late_at, id)
+        order): demoted ones move behind every item on time (a new seq: last among the
+        demoted); shed ones are dropped and returned, as expired."""
+        out = []
+        heap = self._late
+        while heap and heap[0][0] < now:
+            late_at, item_id = heapq.heappop(heap)
+            found = self._items.get(item_id)
+            if found is None or found[0].late_at != late_at:
+                continue
+            item = found[0]
+            if self.late == "shed":
+                self._dequeue(item_id)
+                self._expired[item_id] = now
+                out.append(item)
+                continue
+            self._seq += 1
+            moved = replace(item, score=item.score + DEMOTED, late_at=math.inf)
+            self._items[item_id] = (moved, self._seq)
+            flow = self._flows[(item.tenant, item.model)]
+            heapq.heappush(flow.heap, (moved.score, self._seq, item_id))
+            heapq.heappush(self._deadlines, (moved.deadline, self._seq, item_id))
+            self._flow_sync(flow)
+        return out
+
     def _compact(self) -> None:
         """Rebuild the deadline and lease heaps once mostly stale (never mid-dispatch);
         flow and ready heaps are filtered where they grow (:meth:`_flow_sync`)."""
@@ -422,6 +458,10 @@ class AdmissionCore:
         if _too_stale(self._deadlines, live):
             self._deadlines = [(i.deadline, s, i.id) for i, s in self._items.values()]
             heapq.heapify(self._deadlines)
+        if len(self._late) > 2 * live + 64:
+            self._late = [(i.late_at, i.id) for i, _ in self._items.values()
+                          if i.late_at != math.inf]
+            heapq.heapify(self._late)
         if _too_stale(self._leases, len(self._holds)):
             self._leases = [(h.expiry, 0, i) for i, h in self._holds.items()]
             heapq.heapify(self._leases)
@@ -434,7 +474,7 @@ class AdmissionCore:
         dropped as expired (or as a dead replica's), in that order of the work.
         ``replica``: the caller, which is alive whatever its heartbeat says."""
         self._reclaim(now)
-        expired = self._reap(now, replica) + self._expire(now)
+        expired = self._reap(now, replica) + self._expire(now) + self._overdue(now)
         if not any(self._ready_live.values()):  # no ready flow: nothing to read or grant
             self._compact()
             return [], expired

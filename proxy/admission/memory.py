@@ -14,6 +14,7 @@ from proxy.admission.base import (
     EngineLoad,
     EnqueueResult,
     Grant,
+    LateRule,
     QueueCaps,
     QueueItem,
     QueueOrder,
@@ -33,10 +34,11 @@ class MemoryQueue:
     """
 
     def __init__(
-        self, replica_id: str = "local", caps: QueueCaps | None = None, order: QueueOrder = "key"
+        self, replica_id: str = "local", caps: QueueCaps | None = None, order: QueueOrder = "key",
+        late: LateRule = "demote",
     ) -> None:
         self.replica_id = replica_id
-        self.core = AdmissionCore(caps, order)
+        self.core = AdmissionCore(caps, order, late)
         self._mailbox = Mailbox()
         self._bell = Bell()
 

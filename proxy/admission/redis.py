@@ -11,7 +11,7 @@ channel; its reader task fills the replica-local mailbox and rings the capacity 
 
 Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
 
-* ``P:{q}:items`` hash id -> item JSON ``{t, r, m, f, x?, g?, q}`` (``g``: the charge as a
+* ``P:{q}:items`` hash id -> item JSON ``{t, r, m, f, x?, g?, l?, q}`` (``g``: the charge as a
   string; ``q``: enqueue seq);
   ``:deadlines`` zset id -> deadline; ``:seq`` enqueue counter; ``:depth`` hash tenant ->
   queued items.
@@ -26,6 +26,8 @@ Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
   charges of its queued items; ``:conf`` hash ``order`` (``key`` / ``counter``, written by
   :meth:`RedisQueue.start`) and ``drained`` (the counter of the tenant that drained last).
   Counters are ``%.17g`` strings, so Lua and Python agree to the last bit.
+* feasibility: ``:late`` zset id -> late_at of queued items that have one (``l`` in the
+  item JSON; ``conf`` field ``late``: the rule, ``demote`` or ``shed``).
 * replicas: ``:alive`` zset replica -> alive until (its heartbeat);
   ``P:{q}:owned:<replica>`` set of the ids queued or held for it (what reaping frees).
 * ``P:{q}:engines`` hash name -> capacity JSON; ``:fresh`` hash name -> valid-until;
@@ -50,6 +52,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from typing import Any
 
 from redis.asyncio import Redis
@@ -63,6 +66,7 @@ from proxy.admission.base import (
     EngineLoad,
     EnqueueResult,
     Grant,
+    LateRule,
     Outcome,
     QueueCaps,
     QueueItem,
@@ -120,6 +124,7 @@ _KEYS = (
     "qcharge",
     "conf",
     "alive",
+    "late",
 )
 _ENQUEUED: dict[int, EnqueueResult] = {1: "queued", 0: "duplicate", -1: "tenant_full", -2: "full"}
 #: how long an "expired" outcome stays visible to a late :meth:`RedisQueue.wait`
@@ -153,6 +158,8 @@ def _item_json(item: QueueItem) -> str:
         d["x"] = True
     if item.charge:
         d["g"] = num(float(item.charge))  # a string: cjson re-encodes numbers with 14 digits
+    if item.late_at != math.inf:
+        d["l"] = num(float(item.late_at))
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -185,6 +192,7 @@ class RedisQueue:
         prefix: str = "driftsched",
         caps: QueueCaps | None = None,
         order: QueueOrder = "key",
+        late: LateRule = "demote",
         client: Redis | None = None,
         max_connections: int = 64,
         socket_timeout_s: float = 5.0,
@@ -194,6 +202,9 @@ class RedisQueue:
             raise ValueError(f"unknown queue order {order!r}")
         self.caps = caps or QueueCaps()
         self.order: QueueOrder = order
+        if late not in ("demote", "shed"):
+            raise ValueError(f"unknown late rule {late!r}")
+        self.late: LateRule = late
         self._beaten = False
         self._url = url
         self._keys = [f"{prefix}:{{q}}:{k}" for k in _KEYS]
@@ -232,7 +243,8 @@ class RedisQueue:
             if old is not None and text(old) != self.order:
                 log.warning("the shared queue was ordered by %r; now by %r (replicas on one "
                             "Redis must run the same scheduling policy)", text(old), self.order)
-            await self._client.hset(self.key("conf"), "order", self.order)
+            await self._client.hset(self.key("conf"), mapping={"order": self.order,
+                                                                "late": self.late})
             self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             await self._pubsub.subscribe(self._mine, self._capacity)
             if self._pubsub.connection is not None:

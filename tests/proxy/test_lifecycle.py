@@ -13,7 +13,7 @@ import pytest
 
 from adapters.base import Backend
 from adapters.clock import FakeClock
-from adapters.errors import ContextLengthExceeded, QueueFull, QueueTimeout
+from adapters.errors import ContextLengthExceeded, QueueFull, QueueTimeout, SloUnattainable
 from proxy.app import DriftSchedApp, create_app
 from proxy.auth import Principal
 from proxy.gateway import Gateway
@@ -173,3 +173,39 @@ def test_drain_rates_follow_the_grant_counters() -> None:
     assert d.total == pytest.approx(4.0, rel=0.01) and d.of("a") == pytest.approx(4.0, rel=0.01)
     d.observe(QueueStats({}, {}, 4 * 29), 30.0)  # a drained: no longer tracked
     assert d.of("a") == 0.0 and d.total < 4.0
+
+
+@pytest.fixture
+async def shedding_gw() -> AsyncIterator[Gateway]:
+    """driftsched with ``feasibility: shed``; tenant p (premium, TTFT SLO 1 s) one at a time."""
+    base = make_settings(tenants=[
+        {"name": "p", "qos_class": "premium", "max_concurrency": 1, "queue_timeout_s": 20,
+         "api_keys": ["dsk-p" + "p" * 40]},
+    ])
+    settings = base.model_copy(update={"scheduler": base.scheduler.model_copy(update={
+        "policy": base.scheduler.policy.model_copy(update={
+            "type": "driftsched", "parameters": {"feasibility": "shed"}})})})
+    app: DriftSchedApp = create_app(settings, clock=FakeClock(), pool_factory=lambda s: TwoEngines())
+    async with app.api.router.lifespan_context(app.api):
+        assert app.gateway is not None
+        yield app.gateway
+
+
+async def test_a_request_past_its_ttft_slo_is_shed(shedding_gw: Gateway) -> None:
+    gw = shedding_gw
+    assert gw.settings.classes["premium"].ttft_slo_ms == 1000
+    running, late = await life(gw, "p"), await life(gw, "p")
+    await running.begin()
+    waiting = asyncio.create_task(late.begin())
+    await asyncio.sleep(0.3)
+    assert not waiting.done() and await gw.scheduler.queue.depth() == {"p": 1}
+    assert isinstance(gw.clock, FakeClock)
+    gw.clock.advance(1.5)  # no longer startable within its 1 s TTFT SLO
+    with pytest.raises(SloUnattainable) as err:
+        await asyncio.wait_for(waiting, 5)  # shed by the next dispatch, not at its 20 s timeout
+    assert err.value.status == 503 and err.value.code == "slo_unattainable"
+    assert 1 <= float(err.value.headers["retry-after"]) <= 60
+    assert await gw.scheduler.queue.depth() == {}
+    await late.settle(Outcome(status=503))
+    await running.settle(Outcome(status=200, usage={"prompt_tokens": 1, "completion_tokens": 1}))
+    assert all(v == (0, 0) for v in (await holds(gw)).values())

@@ -8,11 +8,14 @@ local K_ENGINES, K_FRESH, K_HELD, K_SEQS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_HOLDS, K_LEASES, K_INFLIGHT, K_EXPIRED = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_FHEAD, K_LIMITS, K_GRANTED = KEYS[13], KEYS[14], KEYS[15]
 local K_VC, K_BACKLOG, K_QCHARGE, K_CONF = KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local K_ALIVE = KEYS[20]
+local K_ALIVE, K_LATE = KEYS[20], KEYS[21]
 -- per-flow, per-model and per-tenant keys share the hash tag: derived from the seq key
 local BASE = string.sub(K_SEQ, 1, -4)
 local CH_CAPACITY = ARGV[1] .. 'capacity'
 local CH_REPLICA = ARGV[1] .. 'replica:'
+
+-- added to a demoted item's score (base.py: DEMOTED)
+local DEMOTED = 2 ^ 50
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -142,6 +145,9 @@ end
 -- Remove a queued item (its record decoded as `rec`) from every queue structure.
 local function dequeue(id, rec)
   redis.call('SREM', owned_key(rec.r), id)
+  if rec.l then
+    redis.call('ZREM', K_LATE, id)
+  end
   redis.call('ZREM', flow_key(rec.t, rec.m), member(rec.q, id))
   redis.call('HDEL', K_ITEMS, id)
   redis.call('ZREM', K_DEADLINES, id)

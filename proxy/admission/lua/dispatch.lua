@@ -27,6 +27,32 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DEADLINES, '-inf', '(' .. ARGV
     redis.call('ZREM', K_DEADLINES, id)
   end
 end
+-- items past their late_at: demoted behind every item on time, or shed (core.py: _overdue)
+local shed = redis.call('HGET', K_CONF, 'late') == 'shed'
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LATE, '-inf', '(' .. ARGV[2])) do
+  local raw = redis.call('HGET', K_ITEMS, id)
+  local rec = cjson.decode(raw)
+  if shed then
+    dequeue(id, rec)
+    redis.call('ZADD', K_EXPIRED, ARGV[2], id)
+    if rec.r == me then
+      mine_expired[#mine_expired + 1] = id
+    else
+      redis.call('PUBLISH', CH_REPLICA .. rec.r, cjson.encode({k = 'x', id = id}))
+    end
+  else
+    redis.call('ZREM', K_LATE, id)
+    local fkey = flow_key(rec.t, rec.m)
+    local old = member(rec.q, id)
+    local score = tonumber(redis.call('ZSCORE', fkey, old)) + DEMOTED
+    redis.call('ZREM', fkey, old)
+    rec.q = redis.call('INCR', K_SEQ)
+    rec.l = nil
+    redis.call('ZADD', fkey, fmt(score), member(rec.q, id))
+    redis.call('HSET', K_ITEMS, id, cjson.encode(rec))
+    flow_sync(rec.t, rec.m)
+  end
+end
 redis.call('ZREMRANGEBYSCORE', K_EXPIRED, '-inf', fmt(now - tonumber(ARGV[6])))
 
 -- no flow head is listed ready: nothing to grant, so no engine to read (core.py: dispatch)

@@ -1,6 +1,6 @@
 -- Queue an item in its flow (AdmissionQueue.enqueue; core.py: enqueue).
--- ARGV: channels, id, score, deadline, record JSON {t, r, m, f, x?, g?}, max queued per
--- tenant ('' = none), max queued ('' = none). `g`: the charge, as a string (exact).
+-- ARGV: channels, id, score, deadline, record JSON {t, r, m, f, x?, g?, l?}, max queued per
+-- tenant ('' = none), max queued ('' = none). `g`: the charge, `l`: late_at, as strings (exact).
 -- Returns 1 queued, 0 duplicate, -1 tenant full, -2 full.
 local id = ARGV[2]
 if redis.call('HEXISTS', K_ITEMS, id) == 1 or redis.call('HEXISTS', K_HOLDS, id) == 1 then
@@ -32,6 +32,9 @@ redis.call('SADD', owned_key(rec.r), id)
 redis.call('SADD', tmodels_key(rec.t), rec.m)
 redis.call('ZADD', flow_key(rec.t, rec.m), ARGV[3], member(rec.q, id))
 redis.call('ZADD', K_DEADLINES, ARGV[4], id)
+if rec.l then
+  redis.call('ZADD', K_LATE, rec.l, id)
+end
 redis.call('HINCRBY', K_DEPTH, rec.t, 1)
 flow_sync(rec.t, rec.m)
 redis.call('PUBLISH', CH_CAPACITY, 'enqueue')

@@ -6,8 +6,10 @@ Time is driven through the ``now`` arguments; nothing sleeps except the wake-up 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -740,3 +742,72 @@ async def test_a_refunded_grant_costs_nothing(vtc: AdmissionQueue) -> None:
     await vtc.release("a0", -40.0)  # granted while its client gave up
     await vtc.release("a0", 500.0)  # a second release of the same hold changes nothing
     assert (await vtc.stats()).counters == {"acme": 0.0}
+
+
+# -- feasibility: items past their late_at ----------------------------------------------------
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def shedding(request: pytest.FixtureRequest) -> AsyncIterator[AdmissionQueue]:
+    """A queue whose late rule is ``shed``."""
+    if request.param == "memory":
+        cfg = StoreConfig(type="memory")
+    else:
+        url = request.getfixturevalue("redis_server")
+        cfg = StoreConfig(type="redis", url=url, prefix=request.getfixturevalue("redis_prefix"))
+    q = build_queue(cfg, REPLICA, late="shed")
+    await q.start()
+    try:
+        yield q
+    finally:
+        await q.aclose()
+
+
+def late(item_id: str, score: float, late_at: float = math.inf, **kw: Any) -> QueueItem:
+    return replace(make_item(item_id, score, **kw), late_at=late_at)
+
+
+async def test_a_late_item_is_demoted_behind_those_on_time(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", None, max_seqs=1)], T0, ENGINE_TTL)
+    await enqueue(queue, late("a", 0, T0 + 1), late("b", 1), late("c", 2, T0 + 1),
+                  late("d", 3, T0 + 5, tenant="zeta"))
+    assert await dispatch_ids(queue, T0 + 1) == ["a"]  # on time at T0 + 1 (late after it)
+    await queue.release("a")
+    # c is late now: b and d (still on time) go first, then c, although its score is lower
+    order = []
+    for _ in range(3):
+        order += await dispatch_ids(queue, T0 + 2)
+        await queue.release(order[-1])
+    assert order == ["b", "d", "c"]
+    assert await queue.depth() == {}
+
+
+async def test_demoted_items_keep_their_order_and_deadline(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", None, max_seqs=1)], T0, ENGINE_TTL)
+    await enqueue(queue, late("hold", -1))
+    assert await dispatch_ids(queue) == ["hold"]  # the engine is busy from here on
+    await enqueue(queue, late("x", 5, T0 + 2), late("y", 1, T0 + 1),
+                  late("z", 0, T0 + 1, deadline=T0 + 4))
+    assert await dispatch_ids(queue, T0 + 3) == []  # y, z then x demoted, in that order
+    assert await queue.wait("z", 0.01) is None
+    assert await dispatch_ids(queue, T0 + 5) == []  # z reached its deadline, demoted or not
+    assert await queue.wait("z", 0.01) == "expired"
+    await queue.release("hold")
+    await enqueue(queue, late("w", 9))  # on time, so ahead of every demoted item
+    got = []
+    for _ in range(3):
+        got += await dispatch_ids(queue, T0 + 5)
+        await queue.release(got[-1])
+    assert got == ["w", "y", "x"]  # demoted: in the order they became late
+
+
+async def test_a_late_item_is_shed_by_the_shed_rule(shedding: AdmissionQueue) -> None:
+    await shedding.set_engines([make_engine("e1", None, max_seqs=1)], T0, ENGINE_TTL)
+    await enqueue(shedding, late("hold", -1))
+    assert await dispatch_ids(shedding) == ["hold"]
+    await enqueue(shedding, late("a", 0, T0 + 1), late("b", 1))
+    assert await dispatch_ids(shedding, T0 + 1) == []
+    assert await shedding.depth() == {"acme": 2}  # not late yet at T0 + 1
+    assert await dispatch_ids(shedding, T0 + 1.5) == []
+    assert await shedding.wait("a", 0.01) == "expired"  # shed, at once
+    assert await shedding.depth() == {"acme": 1}
+    await shedding.release("hold")
+    assert await dispatch_ids(shedding, T0 + 2) == ["b"]

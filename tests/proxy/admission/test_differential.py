@@ -4,7 +4,8 @@ in Lua) make identical decisions on random operation sequences (Hypothesis).
 Every operation of :class:`~proxy.admission.base.AdmissionQueue` is drawn: enqueue (with
 depth caps and fair-share charges), cancel, dispatch, release (with charge corrections),
 move, grow, renew, limit changes, engine-view changes, replica heartbeats (items of three
-replicas; a lapsed one is reaped) and clock steps, under both queue orders (``key`` and ``counter``: exact VTC). After each one both queues must agree on its
+replicas; a lapsed one is reaped), items past their ``late_at`` (demoted or shed) and clock
+steps, under both queue orders (``key`` and ``counter``: exact VTC). After each one both queues must agree on its
 result, on the depth, the stats (the fair-share ledger to the last bit) and every engine's
 load.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.admission.base import EngineCapacity, QueueCaps, QueueItem, QueueOrder
+from proxy.admission.base import EngineCapacity, LateRule, QueueCaps, QueueItem, QueueOrder
 from proxy.admission.memory import MemoryQueue
 from proxy.admission.redis import RedisQueue
 
@@ -52,6 +54,7 @@ enqueue_op = st.tuples(
         st.sampled_from([0.0, 5.0, 30.0, 300.0]),  # deadline offset
         st.sampled_from([0.0, 0.0, 100.0, 1 / 3, 1234.5678, 1e-9]),  # fair-share charge
         st.sampled_from([0, 0, 1, 2]),  # replica
+        st.sampled_from([math.inf, math.inf, 0.5, 2.0, 2.0, 10.0]),  # late_at offset
 )
 dispatch_op = st.tuples(st.just("dispatch"), st.sampled_from([2.0, 8.0, 30.0]),
                         st.sampled_from([1, 2, 64]))
@@ -90,9 +93,9 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
     mem, red = run.mem, run.red
     kind = op[0]
     if kind == "enqueue":
-        _, t, m, score, footprint, exempt, dl, charge, r = op
+        _, t, m, score, footprint, exempt, dl, charge, r, late = op
         item = QueueItem(f"i{n}", TENANTS[t], REPLICAS[r], MODELS[m], score, footprint,
-                         run.now + dl, exempt, charge)
+                         run.now + dl, exempt, charge, run.now + late)
         run.ids.append(item.id)
         assert await mem.enqueue(item, run.now) == await red.enqueue(item, run.now)
     elif kind == "dispatch":
@@ -143,14 +146,16 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
 
 
 async def play(
-    url: str, prefix: str, sequence: list[tuple], order: QueueOrder  # type: ignore[type-arg]
+    url: str, prefix: str, sequence: list[tuple], order: QueueOrder,  # type: ignore[type-arg]
+    late: LateRule = "demote",
 ) -> None:
-    red = RedisQueue("r1", url, prefix=prefix, caps=CAPS, order=order)
+    red = RedisQueue("r1", url, prefix=prefix, caps=CAPS, order=order, late=late)
     await red.start()
-    others = {r: RedisQueue(r, url, prefix=prefix, caps=CAPS, order=order) for r in REPLICAS[1:]}
+    others = {r: RedisQueue(r, url, prefix=prefix, caps=CAPS, order=order, late=late)
+              for r in REPLICAS[1:]}
     for q in others.values():
         await q.start()
-    run = Run(MemoryQueue("r1", CAPS, order), red, others)
+    run = Run(MemoryQueue("r1", CAPS, order, late), red, others)
     try:
         await run.mem.set_engines([EngineCapacity("e1", tuple(MODELS), 1000, 4, True)], T0, 60)
         await red.set_engines([EngineCapacity("e1", tuple(MODELS), 1000, 4, True)], T0, 60)
@@ -169,24 +174,25 @@ async def play(
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(sequence=st.lists(ops, min_size=30, max_size=200),
-       order=st.sampled_from(["key", "counter"]))
+       order=st.sampled_from(["key", "counter"]), late=st.sampled_from(["demote", "shed"]))
 def test_memory_and_redis_decide_alike(
     redis_server: str, redis_prefix: str, sequence: list[tuple],  # type: ignore[type-arg]
-    order: QueueOrder,
+    order: QueueOrder, late: LateRule,
 ) -> None:
-    asyncio.run(play(redis_server, f"{redis_prefix}-d{next(_prefixes)}", sequence, order))
+    asyncio.run(play(redis_server, f"{redis_prefix}-d{next(_prefixes)}", sequence, order, late))
 
 
-@pytest.mark.parametrize("order", ["key", "counter"])
+@pytest.mark.parametrize(("order", "late"), [("key", "demote"), ("counter", "shed")])
 def test_a_long_mixed_run_decides_alike(
-    redis_server: str, redis_prefix: str, order: QueueOrder
+    redis_server: str, redis_prefix: str, order: QueueOrder, late: LateRule
 ) -> None:
     """One long fixed run (many tenants backlogged at once, parks and un-parks, expiry)."""
     seq: list[tuple] = [("engines", [("e1", MODELS, 2000, 4, 3, True),  # type: ignore[type-arg]
                                      ("e2", ["m1"], 1000, 2, None, True)], 60.0)]
     for n in range(300):
         seq.append(("enqueue", n % 4, n % 2, float(n % 7), (n * 97) % 1300, n % 11 == 0,
-                    [5.0, 30.0, 300.0][n % 3], (n * 37 % 500) / 7, n % 5 % 3))
+                    [5.0, 30.0, 300.0][n % 3], (n * 37 % 500) / 7, n % 5 % 3,
+                    [math.inf, 3.0, 8.0][n % 3]))
         if n % 13 == 0:
             seq.append(("heartbeat", n % 3, [2.0, 30.0][n // 13 % 2]))
         if n % 5 == 0:
@@ -200,4 +206,4 @@ def test_a_long_mixed_run_decides_alike(
         if n % 29 == 0:
             seq.append(("engines", [("e1", MODELS, 2000, 4, 3, True),
                                     ("e2", ["m1"], 1000, 2, None, True)], 60.0))
-    asyncio.run(play(redis_server, f"{redis_prefix}-long-{order}", seq, order))
+    asyncio.run(play(redis_server, f"{redis_prefix}-long-{order}", seq, order, late))
