@@ -20,6 +20,9 @@ Shape, after llm-d's flow control (bands, flows, ordering):
   correction at release), the lift to the system floor when a tenant becomes backlogged
   (the floor is the minimum of a heap over the backlogged tenants' counters), and the
   queued charge per backlogged tenant. A counter change re-ranks that tenant's flows only;
+* **late items** (feasibility): a heap over the finite ``late_at`` of queued items; at
+  dispatch every item past it is demoted (score + ``DEMOTED``, a new seq) or shed;
+* **replicas**: heartbeats and the ids each replica owns, so a dead one is reaped at once;
 * a tenant at its limit is **parked**: its flows leave the ready heaps (and come back when
   a hold is freed or its limit rises), so a throttled tenant's backlog costs nothing;
 * every heap uses lazy deletion: an entry is live only if it still matches the current
