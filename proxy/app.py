@@ -37,13 +37,14 @@ from proxy.auth import Authenticator
 from proxy.completions import build_completion_bus
 from proxy.config import Settings
 from proxy.estimation import load_estimator, save_estimator, save_estimator_periodically
-from proxy.gateway import Gateway, seed_tenants
+from proxy.gateway import Gateway, seed_tenants, watch_seed
 from proxy.metrics import GatewayMetrics
 from proxy.openai_api import OpenAIHandler
 from proxy.scheduler import Scheduler
 from proxy.server import body_deadline
 from proxy.shaping import Shaper
 from proxy.store import build_store
+from proxy.store.base import StoreUnavailable
 
 log = logging.getLogger("driftsched.app")
 #: methods whose body the admin API reads (under ``server.body_timeout_s``)
@@ -160,6 +161,7 @@ class DriftSchedApp:
                               replica_id=self.replica_id,
                               completions=build_completion_bus(settings.store, self.replica_id))
         saver: asyncio.Task[None] | None = None
+        seeder: asyncio.Task[None] | None = None
         try:
             await seed_tenants(settings, store, clock.time())
             from adapters.router import LeastLoadedRouter
@@ -183,6 +185,9 @@ class DriftSchedApp:
             await scheduler.start()
             saver = asyncio.create_task(save_estimator_periodically(
                 estimator, settings.scheduler.estimator))
+            if settings.tenants:
+                seeder = asyncio.create_task(watch_seed(settings, store, clock,
+                                                        settings.store.seed_check_s))
             self.gateway = gw
             self._handler = OpenAIHandler(gw)
             # everything built so far lives as long as the app: move it out of the cyclic
@@ -197,10 +202,11 @@ class DriftSchedApp:
         finally:
             self._handler = None
             self.gateway = None
-            if saver is not None:
-                saver.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await saver
+            for task in (saver, seeder):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             save_estimator(estimator, settings.scheduler.estimator)
             await scheduler.stop()
             await pool.stop()
@@ -225,15 +231,24 @@ def _install_routes(app: DriftSchedApp) -> None:
 
     @api.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        """Readiness: the store answers and at least one backend takes traffic."""
+        """Readiness: the store answers and holds the configured tenants (its seed marker;
+        re-seeded within ``store.seed_check_s`` when lost), and at least one backend takes
+        traffic."""
         gw = app.gateway
         if gw is None:
             return JSONResponse({"status": "starting"}, status_code=503)
         store_ok = await gw.store.ping()
+        seeded = True
+        if store_ok and gw.settings.tenants:
+            try:
+                seeded = await gw.store.seeded() is not None
+            except StoreUnavailable:
+                store_ok = seeded = False
         backends = {b.name: b.state for b in gw.pool.backends()}
-        ready = store_ok and any(s == "healthy" for s in backends.values())
+        ready = store_ok and seeded and any(s == "healthy" for s in backends.values())
         return JSONResponse(
-            {"status": "ready" if ready else "not ready", "store": store_ok, "backends": backends},
+            {"status": "ready" if ready else "not ready", "store": store_ok, "seeded": seeded,
+             "backends": backends},
             status_code=200 if ready else 503,
         )
 

@@ -139,6 +139,9 @@ class StoreConfig(_Strict):
     #: declared dead by another replica's next dispatch: its queued requests are dropped and
     #: its holds freed at once, not after their leases (a dispatching replica is never dead)
     replica_ttl_s: float = Field(1.5, gt=0)
+    #: how often each replica checks that the store still holds the configured tenants and
+    #: keys (its seed marker), re-seeding them when it lost them (a Redis without persistence)
+    seed_check_s: float = Field(2.0, gt=0)
     #: when the store is unreachable: admit without limits (true) or fail with 503 (false)
     fail_open: bool = False
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ from proxy.metrics import GatewayMetrics
 from proxy.scheduler import Scheduler
 from proxy.shaping import Shaper
 from proxy.store.base import Store, Tenant
+from proxy.store.base import StoreUnavailable as StoreDown
 
 log = logging.getLogger("driftsched.gateway")
 
@@ -65,5 +68,29 @@ async def seed_tenants(settings: Settings, store: Store, now: float) -> None:
             old = await store.get_key(rec.key_id)
             if old is None:
                 await store.put_key(rec)
+    await store.mark_seeded(seed_marker(settings))
     if settings.tenants:
         log.info("seeded tenants from config", extra={"tenants": [t.name for t in settings.tenants]})
+
+
+def seed_marker(settings: Settings) -> str:
+    """What :func:`seed_tenants` writes to the store once done: the configured tenants."""
+    names = ",".join(sorted(t.name for t in settings.tenants))
+    return f"{len(settings.tenants)}:{hashlib.sha256(names.encode()).hexdigest()[:16]}"
+
+
+async def watch_seed(settings: Settings, store: Store, clock: Clock, every_s: float) -> None:
+    """Re-seed the configured tenants and keys whenever the store has lost them (its seed
+    marker is gone: a Redis restarted without persistence), so their keys work again
+    without a gateway restart. Tenants the admin API deleted are not brought back while
+    the marker stands. Runs until cancelled."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            if await store.seeded() is None:
+                log.warning("the store lost the configured tenants and keys; seeding them again")
+                await seed_tenants(settings, store, clock.time())
+        except StoreDown as e:
+            log.debug("seed check skipped: %s", e)
+        except Exception:
+            log.exception("seed check failed")

@@ -171,6 +171,13 @@ class Store(Protocol):
     async def ping(self) -> bool:
         """True when the store answers now (used by ``/readyz``). Never raises."""
 
+    async def seeded(self) -> str | None:
+        """The marker :meth:`mark_seeded` last wrote, or ``None`` when the store holds none:
+        a new store, or one that lost its data (a Redis restarted without persistence)."""
+
+    async def mark_seeded(self, marker: str) -> None:
+        """Record that the configured tenants and keys were written (``marker`` says what)."""
+
     # -- tenants -----------------------------------------------------------------------
     async def put_tenant(self, tenant: Tenant) -> None:
         """Create or replace a tenant."""

@@ -59,6 +59,7 @@ class MemoryStore:
         self._keys: dict[str, KeyRecord] = {}
         self._by_digest: dict[str, str] = {}
         self._limited: dict[str, _Limited] = {}
+        self._seeded: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -69,6 +70,12 @@ class MemoryStore:
 
     async def ping(self) -> bool:
         return True
+
+    async def seeded(self) -> str | None:
+        return self._seeded
+
+    async def mark_seeded(self, marker: str) -> None:
+        self._seeded = marker
 
     # -- tenants -------------------------------------------------------------------------
     async def put_tenant(self, tenant: Tenant) -> None:

@@ -7,7 +7,8 @@ process would. (Concurrency is the admission queue's: :mod:`proxy.admission.redi
 Key layout (all under ``prefix``; ``{...}`` is the Redis Cluster hash tag):
 
 * ``P:{admin}:tenants`` hash name -> tenant JSON; ``P:{admin}:keys`` hash key_id -> key
-  JSON; ``P:{admin}:digests`` hash digest -> key_id; ``P:{admin}:tenant-keys:T`` set of
+  JSON; ``P:{admin}:digests`` hash digest -> key_id; ``P:{admin}:seeded`` the seed marker
+  (its absence means the store lost the configured tenants); ``P:{admin}:tenant-keys:T`` set of
   key ids. Admin data shares one slot so it can change in one transaction.
 * ``P:t:{T}:rpm`` / ``:tpm`` bucket hashes, ``:day:N`` tokens charged on UTC day N,
   ``:usage`` hash of cumulative counters. One tenant's limit state shares one slot so one
@@ -69,6 +70,7 @@ class _Keys:
         self.tenants = f"{admin}:tenants"
         self.keys = f"{admin}:keys"
         self.digests = f"{admin}:digests"
+        self.seeded = f"{admin}:seeded"
         self._tenant_keys = f"{admin}:tenant-keys:"
         self._tenant = f"{prefix}:t:"
 
@@ -164,6 +166,15 @@ class RedisStore:
     @unavailable_on_io_error
     async def put_tenant(self, tenant: Tenant) -> None:
         await self._r.hset(self._k.tenants, tenant.name, tenant.to_json())
+
+    @unavailable_on_io_error
+    async def seeded(self) -> str | None:
+        raw = await self._r.get(self._k.seeded)
+        return None if raw is None else text(raw)
+
+    @unavailable_on_io_error
+    async def mark_seeded(self, marker: str) -> None:
+        await self._r.set(self._k.seeded, marker)
 
     @unavailable_on_io_error
     async def get_tenant(self, name: str) -> Tenant | None:

@@ -316,3 +316,13 @@ async def test_finish_reconciles_and_counts_in_one_call(store: Store) -> None:
     assert d.ok and d.state.remaining_tokens == 1000 - 100 - 10
     await store.finish("fin", 0, limits, now, errors=1)
     assert (await store.get_usage("fin", now)).errors == 1
+
+
+# -- the seed marker ---------------------------------------------------------------------------
+async def test_the_seed_marker_is_kept_until_the_data_is_lost(store: Store) -> None:
+    assert await store.seeded() is None  # a new store
+    await store.mark_seeded("2:abc")
+    assert await store.seeded() == "2:abc"
+    await store.put_tenant(make_tenant("acme"))
+    assert await store.delete_tenant("acme")  # an admin deleting a tenant keeps the marker
+    assert await store.seeded() == "2:abc"
