@@ -71,6 +71,8 @@ from proxy.store.base import Tenant
 log = logging.getLogger("driftsched.scheduler")
 #: shorter answers' TPOT is not held against the SLO in the controller's feedback
 _MIN_TPOT_TOKENS = 16
+#: failed releases kept for retry at most (beyond, the oldest is left to its lease)
+_MAX_UNRELEASED = 10_000
 
 
 @dataclass(slots=True)
@@ -85,6 +87,10 @@ class Admitted:
     features: dict[str, Any]
     #: the fair-share charge its grant added to the tenant's counter
     charge: float = 0.0
+    #: tokens grown (streamed past the footprint) not yet charged to the engine, and the
+    #: task charging them: growth never makes the stream wait for the store
+    pending_grow: int = 0
+    growing: asyncio.Task[None] | None = None
 
 
 class SloWindow:
@@ -152,6 +158,8 @@ class Scheduler:
         #: the queue's fair-share ledger as last read, plus this replica's charges since
         self.ledger = FairLedger()
         self._held: dict[str, Admitted] = {}
+        #: releases that failed (the store was down): id -> correction, retried in order
+        self._unreleased: dict[str, float] = {}
         self._learn: deque[tuple[dict[str, Any], float]] = deque(maxlen=10_000)
         self._learn_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -427,9 +435,30 @@ class Scheduler:
         adm.grant = replace(adm.grant, backend=engine)
 
     async def grow(self, rid: str, delta_tokens: int) -> None:
-        """Charge tokens generated beyond the prediction to the engine, live."""
-        if delta_tokens and rid in self._held:
-            await self.queue.grow(rid, delta_tokens)
+        """Charge tokens generated beyond the prediction to the engine, live and best
+        effort: in a background task, so the stream never waits for the store; what a
+        failed step could not charge is added to the next one."""
+        adm = self._held.get(rid)
+        if not delta_tokens or adm is None:
+            return
+        adm.pending_grow += delta_tokens
+        if adm.growing is None:
+            adm.growing = asyncio.create_task(self._charge_growth(adm), name="grow")
+
+    async def _charge_growth(self, adm: Admitted) -> None:
+        rid = adm.grant.id
+        try:
+            while adm.pending_grow and rid in self._held:
+                delta, adm.pending_grow = adm.pending_grow, 0
+                try:
+                    await self.queue.grow(rid, delta)
+                except Exception as e:
+                    adm.pending_grow += delta  # charged with the next step, if the store is back
+                    log.warning("charging a stream's growth failed; retried at its next step: "
+                                "%s", e)
+                    return
+        finally:
+            adm.growing = None
 
     async def complete(self, adm: Admitted, actual_output: int | None) -> None:
         """Release the hold, correcting its fair-share charge by the real output length;
@@ -441,10 +470,16 @@ class Scheduler:
         correction = 0.0
         if fs is not None and actual_output is not None and adm.charge:
             correction = fs.correction(adm.qreq, actual_output)
+        if adm.growing is not None:
+            adm.growing.cancel()
         try:
             await self.queue.release(rid, correction)
-        except Exception:
-            log.exception("releasing a grant failed; its lease will expire")
+        except Exception as e:
+            # retried by the capacity loop until the store answers (the lease is the backstop)
+            log.warning("releasing a grant failed; retrying: %s", e)
+            self._unreleased[rid] = correction
+            while len(self._unreleased) > _MAX_UNRELEASED:
+                del self._unreleased[next(iter(self._unreleased))]
         if actual_output is None:
             return
         if self.drift is not None:
@@ -512,6 +547,13 @@ class Scheduler:
     async def publish_capacity(self) -> None:
         await self.queue.set_engines(self.capacities(), self.clock.time(), ttl_s=5.0)
 
+    async def retry_releases(self) -> None:
+        """Release the holds whose release failed, oldest first, until one fails again."""
+        while self._unreleased:
+            rid, correction = next(iter(self._unreleased.items()))
+            await self.queue.release(rid, correction)
+            del self._unreleased[rid]
+
     async def _capacity_loop(self) -> None:
         while True:
             await asyncio.sleep(0.5)
@@ -519,6 +561,7 @@ class Scheduler:
                 now = self.clock.time()
                 self.feedback(now)
                 await self.publish_capacity()
+                await self.retry_releases()
                 await self.publish_limits()
                 await self.queue.dispatch(now, self._lease_ttl)
                 stats = await self.queue.stats()
