@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Run every scheduling policy on one workload against the same simulated pool and write
-# results/<scenario>/<timestamp>/ (report.md, per-request and timeline CSVs, PNG plots).
+# results/<scenario>/<timestamp>/ (report.md, summary.json, per-request and timeline CSVs,
+# PNG plots); with --seeds 0,1,2 one experiment per seed in seed-<n>/ and their mean and
+# worst on top.
 #
 #   ./run_experiment.sh [scenario] [--workload FILE] [--policies fcfs,priority,fair,driftsched]
-#                       [--duration S] [--seed N] [--out DIR] [...]   (--help for all options)
+#                       [--duration S] [--seed N | --seeds A,B,C] [--out DIR] [...]
+#                       (--help for all options)
 #
 # Uses .venv/bin/python when present (make install creates it), else python3.
 # The orchestration is experiments/runner.py; docs/experiments.md explains the report.

@@ -14,7 +14,9 @@
   gateway process, its timeline sampler) and :mod:`~experiments.provenance` (versions);
 - :mod:`experiments.report` -- ``report.md`` and plots from a result directory, with
   :mod:`~experiments.rundata` (reading it back), :mod:`~experiments.metrics`,
-  :mod:`~experiments.fairness` and :mod:`~experiments.plots`;
+  :mod:`~experiments.fairness`, :mod:`~experiments.plots`, :mod:`~experiments.targets`
+  (PASS/MISS) and :mod:`~experiments.summary` (``summary.json``);
+- :mod:`experiments.seeds` -- several seeds of one scenario: their mean and worst;
 - :mod:`experiments.warm_estimator` -- an estimator trained on a workload, for warm starts.
 
 ``prompts_dataset.py`` at the repository root is the command line for the workload side.

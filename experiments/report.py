@@ -1,10 +1,13 @@
 """``report.md``, ``metrics.json`` and ``plots/`` for one experiment directory.
 
 ``python -m experiments.report results/<scenario>/<stamp>`` rebuilds them from the raw files
-(the runner calls :func:`write_report` at the end). The report states the issue's targets
-with PASS/MISS and margins (:func:`targets`), a policy x class table, per-tenant, fairness,
+(the runner calls :func:`write_report` at the end; a directory of several seeds,
+``seed-<n>/``, is rebuilt seed by seed and then summed up by :mod:`experiments.seeds`). The
+report states the issue's targets with PASS/MISS and margins
+(:func:`experiments.targets.targets`), a policy x class table, per-tenant, fairness,
 estimator, drift, engine and run-health tables, the metric definitions, the exact gateway
-configuration and the versions used.
+configuration and the versions used; ``summary.json`` (:func:`experiments.summary.document`)
+holds its headline numbers in a few KB.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import yaml
 from experiments import plots
 from experiments.metrics import DEFINITIONS, compute
 from experiments.rundata import RunData, load_run
-
-PREMIUM_MIN, FCFS_MAX, THROUGHPUT_MIN, RECOVERY_MAX_S, JAIN_MIN = 0.95, 0.70, 0.95, 30.0, 0.95
+from experiments.summary import document, meta, summarize
+from experiments.targets import targets
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
@@ -50,49 +53,6 @@ def class_order(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return sorted(levels, key=lambda c: (levels[c], c))
 
 
-def targets(metrics: Mapping[str, Mapping[str, Any]], drift: bool) -> list[dict[str, Any]]:
-    """The issue's targets, each with value, threshold, margin (>= 0 passes) and verdict."""
-    classes = class_order(metrics)
-    top = "premium" if "premium" in classes else (classes[0] if classes else "")
-    ds, fc = metrics.get("driftsched"), metrics.get("fcfs")
-    out: list[dict[str, Any]] = []
-
-    def add(name: str, value: float | None, threshold: str, margin: float | None) -> None:
-        verdict = "n/a" if margin is None else ("PASS" if margin >= 0 else "MISS")
-        out.append({"target": name, "value": value, "threshold": threshold, "margin": margin,
-                    "verdict": verdict})  # fmt: skip
-
-    att = ds["classes"].get(top, {}).get("attainment") if ds else None
-    add(f"{top} attainment, driftsched", att, f">= {PREMIUM_MIN}",
-        None if att is None else att - PREMIUM_MIN)  # fmt: skip
-    att = fc["classes"].get(top, {}).get("attainment") if fc else None
-    add(f"{top} attainment, fcfs", att, f"<= {FCFS_MAX}",
-        None if att is None else FCFS_MAX - att)  # fmt: skip
-    ratio = None
-    if ds and fc and fc["all"]["throughput_tok_s"]:
-        ratio = ds["all"]["throughput_tok_s"] / fc["all"]["throughput_tok_s"]
-    add("throughput driftsched / fcfs", ratio, f">= {THROUGHPUT_MIN}",
-        None if ratio is None else ratio - THROUGHPUT_MIN)  # fmt: skip
-    win = None
-    if ds and fc and fc["all"]["throughput_window_tok_s"]:
-        win = ds["all"]["throughput_window_tok_s"] / fc["all"]["throughput_window_tok_s"]
-    add("(cross-check) in-window throughput driftsched / fcfs", win, f">= {THROUGHPUT_MIN}",
-        None if win is None else win - THROUGHPUT_MIN)  # fmt: skip
-    if drift:
-        rec = ds["drift"][0]["recovery"].get("sustained_s") if ds and ds["drift"] else None
-        never = ds is not None and bool(ds["drift"]) and rec is None
-        add(f"{top} back >= 0.95 after drift onset (s), driftsched", rec,
-            f"<= {RECOVERY_MAX_S:g} s",
-            (-1.0 if never else None) if rec is None else RECOVERY_MAX_S - rec)  # fmt: skip
-    if ds:
-        for c, f in sorted(ds["fairness"]["classes"].items()):
-            if f["tenants"] >= 2:
-                j = f["jain"]
-                add(f"fair-share Jain within {c}, driftsched", j, f">= {JAIN_MIN}",
-                    None if j is None else j - JAIN_MIN)  # fmt: skip
-    return out
-
-
 def _target_lines(ts: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = []
     for t in ts:
@@ -109,7 +69,7 @@ def _target_lines(ts: Sequence[Mapping[str, Any]]) -> list[str]:
 def _main_table(metrics: Mapping[str, Mapping[str, Any]], classes: Sequence[str]) -> list[str]:
     head = ("policy", "class", "n", "attainment", "after warm-up", "TTFT p50 (ms)", "TTFT p99 (ms)",
             "TPOT p50 (ms)", "TPOT p99 (ms)", "e2e p99 (s)", "goodput (req/s)",
-            "throughput (tok/s)", "errors")  # fmt: skip
+            "output tokens", "throughput (tok/s)", "errors")  # fmt: skip
     rows = []
     for p, m in metrics.items():
         for c in [*classes, "all"]:
@@ -121,7 +81,8 @@ def _main_table(metrics: Mapping[str, Mapping[str, Any]], classes: Sequence[str]
                          _fmt(s["attainment_after_warmup"]), _ms(s["ttft_p50"]),
                          _ms(s["ttft_p99"]), _ms(s["tpot_p50"]), _ms(s["tpot_p99"]),
                          _fmt(s["e2e_p99"], ".1f"), _fmt(s["goodput_req_s"], ".2f"),
-                         _fmt(s["throughput_tok_s"], ".0f"), errs])  # fmt: skip
+                         s["output_tokens"], _fmt(s["throughput_tok_s"], ".0f"),
+                         errs])  # fmt: skip
     return _table(head, rows)
 
 
@@ -144,6 +105,7 @@ def _tenant_table(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def _fairness_table(metrics: Mapping[str, Mapping[str, Any]], classes: Sequence[str]) -> list[str]:
     head = ("policy", "group", "tenants", "fair-share Jain", "served / fair share",
+            "attainment Jain", "lowest tenant attainment",
             "VTC service diff max / mean (weighted tokens per 60 s)")  # fmt: skip
     rows = []
     for p, m in metrics.items():
@@ -153,7 +115,10 @@ def _fairness_table(metrics: Mapping[str, Mapping[str, Any]], classes: Sequence[
                 continue
             shares = ", ".join(f"{t} {v:.2f}" for t, v in sorted(f["served_over_fair"].items()))
             sd = f["service_difference"]
+            low = f.get("attainment_min")
+            low_s = "-" if low is None else f"{low:.3f} ({f['attainment_min_tenant']})"
             rows.append([p, g, f["tenants"], _fmt(f["jain"]), shares or "-",
+                         _fmt(f.get("attainment_jain")), low_s,
                          f"{_fmt(sd['max'], '.0f')} / {_fmt(sd['mean'], '.0f')}"])  # fmt: skip
     return _table(head, rows)
 
@@ -201,7 +166,8 @@ def _drift_table(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 def _engine_table(metrics: Mapping[str, Mapping[str, Any]], classes: Sequence[str]) -> list[str]:
     head = ("policy", "preemptions", *(f"queue p99 {c} (s)" for c in [*classes, "all"]),
-            "makespan (s)", "in-window throughput (tok/s)", "rejects (client)",
+            "makespan (s)", "output tokens", "throughput (tok/s)",
+            "in-window throughput (tok/s)", "engine busy share", "rejects (client)",
             "rejections (gateway metric)")  # fmt: skip
     rows = []
     for p, m in metrics.items():
@@ -209,8 +175,10 @@ def _engine_table(metrics: Mapping[str, Mapping[str, Any]], classes: Sequence[st
         grej = ", ".join(f"{k} {v:.0f}" for k, v in m["gateway_rejections"].items()) or "-"
         rows.append([p, _fmt(m["preemptions"], ".0f"),
                      *(_fmt(m["queue_p99_s"].get(c), ".2f") for c in [*classes, "all"]),
-                     _fmt(m["makespan_s"], ".0f"),
-                     _fmt(m["all"]["throughput_window_tok_s"], ".0f"), rej, grej])  # fmt: skip
+                     _fmt(m["makespan_s"], ".0f"), m["all"]["output_tokens"],
+                     _fmt(m["all"]["throughput_tok_s"], ".0f"),
+                     _fmt(m["all"]["throughput_window_tok_s"], ".0f"),
+                     _fmt(m.get("engine_busy_share"), ".2f"), rej, grej])  # fmt: skip
     return _table(head, rows)
 
 
@@ -283,7 +251,12 @@ def write_report(out: Path) -> list[str]:
         plots.latency_cdfs(runs, classes, pdir / "ttft_cdf.png", "ttft")
         plots.latency_cdfs(runs, classes, pdir / "tpot_cdf.png", "tpot")
         plots.timeline(runs, metrics, classes, drift, pdir / "timeline.png")
-    ts = targets(metrics, bool(drift))
+    summary = summarize(metrics)
+    ts = targets(summary, classes, bool(drift))
+    seed = int(header.get("seed") if header.get("seed") is not None else
+               exp.get("options", {}).get("seed") or 0)  # fmt: skip
+    doc = document(meta(exp), classes, {seed: summary}, ts)
+    (out / "summary.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n", "utf-8")
     walls = ", ".join(f"{p} {exp['runs'][p]['wall_s']:.0f} s" for p in policies
                       if exp.get("runs", {}).get(p))  # fmt: skip
     tenants = ", ".join(f"{t['name']} ({t['qos_class']}, weight {t['weight']:g}, {t['n']} req)"
@@ -335,12 +308,21 @@ def write_report(out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from experiments.seeds import seed_dirs, write_seeds_report
+
     p = argparse.ArgumentParser(prog="python -m experiments.report",
                                 description="Rebuild report.md, metrics.json and plots/ "
                                 "from an experiment directory.")  # fmt: skip
-    p.add_argument("dir", help="results/<scenario>/<stamp>")
+    p.add_argument("dir", help="results/<scenario>/<stamp> (one seed, or several: seed-<n>/)")
     a = p.parse_args(argv)
-    for line in write_report(Path(a.dir)):
+    out = Path(a.dir)
+    if (out / "experiment.json").exists() and seed_dirs(out):
+        for d in seed_dirs(out).values():
+            write_report(d)
+        lines = write_seeds_report(out)
+    else:
+        lines = write_report(out)
+    for line in lines:
         print(line)
     print(f"report: {Path(a.dir) / 'report.md'}", file=sys.stderr)
     return 0

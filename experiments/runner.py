@@ -10,14 +10,19 @@
    (``python -m experiments.loadgen``, open loop) while sampling ``/admin/scheduler`` and
    ``/metrics`` every second into ``timeline.csv``, read the engines' counters, and stop
    everything (no process outlives the run; leftovers are killed and counted);
-3. compute the metrics and write ``report.md``, ``metrics.json`` and the plots
-   (:mod:`experiments.report`).
+3. compute the metrics and write ``report.md``, ``metrics.json``, ``summary.json`` and the
+   plots (:mod:`experiments.report`).
+
+With ``--seeds 0,1,2`` steps 1-3 run once per seed, each in ``seed-<n>/`` (the workload
+and the pool built with that seed), and :mod:`experiments.seeds` writes the mean and the
+worst over the seeds to the top directory's ``report.md`` and ``summary.json``.
 
 Results go to ``<out>/<scenario>/<UTC timestamp>/``: ``workload.jsonl``,
 ``experiment.json`` (options, versions, timings), one directory per policy
 (``requests.csv``, ``requests.summary.json``, ``timeline.csv``, ``gateway.log``,
 ``gateway.yaml`` without secrets, ``loadgen.log``, ``engines/``, ``run.json``), the report
-and ``plots/``. Tenant keys live in a private temporary directory, deleted at the end.
+and ``plots/`` (with several seeds, each of these in ``seed-<n>/``; the top directory has
+``experiment.json``, ``report.md`` and ``summary.json``). Tenant keys live in a private temporary directory, deleted at the end.
 
 Times given on the command line (``--duration``, ``--drain-timeout``) are simulated seconds;
 with ``--time-scale X`` the wall clock runs X times faster (see :mod:`experiments.gwconfig`).
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "simulated pool and write results/<scenario>/<timestamp>/ (report.md, CSVs, plots).",
         epilog="examples:\n  ./run_experiment.sh overload\n"
         "  ./run_experiment.sh drift --policies fcfs,driftsched --seed 1\n"
+        "  ./run_experiment.sh overload --seeds 0,1,2\n"
         "  ./run_experiment.sh --workload w.jsonl --duration 60\n"
         "  ./run_experiment.sh overload --set driftsched:scheduler.kv_budget_fraction=0.6",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--duration", type=float, default=None, help="seconds of arrivals (default: the spec's)"
     )
-    p.add_argument("--seed", type=int, default=0, help="workload seed (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="workload seed (default 0)")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated workload seeds, e.g. 0,1,2: one experiment per seed in "
+        "seed-<n>/, then the mean and worst over them (not with --seed or --workload)",
+    )
     p.add_argument("--out", default=str(ROOT / "results"), help="results root")
     p.add_argument("--instances", type=int, default=2, help="simulator engines")
     p.add_argument("--profile", default="llama3-8b-a100", help="simulator profile")
@@ -122,7 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_workload(a: argparse.Namespace, out: Path) -> tuple[str, Path, Workload]:
+def parse_seeds(a: argparse.Namespace) -> list[int]:
+    """The seeds to run, in order: ``--seeds``, else ``[--seed]`` (default ``[0]``)."""
+    if a.seeds is None:
+        return [0 if a.seed is None else a.seed]
+    if a.seed is not None:
+        raise SystemExit("run_experiment: give --seed or --seeds, not both")
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"run_experiment: --seeds {a.seeds!r}: integers, comma-separated"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SystemExit(f"run_experiment: --seeds {a.seeds!r}: distinct integers >= 0")
+    if a.workload and len(seeds) > 1:
+        raise SystemExit("run_experiment: --seeds builds a workload per seed; --workload "
+                         "replays one file (run it with --seed)")  # fmt: skip
+    return seeds
+
+
+def prepare_workload(a: argparse.Namespace, seed: int, out: Path) -> tuple[str, Path, Workload]:
     """Build (or copy) the workload into ``out``; returns its name, path and contents."""
     dest = out / "workload.jsonl"
     if a.workload:
@@ -138,7 +170,7 @@ def prepare_workload(a: argparse.Namespace, out: Path) -> tuple[str, Path, Workl
         raise SystemExit(f"run_experiment: no scenario {scenario!r} (known: {known})")
     import prompts_dataset
 
-    argv = ["synthetic", str(spec), "--seed", str(a.seed), "-o", str(dest)]
+    argv = ["synthetic", str(spec), "--seed", str(seed), "-o", str(dest)]
     if a.duration is not None:
         argv += ["--duration", str(a.duration)]
     if prompts_dataset.main(argv) != 0:
@@ -289,28 +321,20 @@ def run_policy(
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
-    if not policies:
-        raise SystemExit("run_experiment: --policies is empty")
-    try:
-        overrides = [Override.parse(s) for s in a.overrides]
-    except ValueError as e:
-        raise SystemExit(f"run_experiment: {e}") from None
-    if a.time_scale <= 0:
-        raise SystemExit("run_experiment: --time-scale must be > 0")
+def run_seed(
+    a: argparse.Namespace,
+    *,
+    seed: int,
+    out: Path,
+    name: str,
+    w: Workload,
+    policies: Sequence[str],
+    overrides: Sequence[Override],
+) -> list[str] | None:
+    """Every policy on ``out``'s workload (built with ``seed``), then the report; returns
+    the report's target lines, None when interrupted (partial results stay in ``out``)."""
     t_begin = time.monotonic()
     started = datetime.now(UTC)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    tmp_out = Path(a.out) / ".building" / stamp
-    tmp_out.mkdir(parents=True, exist_ok=True)
-    name, workload, w = prepare_workload(a, tmp_out)
-    out = Path(a.out) / name / stamp
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out.rename(out)
-    with contextlib.suppress(OSError):
-        (Path(a.out) / ".building").rmdir()
     workload = out / "workload.jsonl"
     tenants = Tenants.from_header(w.header, {r.tenant: r.qos_class for r in w.requests})
     pool = PoolOptions(
@@ -319,24 +343,24 @@ def main(argv: list[str] | None = None) -> int:
         time_scale=a.time_scale,
         tokens_per_event=a.tokens_per_event,
         max_num_seqs=a.max_num_seqs,
-        seed=a.seed,
+        seed=seed,
     )
     experiment: dict[str, Any] = {
         "scenario": name,
         "started_utc": started.isoformat(timespec="seconds"),
         "workload": {k: w.header.get(k) for k in ("name", "source", "seed", "duration_s",
                                                    "n_requests", "tenants", "drift", "assumes")},
-        "options": {k: v for k, v in vars(a).items() if k != "overrides"},
+        "options": {**{k: v for k, v in vars(a).items() if k != "overrides"}, "seed": seed},
         "overrides": [o.render() for o in overrides],
         "pool": {f: getattr(pool, f) for f in pool.__slots__},
-        "policies": policies,
+        "policies": list(policies),
         "versions": versions(),
         "runs": {},
     }  # fmt: skip
     if a.workload and a.duration is not None:  # the load generator replays only this much
         experiment["workload"]["duration_s"] = a.duration
-    print(f"run_experiment: {name}, {len(w.requests)} requests, policies {policies} -> {out}",
-          file=sys.stderr)  # fmt: skip
+    print(f"run_experiment: {name} seed {seed}, {len(w.requests)} requests, policies "
+          f"{list(policies)} -> {out}", file=sys.stderr)  # fmt: skip
     secret_dir = Path(tempfile.mkdtemp(prefix="driftsched-exp-"))
     try:
         keys_file = secret_dir / "keys.json"
@@ -357,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         outer.close()
     except KeyboardInterrupt:
         print(f"run_experiment: interrupted; partial results in {out}", file=sys.stderr)
-        return 130
+        return None
     finally:
         shutil.rmtree(secret_dir, ignore_errors=True)
         experiment["wall_s"] = round(time.monotonic() - t_begin, 1)
@@ -369,9 +393,75 @@ def main(argv: list[str] | None = None) -> int:
     experiment["report_s"] = round(time.monotonic() - t_report, 1)
     experiment["wall_s"] = round(time.monotonic() - t_begin, 1)
     (out / "experiment.json").write_text(json.dumps(experiment, indent=2) + "\n", "utf-8")
+    return verdicts
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    policies = [p.strip() for p in a.policies.split(",") if p.strip()]
+    if not policies:
+        raise SystemExit("run_experiment: --policies is empty")
+    try:
+        overrides = [Override.parse(s) for s in a.overrides]
+    except ValueError as e:
+        raise SystemExit(f"run_experiment: {e}") from None
+    if a.time_scale <= 0:
+        raise SystemExit("run_experiment: --time-scale must be > 0")
+    seeds = parse_seeds(a)
+    multi = len(seeds) > 1
+    t_begin = time.monotonic()
+    started = datetime.now(UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    tmp_out = Path(a.out) / ".building" / stamp
+    first = tmp_out / f"seed-{seeds[0]}" if multi else tmp_out
+    first.mkdir(parents=True, exist_ok=True)
+    name, _, w = prepare_workload(a, seeds[0], first)
+    out = Path(a.out) / name / stamp
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out.rename(out)
+    with contextlib.suppress(OSError):
+        (Path(a.out) / ".building").rmdir()
+    top: dict[str, Any] = {
+        "scenario": name,
+        "started_utc": started.isoformat(timespec="seconds"),
+        "seeds": seeds,
+        "options": {k: v for k, v in vars(a).items() if k != "overrides"},
+        "overrides": list(a.overrides),
+        "policies": policies,
+        "versions": versions(),
+    }
+    verdicts: list[str] = []
+    for i, seed in enumerate(seeds):
+        sdir = out / f"seed-{seed}" if multi else out
+        if i > 0:
+            sdir.mkdir()
+            _, _, w = prepare_workload(a, seed, sdir)
+        done = run_seed(a, seed=seed, out=sdir, name=name, w=w, policies=policies,
+                        overrides=overrides)  # fmt: skip
+        if done is None:
+            return 130
+        verdicts = done
+        if multi:
+            exp = json.loads((sdir / "experiment.json").read_text("utf-8"))
+            top["pool"] = {k: v for k, v in exp["pool"].items() if k != "seed"}
+            top["workload"] = {"name": name, "duration_s": exp["workload"]["duration_s"],
+                               "n_requests": [*top.get("workload", {}).get("n_requests", []),
+                                              exp["workload"]["n_requests"]]}  # fmt: skip
+            top["wall_s"] = round(time.monotonic() - t_begin, 1)
+            (out / "experiment.json").write_text(json.dumps(top, indent=2) + "\n", "utf-8")
+            passed = sum(v.lstrip().startswith("PASS") for v in verdicts)
+            print(f"run_experiment: seed {seed} done, {passed} of {len(verdicts)} targets "
+                  f"pass on it ({sdir / 'report.md'})", file=sys.stderr)  # fmt: skip
+    if multi:
+        from experiments.seeds import write_seeds_report
+
+        verdicts = write_seeds_report(out)
+        top["wall_s"] = round(time.monotonic() - t_begin, 1)
+        (out / "experiment.json").write_text(json.dumps(top, indent=2) + "\n", "utf-8")
     for line in verdicts:
         print(line)
-    print(f"report: {out / 'report.md'} (total {experiment['wall_s']:.0f} s)")
+    wall = time.monotonic() - t_begin
+    print(f"report: {out / 'report.md'} (total {wall:.0f} s)")
     return 0
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from experiments.record import COLUMNS, Record, csv_row
 from experiments.rundata import Access, Req, RunData
 
 _ids = itertools.count()
@@ -89,3 +93,35 @@ def make_run(
         slos=slos_for({r.tenant: r.qos_class for r in reqs}),
         weights=dict(weights or {}),
     )
+
+
+def write_run_dir(
+    pdir: Path,
+    reqs: Sequence[Req],
+    *,
+    policy: str,
+    slos: Mapping[str, Mapping[str, Any]],
+    weights: Mapping[str, float],
+    engines: Sequence[Mapping[str, float]] = (),
+) -> dict[str, Any]:
+    """What one policy's run leaves on disk (:mod:`experiments.rundata`'s module doc), at
+    time scale 1, for ``reqs``; returns the run's info (``run.json``)."""
+    pdir.mkdir(parents=True, exist_ok=True)
+    with (pdir / "requests.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in reqs:
+            rec = Record(r.request_id, r.tenant, r.qos_class, r.intended_s,
+                         dispatched_s=r.dispatched_s, sent_s=r.dispatched_s,
+                         first_token_s=r.first_token_s, done_s=r.done_s, status=r.status,
+                         error=r.error, prompt_tokens=r.prompt_tokens,
+                         completion_tokens=r.completion_tokens,
+                         expected_prompt_tokens=r.expected_prompt_tokens,
+                         expected_output_tokens=r.expected_output_tokens)  # fmt: skip
+            w.writerow(csv_row(rec))
+    (pdir / "requests.summary.json").write_text(json.dumps({"t0_unix": 1.0e9, "wall_s": 1.0}))
+    info = {"policy": policy, "time_scale": 1.0, "slos": dict(slos), "weights": dict(weights),
+            "engines": [dict(e) for e in engines], "resources": {}, "wall_s": 1.0,
+            "loadgen_rc": 0, "killed_orphans": 0, "cpu_count": 2}  # fmt: skip
+    (pdir / "run.json").write_text(json.dumps(info))
+    return info

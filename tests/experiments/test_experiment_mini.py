@@ -3,8 +3,9 @@
 
 The end-to-end test drives the real processes (gateway, two simulator engines through the
 pool manager, the load generator) on ``experiments/scenarios/mini.yaml`` (15 s of arrivals)
-at time scale 4 for two policies, then checks that the report, the CSVs and the plots exist
-and that the numbers are sane. It asserts nothing about performance.
+at time scale 6 for two policies and two seeds, then checks that each seed's report, CSVs,
+plots and summary exist, that the numbers are sane and that the top report and summary.json
+hold the mean over the seeds. It asserts nothing about performance.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from experiments.summary import read_table
+
 ROOT = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -24,15 +27,48 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_mini_experiment_end_to_end(tmp_path: Path, shared_data: Path) -> None:
-    # the mini scenario samples real ShareGPT prompts from ../shared/data (skips without it)
+    # the mini scenario samples real ShareGPT prompts from ../shared/data (skips without it);
+    # two seeds: each one is a whole single-seed experiment in seed-<n>/ (the flat layout of
+    # one seed is the same code: test_runner_seeds.py), the top has their mean and worst.
+    # Time scale 6 and 16 tokens per SSE event keep it at ~50 s on the 2-core machine (at 4
+    # and 8 tokens per event: ~63 s)
     out = tmp_path / "results"
     proc = subprocess.run(
         [str(ROOT / "run_experiment.sh"), "mini", "--policies", "fcfs,driftsched",
-         "--time-scale", "4", "--drain-timeout", "40", "--out", str(out), "--no-progress"],
+         "--seeds", "0,1", "--time-scale", "6", "--tokens-per-event", "16",
+         "--drain-timeout", "40", "--out", str(out), "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=380,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = (out / "mini").iterdir()
+    (top,) = (out / "mini").iterdir()
+    workloads = []
+    for seed in (0, 1):
+        run = top / f"seed-{seed}"
+        workloads.append((run / "workload.jsonl").read_text())
+        _check_one_seed(run, seed)
+    assert workloads[0] != workloads[1]
+
+    report = (top / "report.md").read_text()
+    for needle in ("## Targets (on the mean over seeds)", "| driftsched | premium |",
+                   "[seed 1](seed-1/report.md)", "engine busy share", "attainment Jain",
+                   "## Per seed", "git commit"):  # fmt: skip
+        assert needle in report, needle
+    assert "dsk-" not in report
+    raw = (top / "summary.json").read_text()
+    assert len(raw) < 8000 and "dsk-" not in raw
+    doc = json.loads(raw)
+    assert doc["seeds"] == [0, 1] and doc["pool"]["time_scale"] == 6.0
+    mean = read_table(doc, "mean")
+    per = [json.loads((top / f"seed-{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    for policy in ("fcfs", "driftsched"):
+        tokens = [m[policy]["all"]["output_tokens"] for m in per]
+        assert mean[policy]["all"]["output_tokens"] == pytest.approx(sum(tokens) / 2, rel=1e-3)
+        assert 0.0 < mean[policy]["all"]["engine_busy_share"] <= 1.0
+    assert {t["target"] for t in doc["targets"]} >= {"premium attainment, driftsched"}
+    assert all(t["seeds_passed"].endswith("/2") for t in doc["targets"])
+
+
+def _check_one_seed(run: Path, seed: int) -> None:
     n_workload = sum(1 for _ in (run / "workload.jsonl").open()) - 1
     assert n_workload > 50
 
@@ -57,10 +93,15 @@ def test_mini_experiment_end_to_end(tmp_path: Path, shared_data: Path) -> None:
         assert m["classes"]["premium"]["ttft_p50"] > 0
         assert m["estimator"]["all"]["n"] > 0.9 * n_workload
         assert len(m["drift"]) == 1 and m["drift"][0]["tenant"] == "globex"
+        # the simulator reports its busy time: a share of the pool's time
+        assert 0.0 < m["engine_busy_share"] <= 1.0
         timeline = list(csv.DictReader((run / policy / "timeline.csv").open()))
         assert len(timeline) >= 3 and "limit.globex" in timeline[0]
         info = json.loads((run / policy / "run.json").read_text())
         assert info["killed_orphans"] == 0 and info["loadgen_rc"] == 0
     assert metrics["fcfs"]["drift"][0]["actions"] == 0  # fcfs has no drift controller
     experiment = json.loads((run / "experiment.json").read_text())
-    assert experiment["versions"]["python"] and experiment["pool"]["time_scale"] == 4.0
+    assert experiment["versions"]["python"] and experiment["pool"]["time_scale"] == 6.0
+    assert experiment["pool"]["seed"] == seed and experiment["workload"]["seed"] == seed
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["seeds"] == [seed] and read_table(summary)["fcfs"]["all"]["n"] == n_workload

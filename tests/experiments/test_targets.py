@@ -1,0 +1,168 @@
+"""experiments.targets and experiments.summary: PASS/MISS with margins on hand-made
+summaries, the mean and worst over seeds, and summary.json's tables."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from experiments.metrics import compute
+from experiments.summary import (
+    combine,
+    document,
+    pick,
+    read_table,
+    summarize,
+    summarize_policy,
+)
+from experiments.targets import over_seeds, targets, top_class
+from tests.experiments.builders import failed, make_req, make_run
+
+CLASSES = ["premium", "standard", "batch"]
+
+
+def _summary(ds_premium: float | None = 0.99, fc_premium: float | None = 0.5,
+             ds_tok: float = 1000.0, fc_tok: float = 1000.0, **ds_all: Any) -> dict[str, Any]:  # fmt: skip
+    def policy(att: float | None, tok: float) -> dict[str, Any]:
+        return {
+            "premium": {"attainment": att, "tenants": 1, "service_jain": 1.0},
+            "standard": {"attainment": 0.9, "tenants": 2, "service_jain": 0.97},
+            "batch": {"attainment": 0.5, "tenants": 1, "service_jain": None},
+            "all": {
+                "throughput_tok_s": tok / 100,
+                "throughput_window_tok_s": tok / 90,
+                "output_tokens": tok,
+            },
+        }
+
+    ds, fc = policy(ds_premium, ds_tok), policy(fc_premium, fc_tok)
+    ds["all"].update(ds_all)
+    return {"fcfs": fc, "driftsched": ds}
+
+
+def _by_name(ts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {t["target"]: t for t in ts}
+
+
+def test_top_class() -> None:
+    assert top_class(["gold", "premium"]) == "premium"
+    assert top_class(["gold", "silver"]) == "gold"
+    assert top_class([]) == ""
+
+
+def test_targets_pass_and_miss_with_margins() -> None:
+    ts = _by_name(targets(_summary(ds_premium=0.94, fc_premium=0.70, ds_tok=960.0), CLASSES,
+                          drift=False))  # fmt: skip
+    t = ts["premium attainment, driftsched"]
+    assert t["verdict"] == "MISS" and t["margin"] == pytest.approx(-0.01)
+    t = ts["premium attainment, fcfs"]  # exactly on the threshold passes
+    assert t["verdict"] == "PASS" and t["margin"] == pytest.approx(0.0, abs=1e-12)
+    t = ts["throughput driftsched / fcfs"]
+    assert t["value"] == pytest.approx(0.96) and t["margin"] == pytest.approx(0.01)
+    assert ts["(cross-check) output tokens served driftsched / fcfs"]["verdict"] == "PASS"
+    assert ts["fair-share Jain within standard, driftsched"]["margin"] == pytest.approx(0.02)
+    # Jain within a class of one tenant is not a target
+    assert not any("within premium" in k or "within batch" in k for k in ts)
+    assert not any("drift onset" in k for k in ts)
+
+
+def test_targets_without_a_baseline_are_not_applicable() -> None:
+    s = _summary()
+    del s["fcfs"]
+    ts = _by_name(targets(s, CLASSES, drift=False))
+    assert ts["premium attainment, fcfs"]["verdict"] == "n/a"
+    assert ts["throughput driftsched / fcfs"]["verdict"] == "n/a"
+    assert ts["premium attainment, driftsched"]["verdict"] == "PASS"
+    zero = _by_name(targets(_summary(fc_tok=0.0), CLASSES, drift=False))
+    assert zero["throughput driftsched / fcfs"]["verdict"] == "n/a"
+    assert targets({}, [], drift=False)[0]["verdict"] == "n/a"
+
+
+@pytest.mark.parametrize(
+    ("recovered", "seconds", "verdict", "margin"),
+    [
+        (1.0, 12.0, "PASS", 18.0),
+        (1.0, 31.0, "MISS", -1.0),
+        (0.0, None, "MISS", -1.0),  # never recovered
+        (0.5, 10.0, "MISS", -1.0),  # the mean of two seeds, one never recovered
+        (None, None, "n/a", None),  # no rolling samples after the onset: nothing to judge
+    ],
+)
+def test_drift_recovery_target(
+    recovered: float | None, seconds: float | None, verdict: str, margin: float | None
+) -> None:
+    s = _summary(drift_recovered=recovered, drift_recovery_s=seconds)
+    (t,) = [t for t in targets(s, CLASSES, drift=True) if "drift onset" in t["target"]]
+    assert t["verdict"] == verdict and t["margin"] == (
+        None if margin is None else pytest.approx(margin)
+    )
+    if recovered is not None and recovered < 1:
+        assert t["value"] is None  # the report says "never recovered"
+
+
+def test_over_seeds() -> None:
+    seeds = {0: _summary(ds_premium=0.99), 1: _summary(ds_premium=0.93),
+             2: _summary(ds_premium=None)}  # fmt: skip
+    mean = pick(combine(list(seeds.values())), "mean")
+    assert mean["driftsched"]["premium"]["attainment"] == pytest.approx(0.96)
+    ts = over_seeds(targets(mean, CLASSES, False),
+                    {k: targets(v, CLASSES, False) for k, v in seeds.items()})  # fmt: skip
+    t = _by_name(ts)["premium attainment, driftsched"]
+    assert t["verdict"] == "PASS" and t["margin"] == pytest.approx(0.01)
+    assert t["worst_margin"] == pytest.approx(-0.02) and t["seeds_passed"] == "1/3"
+    assert t["seed_margins"][2] is None
+
+
+# -- summary -----------------------------------------------------------------------------
+def test_combine_mean_worst_and_missing_values() -> None:
+    a = {"p": {"all": {"attainment": 0.8, "ttft_p99": 2.0, "engine_busy_share": None}}}
+    b = {"p": {"all": {"attainment": 0.6, "ttft_p99": 3.0, "engine_busy_share": None}},
+         "q": {"all": {"attainment": 1.0}}}  # fmt: skip
+    c = combine([a, b])
+    att = c["p"]["all"]["attainment"]
+    assert att["mean"] == pytest.approx(0.7) and att["worst"] == 0.6 and att["seeds"] == [0.8, 0.6]
+    assert c["p"]["all"]["ttft_p99"]["worst"] == 3.0  # lower is better: the highest
+    assert c["p"]["all"]["engine_busy_share"] == {"mean": None, "worst": None,
+                                                  "seeds": [None, None]}  # fmt: skip
+    # q ran in one seed only: its numbers are that seed's
+    assert c["q"]["all"]["attainment"] == {"mean": 1.0, "worst": 1.0, "seeds": [None, 1.0]}
+    assert pick(c, "worst")["p"]["all"]["attainment"] == 0.6
+
+
+def _metrics() -> dict[str, Any]:
+    reqs = [make_req("acme", "premium", at=0.0, ttft=0.2, decode=1.0, out=11),
+            make_req("globex", "standard", at=0.5, ttft=0.5, decode=2.0, out=21),
+            failed("initech", "standard", at=2.0)]  # fmt: skip
+    run = make_run(reqs, engines=[{"sim:busy_seconds_total": 1.0}])
+    return {"fcfs": compute(run, {"duration_s": 3.0})}
+
+
+def test_summarize_policy_takes_compute_s_numbers() -> None:
+    m = _metrics()["fcfs"]
+    s = summarize_policy(m)
+    assert set(s) == {"premium", "standard", "all"}
+    assert s["standard"]["attainment"] == 0.5 and s["standard"]["failed"] == 1
+    assert s["standard"]["tenants"] == 2 and s["standard"]["attainment_jain"] == 0.5
+    assert s["all"]["output_tokens"] == 32 and s["all"]["makespan_s"] == m["makespan_s"]
+    assert s["all"]["engine_busy_share"] == pytest.approx(1.0 / m["makespan_s"])
+    assert s["all"]["drift_recovered"] is None  # no drift event
+    assert "makespan_s" not in s["premium"]
+
+
+def test_summary_document_round_trip_and_size() -> None:
+    s = summarize(_metrics())
+    one = json.loads(json.dumps(document({"scenario": "x"}, ["premium", "standard"], {4: s}, [])))
+    assert one["seeds"] == [4] and "mean" not in one
+    back = read_table(one)
+    assert back["fcfs"]["standard"]["attainment"] == 0.5
+    assert back["fcfs"]["all"]["engine_busy_share"] == pytest.approx(
+        s["fcfs"]["all"]["engine_busy_share"], rel=1e-3
+    )
+    several = document({"scenario": "x"}, ["premium", "standard"], {0: s, 1: s}, [])
+    assert read_table(several, "worst") == read_table(several, "mean")
+    assert read_table(several, "1")["fcfs"]["all"]["attainment"] == pytest.approx(2 / 3, rel=1e-3)
+    with pytest.raises(KeyError):
+        read_table(several, "7")
+    assert len(json.dumps(several, separators=(",", ":"))) < 2000
