@@ -9,8 +9,9 @@
 - :mod:`experiments.describe` -- per-tenant statistics and a simulated pool's capacity;
 - :mod:`experiments.loadgen` (with :mod:`~experiments.clients` and
   :mod:`~experiments.record`) -- open-loop streaming replay, one CSV row per request;
-- :mod:`experiments.runner` -- ``run_experiment.sh``: every policy on one workload, with
-  :mod:`~experiments.gwconfig` (the gateway configuration), :mod:`~experiments.stack` (the
+- :mod:`experiments.runner` -- ``run_experiment.sh``: every policy on one workload (each
+  run: :mod:`~experiments.policy_run`), with :mod:`~experiments.gwconfig` (the gateway
+  configuration), :mod:`~experiments.stack` (the
   gateway process, its timeline sampler) and :mod:`~experiments.provenance` (versions);
 - :mod:`experiments.report` -- ``report.md`` and plots from a result directory, with
   :mod:`~experiments.rundata` (reading it back), :mod:`~experiments.metrics`,

@@ -4,8 +4,9 @@
 
 1. build the workload once (``prompts_dataset.py synthetic experiments/scenarios/<name>.yaml
    --seed S [--duration D]``) or take ``--workload FILE``; it is copied into the result;
-2. for each policy: write the gateway configuration (:mod:`experiments.gwconfig`), start the
-   gateway (its pool manager launches the simulator engines, fed the same workload file),
+2. for each policy (:func:`experiments.policy_run.run_policy`): write the gateway
+   configuration (:mod:`experiments.gwconfig`), start the gateway (its pool manager
+   launches the simulator engines, fed the same workload file),
    wait for ``/readyz`` and every engine, replay the workload with the load generator
    (``python -m experiments.loadgen``, open loop) while sampling ``/admin/scheduler`` and
    ``/metrics`` every second into ``timeline.csv``, read the engines' counters, and stop
@@ -32,12 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
-import os
-import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,21 +43,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from experiments.gwconfig import (
-    MODEL,
-    UNLIMITED_AS,
-    Override,
-    PoolOptions,
-    Tenants,
-    gateway_config,
-    redacted,
-    slo_table,
-)
+from experiments.gwconfig import Override, PoolOptions, Tenants
+from experiments.policy_run import run_policy
 from experiments.provenance import versions
-from experiments.stack import GatewayProcess, Sampler, free_port, scrape_engines, timeline_columns
 from experiments.workload_file import Workload, load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,148 +164,6 @@ def prepare_workload(a: argparse.Namespace, seed: int, out: Path) -> tuple[str, 
         raise SystemExit("run_experiment: building the workload failed")
     w = load_workload(dest)
     return str(w.header.get("name") or spec.stem), dest, w
-
-
-def _write_timeline(path: Path, rows: list[dict[str, Any]], cols: list[str], t0: float,
-                    x: float) -> None:  # fmt: skip
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "t_s": round((r["unix_s"] - t0) * x, 3)})
-
-
-def run_policy(
-    policy: str,
-    *,
-    a: argparse.Namespace,
-    out: Path,
-    workload: Path,
-    w: Workload,
-    tenants: Tenants,
-    keys_file: Path,
-    secret_dir: Path,
-    pool: PoolOptions,
-    overrides: Sequence[Override],
-    position: int,
-) -> dict[str, Any]:
-    """One policy end to end (module doc, step 2); returns its timings."""
-    pdir = out / policy
-    pdir.mkdir(parents=True)
-    port, admin_key = free_port(), secrets.token_urlsafe(24)
-    cfg = gateway_config(
-        policy=policy,
-        tenants=tenants,
-        workload_path=str(workload),
-        port=port,
-        admin_key=admin_key,
-        log_dir=str(pdir / "engines"),
-        pool=pool,
-        overrides=overrides,
-    )
-    if a.estimator:
-        shutil.copyfile(a.estimator, pdir / "estimator.pkl")
-        cfg["scheduler"].setdefault("estimator", {})["path"] = str(pdir / "estimator.pkl")
-    cfg_path = secret_dir / f"{policy}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    (pdir / "gateway.yaml").write_text(yaml.safe_dump(redacted(cfg), sort_keys=False), "utf-8")
-    x = pool.time_scale
-    n_requests = sum(1 for r in w.requests if a.duration is None or r.arrival_s < a.duration)
-    t_start = time.monotonic()
-    gw = GatewayProcess(cfg_path, port, admin_key, pdir / "gateway.log")
-    loadgen: subprocess.Popen[bytes] | None = None
-    sampler: Sampler | None = None
-    info: dict[str, Any] = {"policy": policy, "time_scale": x, "port": port}
-    bar = tqdm(
-        total=n_requests,
-        desc=f"{policy:>10}",
-        unit="req",
-        position=position,
-        leave=False,
-        disable=a.no_progress,
-        dynamic_ncols=True,
-    )
-    try:
-        gw.wait_ready(pool.instances)
-        info["ready_s"] = round(time.monotonic() - t_start, 2)
-        urls = gw.engine_urls()
-        sampler = Sampler(gw, sorted(tenants.classes))
-        sampler.sample()
-        argv = [
-            sys.executable, "-m", "experiments.loadgen", str(workload),
-            "--base-url", gw.url, "--keys-file", str(keys_file), "--model", MODEL,
-            "--out", str(pdir / "requests.csv"), "--speedup", str(x),
-            "--drain-timeout", str(a.drain_timeout / x), "--no-progress",
-        ]  # fmt: skip
-        if a.duration is not None and a.workload:
-            argv += ["--duration", str(a.duration)]
-        t_replay = time.monotonic()
-        with (pdir / "loadgen.log").open("wb") as lg_log:
-            loadgen = subprocess.Popen(argv, stdout=lg_log, stderr=subprocess.STDOUT, cwd=ROOT)
-            tick = time.monotonic()
-            while loadgen.poll() is None:
-                if time.monotonic() >= tick:
-                    tick += 1.0
-                    row = sampler.sample()
-                    if row is not None:
-                        bar.n = min(n_requests, int(row["finished"]))
-                        bar.set_postfix(
-                            queue=row["queue_depth"],
-                            inflight=int(row["in_flight"]),
-                            preempt=int(row["preemptions"]),
-                            load=row["loadavg_1m"],
-                            refresh=True,
-                        )
-                time.sleep(0.05)
-        info["replay_wall_s"] = round(time.monotonic() - t_replay, 2)
-        info["loadgen_rc"] = loadgen.returncode
-        sampler.sample()
-        info["engines"] = scrape_engines(urls)
-        info["resources"] = gw.resources()
-        info["gateway_rejections"] = {
-            k.split(".", 1)[1]: v
-            for k, v in sampler.last_metrics.items()
-            if k.startswith("rejections.")
-        }
-        info["final_scheduler"] = sampler.last_scheduler
-    finally:
-        bar.close()
-        if loadgen is not None and loadgen.poll() is None:
-            loadgen.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                loadgen.wait(15)
-            if loadgen.poll() is None:
-                loadgen.kill()
-        if sampler is not None:
-            sampler.close()
-        t_stop = time.monotonic()
-        gw.stop()
-        info["stop_s"] = round(time.monotonic() - t_stop, 2)
-        info["killed_orphans"] = gw.killed_orphans
-        with contextlib.suppress(OSError):
-            cfg_path.unlink()
-    if info.get("loadgen_rc") != 0:
-        raise RuntimeError(f"{policy}: the load generator failed; see {pdir / 'loadgen.log'}")
-    summary = json.loads((pdir / "requests.summary.json").read_text(encoding="utf-8"))
-    assert sampler is not None
-    _write_timeline(
-        pdir / "timeline.csv",
-        sampler.rows,
-        timeline_columns(sorted(tenants.classes)),
-        float(summary["t0_unix"]),
-        x,
-    )
-    params = cfg["scheduler"]["policy"].get("parameters") or {}
-    info.update(
-        drift_unlimited_as=(params.get("drift") or {}).get("unlimited_as", UNLIMITED_AS),
-        slos=slo_table(cfg, x),
-        weights=tenants.weights,
-        cpu_count=os.cpu_count(),
-        wall_s=round(time.monotonic() - t_start, 2),
-        overrides=[o.render() for o in overrides if o.policy in (None, policy)],
-    )
-    (pdir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n", "utf-8")
-    return info
 
 
 def run_seed(
