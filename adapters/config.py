@@ -45,6 +45,10 @@ class UpstreamConfig(_Strict):
     #: the engine runs vLLM with ``--scheduling-policy priority``: the gateway adds the
     #: ``priority`` field (the tenant's class level) to requests that do not carry one
     supports_priority: bool = False
+    #: how the gateway counts prompt tokens of ``models`` (adapters/tokenizer_file.py): a
+    #: ``tokenizer.json`` (or a directory with one), or ``tiktoken:cl100k_base``; null:
+    #: ``tokens.fallback``
+    tokenizer: str | None = Field(None, min_length=1)
     #: provider litellm: the model LiteLLM calls, e.g. ``anthropic/claude-haiku-4-5``
     litellm_model: str | None = Field(None, min_length=1)
     #: provider litellm: extra arguments of every LiteLLM call (``api_key``, ``api_base``,
@@ -119,5 +123,10 @@ class PoolConfig(_Strict):
     python: str | None = None
     kv_capacity_tokens: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
+    #: the served model's tokenizer (a ``tokenizer.json``, a directory with one, or
+    #: ``tiktoken:cl100k_base``): the gateway counts prompt tokens with it, and a sim engine
+    #: too (``--tokenizer``); null: a vllm engine's ``model`` directory when it holds a
+    #: ``tokenizer.json``, else ``tokens.fallback``
+    tokenizer: str | None = Field(None, min_length=1)
     #: engines the gateway does not launch (``engine: external`` or in addition)
     external: list[UpstreamConfig] = Field(default_factory=list)

@@ -5,7 +5,7 @@
     <this python> -m adapters.sim --host H --port P --model M [--served-model-name N]
         --profile P [--profile-file F] --time-scale X --seed S --scheduling-policy fcfs|priority
         --tokens-per-event K [--kv-capacity-tokens T] [--max-num-seqs Q]
-        [--max-num-batched-tokens B] [--workload FILE] [pool.args...]
+        [--max-num-batched-tokens B] [--workload FILE] [--tokenizer T] [pool.args...]
 
 ``vllm``::
 
@@ -98,6 +98,7 @@ def engine_spec(cfg: PoolConfig, index: int, port: int) -> EngineSpec:
             *_opt("--max-num-seqs", max_seqs),
             *_opt("--max-num-batched-tokens", sim.max_num_batched_tokens),
             *_opt("--workload", sim.workload),
+            *_opt("--tokenizer", cfg.tokenizer),
             *cfg.args,
         ]  # fmt: skip
         priority = sim.scheduling_policy == "priority"

@@ -220,6 +220,19 @@ class GovernorConfig(_Strict):
     outer_window_s: float = Field(30.0, gt=0)
 
 
+class TokensConfig(_Strict):
+    """How prompt tokens are counted (docs/configuration.md, "Token counts")."""
+
+    #: models without a ``tokenizer``: ``heuristic`` (chars / 4, CJK-aware), or a tokenizer
+    #: value (``tiktoken:cl100k_base``, a ``tokenizer.json``) used for every such model
+    fallback: str = Field("heuristic", min_length=1)
+    #: texts up to this many characters are counted on the event loop, longer ones in a
+    #: worker thread (both cached)
+    inline_chars: int = Field(256, ge=0)
+    #: texts whose counts are remembered per model
+    cache_entries: int = Field(16_384, ge=0)
+
+
 class SchedulerConfig(_Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     #: per-engine sequence caps that keep the engines' time per output token under the
@@ -252,6 +265,7 @@ class Settings(_Strict):
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     pool: PoolConfig | None = None
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:

@@ -54,6 +54,7 @@ from adapters.upstream import (
 from proxy.auth import Principal, bearer_token
 from proxy.lifecycle import Outcome, RequestLifecycle, mint_id
 from proxy.requests import MAX_TOKENS, PATHS, UPSTREAM_PATH, ParsedRequest, parse_request
+from proxy.tokens import PromptTokens
 
 if TYPE_CHECKING:
     from adapters.base import Backend
@@ -150,6 +151,7 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 class OpenAIHandler:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+        self.tokens = PromptTokens(gw.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -196,6 +198,7 @@ class OpenAIHandler:
             raw = await self._read_body(scope, receive)
             ctx.req = req = parse_request(endpoint, raw)
             self._check_model(ctx.principal, req.model)
+            ctx.req = req = await self.tokens.count(req)
         except GatewayError as e:
             await self._send_error(send, ctx, e)
             self._finish_log(ctx)

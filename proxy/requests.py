@@ -3,7 +3,9 @@
 Only what the gateway needs is checked (model, the prompt field, stream flags, token caps);
 every other field — including vLLM extras such as ``top_k``, ``min_tokens``, ``ignore_eos`` —
 passes through untouched. The body is re-serialised only when the gateway must change it
-(injecting ``stream_options.include_usage``).
+(injecting ``stream_options.include_usage``). Prompt tokens are counted here with the
+heuristic (:data:`adapters.tokens.HEURISTIC`); :mod:`proxy.tokens` recounts them with the
+model's tokenizer once the model is known to be served.
 
 Every malformed input is an :class:`~adapters.errors.InvalidRequest` (400), never another
 exception: bytes that are not JSON in UTF-8/16/32, JSON nested deeper than the parser takes
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapters.errors import InvalidRequest
+from adapters.tokens import HEURISTIC
 from policies.features import prompt_text
-from proxy.tokens import count_chat, count_prompt
 
 Endpoint = Literal["chat", "completions", "embeddings"]
 
@@ -66,6 +68,8 @@ class ParsedRequest:
     priority: int | None
     #: what the output-length estimator reads (last user message / the prompt)
     prompt_text: str = ""
+    #: what is counted: the chat ``messages``, or the ``prompt`` / ``input`` as sent
+    source: Any = None
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> InvalidRequest:
@@ -127,7 +131,8 @@ def _parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise _bad(f"messages[{i}] must be an object with a 'role'", param=f"messages[{i}]")
-        prompt_tokens = count_chat(messages)
+        prompt_tokens = HEURISTIC.count_chat(messages)
+        source: Any = messages
         n_messages = len(messages)
         text = prompt_text(messages)
     elif endpoint == "completions":
@@ -135,13 +140,14 @@ def _parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
             raise _bad("you must provide a prompt parameter", param="prompt")
         if not isinstance(body["prompt"], str | list):
             raise _bad("'prompt' must be a string or an array", param="prompt")
-        prompt_tokens = count_prompt(body["prompt"])
-        p = body["prompt"]
+        source = p = body["prompt"]
+        prompt_tokens = HEURISTIC.count_prompt(p)
         text = p if isinstance(p, str) else (p[0] if p and isinstance(p[0], str) else "")
     else:
         if "input" not in body or not isinstance(body["input"], str | list):
             raise _bad("'input' must be a string or an array", param="input")
-        prompt_tokens = count_prompt(body["input"])
+        source = body["input"]
+        prompt_tokens = HEURISTIC.count_prompt(source)
         text = ""
 
     max_tokens = _max_tokens(body)
@@ -178,6 +184,7 @@ def _parse(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
         n_messages=n_messages,
         priority=priority,
         prompt_text=text,
+        source=source,
     )
 
 

@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of drawn output lengths")
     p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="count prompt tokens with this tokenizer.json (or a directory with one, or "
+        "tiktoken:cl100k_base), as the gateway does; default: the heuristic",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             scheduling_policy=args.scheduling_policy,
             tokens_per_event=args.tokens_per_event,
             seed=args.seed,
+            tokenizer=args.tokenizer,
         )
     except ValueError as e:
         parser.error(str(e))

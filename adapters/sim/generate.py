@@ -34,7 +34,8 @@ from adapters.sim.protocol import (
     full_response,
 )
 from adapters.sim.settings import SimSettings
-from adapters.sim.workload import OutputLengths, count_prompt_tokens, prompt_key
+from adapters.sim.workload import OutputLengths, prompt_key
+from adapters.tokens import HEURISTIC
 
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
@@ -85,6 +86,8 @@ class Generation:
         self.max_model_len = settings.model_len
         #: replaced by the workload file's lengths at start-up (see ``server.create_app``)
         self.lengths = OutputLengths(seed=settings.seed)
+        #: replaced by ``--tokenizer``'s counter at start-up (the gateway's counting code)
+        self.counter = HEURISTIC
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, kind: Kind) -> None:
         raw = await _read_body(receive)
@@ -151,7 +154,7 @@ class Generation:
             and all(isinstance(p, str) for p in source)
         ):
             raise HTTPError(400, "The simulator supports one prompt per request.", "prompt")
-        prompt_tokens = count_prompt_tokens(source)
+        prompt_tokens = self.counter.count(source)
         max_len = self.max_model_len
         if prompt_tokens >= max_len:
             raise HTTPError(

@@ -32,6 +32,7 @@ from adapters.sim.metrics import SimMetrics
 from adapters.sim.protocol import Kind, json_bytes
 from adapters.sim.settings import SimSettings
 from adapters.sim.workload import OutputLengths
+from adapters.tokenizer_file import load_counter
 
 log = logging.getLogger("adapters.sim")
 
@@ -94,6 +95,10 @@ class SimApp:
                 OutputLengths.from_jsonl, path, seed=self.settings.seed
             )
             log.info("workload %s: %d known prompts", path, len(self.generation.lengths))
+        if self.settings.tokenizer is not None:
+            # a tokenizer that cannot be loaded stops the engine: it was asked for
+            self.generation.counter = await asyncio.to_thread(load_counter, self.settings.tokenizer)
+            log.info("prompt tokens counted by %s", self.generation.counter.name)
         task = asyncio.create_task(self.driver.run(), name="sim-step-loop")
         task.add_done_callback(_exit_if_died)
         try:

@@ -28,6 +28,8 @@ class SimSettings:
     scheduling_policy: Policy = "fcfs"
     tokens_per_event: int = 1
     seed: int = 0
+    #: ``--tokenizer``: count prompt tokens with it (adapters/tokenizer_file.py), not the heuristic
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         profiles = available_profiles(self.profile_file)

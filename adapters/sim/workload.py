@@ -9,9 +9,11 @@
   token ids is their decimal values joined with ``","``;
 - the key is the lowercase hex SHA-256 of that text encoded as UTF-8.
 
-**Prompt tokens** (:func:`count_prompt_tokens`): ``ceil(len(text) / 4)`` per text, plus, for
-chat, 4 per message and 3 for the assistant header (the gateway's estimate uses the same
-rule); a list of token ids counts its length; never less than 1.
+**Prompt tokens** (:func:`count_prompt_tokens`): the gateway's heuristic
+(:data:`adapters.tokens.HEURISTIC`, the same code): per text ``ceil(len(text) / 4)`` for ASCII
+(non-ASCII characters count by their UTF-8 bytes, a CJK character one token), plus, for chat,
+4 per message and 3 for the assistant header; a list of token ids counts its length; never
+less than 1. An engine started with ``--tokenizer`` counts with that tokenizer instead.
 
 **Workload file** (JSONL): every line with ``"output_tokens"`` and either ``"messages"`` or
 ``"prompt"`` teaches the true output length of that prompt (0 counts as 1: an engine always
@@ -30,9 +32,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-CHARS_PER_TOKEN = 4
-PER_MESSAGE_TOKENS = 4
-ASSISTANT_HEADER_TOKENS = 3
+from adapters.tokens import HEURISTIC
+
 DRAW_MEDIAN = 200.0
 DRAW_SIGMA = 1.0
 DRAW_MAX = 2048
@@ -74,21 +75,9 @@ def prompt_key(messages_or_prompt: Any) -> str:
     return hashlib.sha256(canonical_text(messages_or_prompt).encode("utf-8")).hexdigest()
 
 
-def _text_tokens(text: str) -> int:
-    return -(-len(text) // CHARS_PER_TOKEN)
-
-
 def count_prompt_tokens(messages_or_prompt: Any) -> int:
-    """Deterministic prompt-token count (see the module docstring); at least 1."""
-    if _is_messages(messages_or_prompt):
-        n = ASSISTANT_HEADER_TOKENS
-        for m in messages_or_prompt:
-            n += PER_MESSAGE_TOKENS + _text_tokens(_content_text(m.get("content")))
-        return n
-    p = messages_or_prompt
-    if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
-        return len(p)
-    return max(1, _text_tokens(_prompt_text(p)))
+    """The heuristic prompt-token count (see the module docstring); at least 1."""
+    return HEURISTIC.count(messages_or_prompt)
 
 
 class OutputLengths:

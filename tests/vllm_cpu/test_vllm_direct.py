@@ -153,6 +153,37 @@ async def test_completions_exact_tokens(client: httpx.AsyncClient) -> None:
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
+TOKEN_PROMPTS = [
+    [{"role": "user", "content": "Hello world, please tell me about the queue."}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": "今天天气很好。人工智能正在改变世界。" * 8}],
+    [{"role": "user", "content": "def f(x):\n    return {k: v for k, v in x.items()}\n" * 6},
+     {"role": "assistant", "content": "It copies a dict."},
+     {"role": "user", "content": [{"type": "text", "text": "and "}, {"type": "text", "text": "why?"}]}],
+]
+
+
+@pytest.mark.parametrize("i", range(len(TOKEN_PROMPTS)), ids=["english", "cjk", "code"])
+async def test_gateway_counter_equals_vllm_prompt_tokens(vllm_server: VllmServer,
+                                                          client: httpx.AsyncClient, i: int) -> None:
+    """adapters/tokens.py with the model directory's tokenizer.json and chat template counts
+    what vLLM reports, chat (the template's overhead measured, not assumed) and completions."""
+    pytest.importorskip("tokenizers")
+    from adapters.tokenizer_file import load_counter
+
+    counter = load_counter(str(vllm_server.model_dir))
+    messages = TOKEN_PROMPTS[i]
+    r = await client.post("/v1/chat/completions", json={
+        "model": SERVED_NAME, "messages": messages, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert counter.count_chat(messages) == r.json()["usage"]["prompt_tokens"]
+    prompt = str(messages[-1]["content"])
+    r = await client.post("/v1/completions", json={
+        "model": SERVED_NAME, "prompt": prompt, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert counter.count_prompt(prompt) == r.json()["usage"]["prompt_tokens"]
+
+
 async def test_metrics_names_and_labels(vllm_server: VllmServer, client: httpx.AsyncClient) -> None:
     await wait_idle(vllm_server.base_url)
     m = await asyncio.to_thread(scrape, vllm_server.base_url)

@@ -24,6 +24,7 @@ from proxy.config import settings_from_dict
 from tests.harness import ADMIN_KEY, GatewayThread
 from tests.vllm_cpu.conftest import (
     BLOCK_SIZE,
+    MAX_MODEL_LEN,
     NUM_BLOCKS,
     SERVED_NAME,
     TEST_SERVER_EXTRA_ARGS,
@@ -143,6 +144,25 @@ def test_streaming_with_usage(gw: GatewayThread) -> None:
     assert usage is not None and usage.completion_tokens == 150 and usage.prompt_tokens > 0
     assert token_ids == 150
     assert len(arrivals) > 10 and arrivals[0] < arrivals[-1], arrivals[:3]
+
+
+def test_gateway_counts_with_the_model_directory_tokenizer(gw: GatewayThread) -> None:
+    """A vllm pool counts prompt tokens with its model directory's tokenizer.json (no config):
+    the gateway refuses a request past the context length at vLLM's own boundary."""
+    text = "今天天气很好。Schedulers keep queues short. " * 20
+    r = sdk(gw).chat.completions.create(model=SERVED_NAME, messages=msg(text), max_tokens=1)
+    assert r.usage is not None
+    n = r.usage.prompt_tokens
+    # exactly the context length: past the gateway and taken by vLLM (the first chunk is
+    # enough; closing the stream cancels the rest)
+    with sdk(gw).chat.completions.create(model=SERVED_NAME, messages=msg(text), stream=True,
+                                         max_tokens=MAX_MODEL_LEN - n) as stream:
+        assert next(iter(stream)).choices is not None
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk(gw).chat.completions.create(model=SERVED_NAME, messages=msg(text),
+                                        max_tokens=MAX_MODEL_LEN - n + 1)
+    assert e.value.code == "context_length_exceeded"
+    assert f"({n} in the messages" in e.value.message  # the gateway's refusal, its count
 
 
 def _priority_round(gw: GatewayThread) -> tuple[dict[str, float], dict[str, float],
