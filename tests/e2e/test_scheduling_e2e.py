@@ -160,8 +160,10 @@ def gated_gw(tmp_path: Path) -> Iterator[GatewayThread]:
             for kind, n in (("short", 20), ("long", 80), ("gold", 2)):
                 f.write(json.dumps({"messages": [{"role": "user", "content": f"{kind} {i}"}],
                                     "output_tokens": n}) + "\n")
+    # feasibility none: gold's impossible SLO must be missed by served requests, not shed
     g = gateway(tmp_path, {"type": "driftsched",
-                           "parameters": {"drift": {"warmup_s": 0, "cooldown_s": 0}}},
+                           "parameters": {"drift": {"warmup_s": 0, "cooldown_s": 0},
+                                          "feasibility": "none"}},
                 {"workload": str(workload), "time_scale": 4.0},
                 [{"name": "drifty", "qos_class": "standard", "max_concurrency": 8,
                   "api_keys": [KEYS["drifty"]]},
