@@ -11,18 +11,22 @@ local grants, mine_expired = {}, {}
 reclaim(ARGV[2])
 reap(ARGV[2], me)
 
+-- drop a queued item as expired; its replica is told (the caller's, in the reply)
+local function drop_expired(id, rec)
+  dequeue(id, rec)
+  redis.call('ZADD', K_EXPIRED, ARGV[2], id)
+  if rec.r == me then
+    mine_expired[#mine_expired + 1] = id
+  else
+    redis.call('PUBLISH', CH_REPLICA .. rec.r, cjson.encode({k = 'x', id = id}))
+  end
+end
+
 -- drop every item past its deadline, wherever it stands
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_DEADLINES, '-inf', '(' .. ARGV[2])) do
   local raw = redis.call('HGET', K_ITEMS, id)
   if raw then
-    local rec = cjson.decode(raw)
-    dequeue(id, rec)
-    redis.call('ZADD', K_EXPIRED, ARGV[2], id)
-    if rec.r == me then
-      mine_expired[#mine_expired + 1] = id
-    else
-      redis.call('PUBLISH', CH_REPLICA .. rec.r, cjson.encode({k = 'x', id = id}))
-    end
+    drop_expired(id, cjson.decode(raw))
   else
     redis.call('ZREM', K_DEADLINES, id)
   end
@@ -33,13 +37,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LATE, '-inf', '(' .. ARGV[2]))
   local raw = redis.call('HGET', K_ITEMS, id)
   local rec = cjson.decode(raw)
   if shed then
-    dequeue(id, rec)
-    redis.call('ZADD', K_EXPIRED, ARGV[2], id)
-    if rec.r == me then
-      mine_expired[#mine_expired + 1] = id
-    else
-      redis.call('PUBLISH', CH_REPLICA .. rec.r, cjson.encode({k = 'x', id = id}))
-    end
+    drop_expired(id, rec)
   else
     redis.call('ZREM', K_LATE, id)
     local fkey = flow_key(rec.t, rec.m)

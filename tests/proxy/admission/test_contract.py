@@ -31,19 +31,28 @@ ENGINE_TTL = 10.0
 REPLICA = "r1"
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def queue(request: pytest.FixtureRequest) -> AsyncIterator[AdmissionQueue]:
+BOTH = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+async def _started(request: pytest.FixtureRequest, **build: Any) -> AsyncIterator[AdmissionQueue]:
+    """A started queue of the kind ``request.param`` names, built with ``build``."""
     if request.param == "memory":
         cfg = StoreConfig(type="memory")
     else:
         url = request.getfixturevalue("redis_server")
         cfg = StoreConfig(type="redis", url=url, prefix=request.getfixturevalue("redis_prefix"))
-    q = build_queue(cfg, REPLICA)
+    q = build_queue(cfg, REPLICA, **build)
     await q.start()
     try:
         yield q
     finally:
         await q.aclose()
+
+
+@pytest.fixture(params=BOTH)
+async def queue(request: pytest.FixtureRequest) -> AsyncIterator[AdmissionQueue]:
+    async for q in _started(request):
+        yield q
 
 
 async def _queue_like(
@@ -635,20 +644,11 @@ async def test_move_carries_the_hold_to_another_engine(queue: AdmissionQueue) ->
 
 
 # -- fair share (the ledger; counter order is exact VTC) ------------------------------------
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=BOTH)
 async def vtc(request: pytest.FixtureRequest) -> AsyncIterator[AdmissionQueue]:
     """A queue in ``counter`` order."""
-    if request.param == "memory":
-        cfg = StoreConfig(type="memory")
-    else:
-        url = request.getfixturevalue("redis_server")
-        cfg = StoreConfig(type="redis", url=url, prefix=request.getfixturevalue("redis_prefix"))
-    q = build_queue(cfg, REPLICA, order="counter")
-    await q.start()
-    try:
+    async for q in _started(request, order="counter"):
         yield q
-    finally:
-        await q.aclose()
 
 
 def charged(item_id: str, tenant: str, charge: float, score: float = 0.0) -> QueueItem:
@@ -745,20 +745,11 @@ async def test_a_refunded_grant_costs_nothing(vtc: AdmissionQueue) -> None:
 
 
 # -- feasibility: items past their late_at ----------------------------------------------------
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=BOTH)
 async def shedding(request: pytest.FixtureRequest) -> AsyncIterator[AdmissionQueue]:
     """A queue whose late rule is ``shed``."""
-    if request.param == "memory":
-        cfg = StoreConfig(type="memory")
-    else:
-        url = request.getfixturevalue("redis_server")
-        cfg = StoreConfig(type="redis", url=url, prefix=request.getfixturevalue("redis_prefix"))
-    q = build_queue(cfg, REPLICA, late="shed")
-    await q.start()
-    try:
+    async for q in _started(request, late="shed"):
         yield q
-    finally:
-        await q.aclose()
 
 
 def late(item_id: str, score: float, late_at: float = math.inf, **kw: Any) -> QueueItem:
