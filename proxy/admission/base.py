@@ -65,7 +65,8 @@ QueueOrder: TypeAlias = Literal["key", "counter"]
 
 #: what happens to a queued item past its ``late_at`` (SLO feasibility): ``"demote"`` it
 #: behind every item still on time (its score + :data:`DEMOTED`: served when capacity is
-#: spare, or dropped at its deadline), or ``"shed"`` it at once (reported ``"expired"``)
+#: spare, or dropped at its deadline), or ``"shed"`` it at once (reported ``"expired"``;
+#: an item whose tenant is at its own concurrency limit is demoted instead)
 LateRule: TypeAlias = Literal["demote", "shed"]
 #: added to a demoted item's score; scores of items on time stay below ``DEMOTED / 2``
 DEMOTED = 2.0**50

@@ -431,7 +431,9 @@ class AdmissionCore:
     def _overdue(self, now: float) -> list[QueueItem]:
         """Apply the late rule to every queued item past its ``late_at`` (in (late_at, id)
         order): demoted ones move behind every item on time (a new seq: last among the
-        demoted); shed ones are dropped and returned, as expired."""
+        demoted); shed ones are dropped and returned, as expired. An item whose tenant is at
+        its own concurrency limit is demoted even under "shed": the tenant's limit, not the
+        engines' capacity, is what holds it back, and it is served once a slot frees."""
         out = []
         heap = self._late
         while heap and heap[0][0] < now:
@@ -440,7 +442,7 @@ class AdmissionCore:
             if found is None or found[0].late_at != late_at:
                 continue
             item = found[0]
-            if self.late == "shed":
+            if self.late == "shed" and not self._limited(item.tenant):
                 self._dequeue(item_id)
                 self._expired[item_id] = now
                 out.append(item)

@@ -123,7 +123,9 @@ def drift_gw(tmp_path: Path) -> Iterator[GatewayThread]:
                                     "output_tokens": n}) + "\n")
     # gate "none": a single tenant, so no class above it to be under SLO pressure (the SLO
     # gate has its tests in tests/test_drift_controller.py)
-    g = gateway(tmp_path, {"type": "driftsched", "parameters": {"drift": {"gate": "none", "warmup_s": 0, "cooldown_s": 0}}},
+    # feasibility none: this test is about the drift controller alone
+    g = gateway(tmp_path, {"type": "driftsched", "parameters": {
+        "drift": {"gate": "none", "warmup_s": 0, "cooldown_s": 0}, "feasibility": "none"}},
                 {"workload": str(workload), "time_scale": 4.0},
                 [{"name": "drifty", "qos_class": "standard", "max_concurrency": 8,
                   "api_keys": [KEYS["drifty"]]}])

@@ -36,7 +36,7 @@ local shed = redis.call('HGET', K_CONF, 'late') == 'shed'
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K_LATE, '-inf', '(' .. ARGV[2])) do
   local raw = redis.call('HGET', K_ITEMS, id)
   local rec = cjson.decode(raw)
-  if shed then
+  if shed and not limited(rec.t) then -- a tenant at its own limit: demoted instead
     drop_expired(id, rec)
   else
     redis.call('ZREM', K_LATE, id)

@@ -802,3 +802,21 @@ async def test_a_late_item_is_shed_by_the_shed_rule(shedding: AdmissionQueue) ->
     assert await shedding.depth() == {"acme": 1}
     await shedding.release("hold")
     assert await dispatch_ids(shedding, T0 + 2) == ["b"]
+
+
+async def test_the_shed_rule_demotes_a_tenant_held_back_by_its_own_limit(
+    shedding: AdmissionQueue,
+) -> None:
+    """Late because its tenant is at its concurrency limit, not for lack of engine room: the
+    item is kept (demoted) and served once its tenant has a free slot."""
+    await shedding.set_engines([make_engine("e1", None, max_seqs=8)], T0, ENGINE_TTL)
+    await shedding.set_limits({"acme": 1})
+    await enqueue(shedding, late("a1", 0), late("a2", 1, T0 + 1), late("z", 2, T0 + 1,
+                                                                        tenant="zeta"))
+    assert await dispatch_ids(shedding, T0) == ["a1", "z"]  # z on time; a2 waits for acme
+    await enqueue(shedding, late("z2", 3, T0 + 1, tenant="zeta", footprint=100))
+    await shedding.set_limits({"zeta": 1})  # z2 now waits for zeta's slot too
+    assert await dispatch_ids(shedding, T0 + 2) == []  # both late, both held by their limits
+    assert await shedding.depth() == {"acme": 1, "zeta": 1}  # demoted, not shed
+    await shedding.release("a1")
+    assert await dispatch_ids(shedding, T0 + 2) == ["a2"]
