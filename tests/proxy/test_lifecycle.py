@@ -25,10 +25,10 @@ from tests.harness import make_settings
 class TwoEngines:
     """A BackendPool of two always-healthy engines (nothing is launched or probed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_num_seqs: int = 4) -> None:
         self._backends = [
             Backend(name=n, url=f"http://{n}.invalid", models=("m",), kv_capacity_tokens=10_000,
-                    max_num_seqs=4, max_model_len=4096, state="healthy")
+                    max_num_seqs=max_num_seqs, max_model_len=4096, state="healthy")
             for n in ("e1", "e2")
         ]
 
@@ -177,25 +177,30 @@ def test_drain_rates_follow_the_grant_counters() -> None:
 
 @pytest.fixture
 async def shedding_gw() -> AsyncIterator[Gateway]:
-    """driftsched with ``feasibility: shed``; tenant p (premium, TTFT SLO 1 s) one at a time."""
+    """driftsched with ``feasibility: shed``; tenant p (premium, TTFT SLO 1 s, no limit of
+    its own) on two engines of one sequence each."""
     base = make_settings(tenants=[
-        {"name": "p", "qos_class": "premium", "max_concurrency": 1, "queue_timeout_s": 20,
+        {"name": "p", "qos_class": "premium", "queue_timeout_s": 20,
          "api_keys": ["dsk-p" + "p" * 40]},
     ])
     settings = base.model_copy(update={"scheduler": base.scheduler.model_copy(update={
         "policy": base.scheduler.policy.model_copy(update={
             "type": "driftsched", "parameters": {"feasibility": "shed"}})})})
-    app: DriftSchedApp = create_app(settings, clock=FakeClock(), pool_factory=lambda s: TwoEngines())
+    app: DriftSchedApp = create_app(settings, clock=FakeClock(),
+                                    pool_factory=lambda s: TwoEngines(max_num_seqs=1))
     async with app.api.router.lifespan_context(app.api):
         assert app.gateway is not None
         yield app.gateway
 
 
 async def test_a_request_past_its_ttft_slo_is_shed(shedding_gw: Gateway) -> None:
+    """Held back by engine capacity past its TTFT SLO: shed at once. (Held back by its own
+    tenant's limit it would be demoted: tests/proxy/admission/test_contract.py.)"""
     gw = shedding_gw
     assert gw.settings.classes["premium"].ttft_slo_ms == 1000
-    running, late = await life(gw, "p"), await life(gw, "p")
-    await running.begin()
+    one, two, late = await life(gw, "p"), await life(gw, "p"), await life(gw, "p")
+    await one.begin()
+    await two.begin()  # both engines' only sequence taken
     waiting = asyncio.create_task(late.begin())
     await asyncio.sleep(0.3)
     assert not waiting.done() and await gw.scheduler.queue.depth() == {"p": 1}
@@ -207,5 +212,6 @@ async def test_a_request_past_its_ttft_slo_is_shed(shedding_gw: Gateway) -> None
     assert 1 <= float(err.value.headers["retry-after"]) <= 60
     assert await gw.scheduler.queue.depth() == {}
     await late.settle(Outcome(status=503))
-    await running.settle(Outcome(status=200, usage={"prompt_tokens": 1, "completion_tokens": 1}))
+    for done in (one, two):
+        await done.settle(Outcome(status=200, usage={"prompt_tokens": 1, "completion_tokens": 1}))
     assert all(v == (0, 0) for v in (await holds(gw)).values())
