@@ -179,16 +179,11 @@ class QueueTimeout(GatewayError):
         self.retry_after_s = retry_after_s
 
 
-class SloUnattainable(GatewayError):
+class SloUnattainable(QueueTimeout):
     """The request could no longer meet its TTFT SLO while queued and the policy sheds such
-    requests (``driftsched`` with ``feasibility: shed``)."""
+    requests (``driftsched`` with ``feasibility: shed``): a queue timeout that came early."""
 
-    status = 503
     default_code = "slo_unattainable"
-
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
-        super().__init__(message, headers=retry_headers(retry_after_s))
-        self.retry_after_s = retry_after_s
 
 
 class StoreUnavailable(GatewayError):
