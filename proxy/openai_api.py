@@ -526,6 +526,7 @@ class OpenAIHandler:
         adm = life.admitted if life is not None else None
         admitted_at = life.admitted_at if life is not None else None
         now = self.gw.clock.monotonic()
+        arrival_unix = self.gw.clock.time() - (now - ctx.t0)
         log.info("request", extra={
             "request_id": ctx.rid,
             "id": life.id if life is not None else None,
@@ -539,12 +540,15 @@ class OpenAIHandler:
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
             "qos_class": ctx.principal.tenant.qos_class if ctx.principal else None,
+            "max_tokens": ctx.req.max_tokens if ctx.req else None,
             "predicted_p50": round(adm.estimate.p50, 1) if adm else None,
             "predicted_p90": round(adm.estimate.p90, 1) if adm else None,
             "queue_ms": round((admitted_at - ctx.t0) * 1000, 2) if admitted_at else None,
             "ttft_ms": round((out.first_byte_at - ctx.t0) * 1000, 2)
             if out.first_byte_at else None,
             "duration_ms": round((now - ctx.t0) * 1000, 2),
+            # wall clock at arrival: the live estimator evaluation orders arrivals and ends
+            "arrival_unix": round(arrival_unix, 4),
         })
 
     # -- responses ---------------------------------------------------------------------
