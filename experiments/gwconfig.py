@@ -2,8 +2,11 @@
 
 One run = one policy on one workload: :func:`gateway_config` returns the YAML-able mapping
 that ``python -m proxy.cli serve -c FILE`` reads (reference: ``docs/configuration.md``).
-Every policy of an experiment gets the same mapping except ``scheduler.policy`` and the
-per-run paths (port, engine logs), so the comparison is policy against policy.
+Every policy of an experiment gets the same mapping except ``scheduler.policy``, the
+policy's gateway features (:data:`SCHEDULER_FEATURES`) and the per-run paths (port, engine
+logs), so the comparison is policy against policy; the engines' flags are the same for all.
+``policy`` is a variant's name (:mod:`experiments.variants`): its base policy's mapping with
+the variant's settings applied on top.
 
 - **tenants**: the header's ``tenants`` (name, class, weight), no RPM/TPM/quota limits (the
   load must reach the scheduler), no ``max_concurrency`` (the drift controller starts from
@@ -23,7 +26,14 @@ per-run paths (port, engine logs), so the comparison is policy against policy.
 The estimator starts cold (no ``scheduler.estimator.path``) unless the runner is given a
 saved one (``--estimator``; each policy then starts from its own copy).
 
-``overrides`` (``--set [policy:]dotted.key=value``) are applied last, after scaling.
+- **baseline parameters** (:data:`BASELINE_PARAMETERS`): ``priority`` runs with
+  ``driftsched``'s ``aging_s`` (60 s; the policy's own default, 5 s, lets queued lower
+  classes overtake premium under sustained overload, as ``policies/driftsched.py``
+  explains), so that both class-aware policies are tuned alike; every other parameter is
+  the policy's default.
+
+The variant's settings are applied after scaling (they hold no time values), then
+``overrides`` (``--set [name:]dotted.key=value``, ``name`` a variant's name) last.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from experiments.variants import resolve
 from policies.drift import DriftParams
 from policies.driftsched import DriftschedParams
 from policies.priority import PriorityParams
@@ -72,11 +83,16 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         **{f"drift.{f.name}": f.default for f in fields(DriftParams)},
     },
 }
+#: policy parameters the experiments set beyond the policy's defaults (module doc)
+BASELINE_PARAMETERS: dict[str, dict[str, Any]] = {
+    "priority": {"aging_s": DriftschedParams().aging_s},
+}
 #: gateway features beyond the queue order, per policy. The class-aware policies forward the
 #: class level as vLLM's ``priority`` (the engines' own waiting queues then order by class
-#: too); only ``driftsched`` runs the TPOT governor (SLO-aware batch caps). The baselines
-#: keep plain admission, which fills each engine's batch: the work-conserving reference the
-#: throughput target compares against.
+#: too); only ``driftsched`` runs the TPOT governor (SLO-aware batch caps; the variant
+#: ``priority+governor`` gives it to ``priority``). The baselines keep plain admission,
+#: which fills each engine's batch: the work-conserving reference the throughput target
+#: compares against.
 SCHEDULER_FEATURES: dict[str, dict[str, Any]] = {
     "fcfs": {"pass_priority": False, "governor": {"enabled": False}},
     "fair": {"pass_priority": False, "governor": {"enabled": False}},
@@ -197,7 +213,10 @@ def gateway_config(
     pool: PoolOptions,
     overrides: Sequence[Override] = (),
 ) -> dict[str, Any]:
-    """The full gateway configuration of one run (module doc)."""
+    """The full gateway configuration of the run of ``policy``, a variant's name (module
+    doc); ``ValueError`` for an unknown name."""
+    variant = resolve(policy)
+    base = variant.policy
     x = pool.time_scale
     cfg: dict[str, Any] = {
         "server": {
@@ -241,11 +260,16 @@ def gateway_config(
             },
         },
         "scheduler": {
-            "policy": {"type": policy, "parameters": scaled_parameters(policy, {}, x)},
-            **SCHEDULER_FEATURES.get(policy, {}),
+            "policy": {
+                "type": base,
+                "parameters": scaled_parameters(base, BASELINE_PARAMETERS.get(base, {}), x),
+            },
+            **copy.deepcopy(SCHEDULER_FEATURES.get(base, {})),
             "slo_window_s": 10.0 / x,
         },
     }
+    for dotted, value in variant.settings:
+        set_path(cfg, dotted.split("."), copy.deepcopy(value))
     for o in overrides:
         if o.policy in (None, policy):
             set_path(cfg, o.path, copy.deepcopy(o.value))

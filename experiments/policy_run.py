@@ -33,6 +33,7 @@ from experiments.gwconfig import (
     slo_table,
 )
 from experiments.stack import GatewayProcess, Sampler, free_port, scrape_engines, timeline_columns
+from experiments.variants import resolve
 from experiments.workload_file import Workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +88,10 @@ def run_policy(
     gw = GatewayProcess(cfg_path, port, admin_key, pdir / "gateway.log")
     loadgen: subprocess.Popen[bytes] | None = None
     sampler: Sampler | None = None
-    info: dict[str, Any] = {"policy": policy, "time_scale": x, "port": port}
+    variant = resolve(policy)
+    info: dict[str, Any] = {"policy": policy, "time_scale": x, "port": port,
+                            "variant": {"policy": variant.policy,
+                                        "settings": variant.settings_map()}}  # fmt: skip
     bar = tqdm(
         total=n_requests,
         desc=f"{policy:>10}",

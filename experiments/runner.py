@@ -48,6 +48,7 @@ from tqdm import tqdm
 from experiments.gwconfig import Override, PoolOptions, Tenants
 from experiments.policy_run import run_policy
 from experiments.provenance import versions
+from experiments.variants import VARIANTS, resolve
 from experiments.workload_file import Workload, load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  ./run_experiment.sh drift --policies fcfs,driftsched --seed 1\n"
         "  ./run_experiment.sh overload --seeds 0,1,2\n"
         "  ./run_experiment.sh --workload w.jsonl --duration 60\n"
-        "  ./run_experiment.sh overload --set driftsched:scheduler.kv_budget_fraction=0.6",
+        "  ./run_experiment.sh overload --policies priority,priority+governor,driftsched,"
+        "driftsched-no-feasibility\n"
+        "  ./run_experiment.sh overload --set driftsched:scheduler.kv_budget_fraction=0.6\n\n"
+        'policies and variants (docs/experiments.md, "Variants"):\n'
+        + "\n".join(f"  {v.name:<26} {v.what}" for v in VARIANTS.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -75,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or a spec file; default overload (or the workload's name with --workload)",
     )
     p.add_argument("--workload", default=None, help="replay this workload file instead")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated, in order")
+    p.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help="comma-separated policies or variants (listed below), in order",
+    )
     p.add_argument(
         "--duration", type=float, default=None, help="seconds of arrivals (default: the spec's)"
     )
@@ -115,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="[POLICY:]KEY=VALUE",
-        help="override a gateway setting (dotted path, YAML value), for every policy or one",
+        help="override a gateway setting (dotted path, YAML value), for every run or the one "
+        "of that policy or variant name",
     )
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -199,6 +209,8 @@ def run_seed(
         "overrides": [o.render() for o in overrides],
         "pool": {f: getattr(pool, f) for f in pool.__slots__},
         "policies": list(policies),
+        "variants": {n: {"policy": resolve(n).policy, "settings": resolve(n).settings_map()}
+                     for n in policies},
         "versions": versions(),
         "runs": {},
     }  # fmt: skip
@@ -246,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     policies = [p.strip() for p in a.policies.split(",") if p.strip()]
     if not policies:
         raise SystemExit("run_experiment: --policies is empty")
+    if len(set(policies)) != len(policies):
+        raise SystemExit(f"run_experiment: --policies {a.policies!r} names one twice")
+    try:
+        variants = {name: resolve(name) for name in policies}
+    except ValueError as e:
+        raise SystemExit(f"run_experiment: --policies: {e}") from None
     try:
         overrides = [Override.parse(s) for s in a.overrides]
     except ValueError as e:
@@ -273,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         "options": {k: v for k, v in vars(a).items() if k != "overrides"},
         "overrides": list(a.overrides),
         "policies": policies,
+        "variants": {n: {"policy": v.policy, "settings": v.settings_map()}
+                     for n, v in variants.items()},
         "versions": versions(),
-    }
+    }  # fmt: skip
     verdicts: list[str] = []
     for i, seed in enumerate(seeds):
         sdir = out / f"seed-{seed}" if multi else out

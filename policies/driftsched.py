@@ -43,7 +43,8 @@ ahead of premium; below saturation every class is still served.
 Parameters (defaults): ``aging_s`` 60.0, ``max_boost`` 1, ``prefill_s_per_token`` 0.0002,
 ``decode_s_per_token`` 0.03, ``max_slack_s`` 10.0, ``debt_s_per_ktoken`` 0.5,
 ``max_debt_s`` 5.0, ``input_weight`` 1.0, ``output_weight`` 2.0, ``feasibility``
-``"shed"``, ``drift``: a mapping of :class:`policies.drift.DriftParams`.
+``"shed"``, ``drift``: a mapping of :class:`policies.drift.DriftParams`, plus ``enabled``
+(default true; false runs without the drift controller, an ablation).
 
 Feasibility. A request still queued past ``arrival + ttft_slo - prefill`` can no longer meet
 its TTFT SLO (:class:`TtftFeasibility`). Under overload, least-slack-first would otherwise
@@ -170,7 +171,15 @@ def build(parameters: Mapping[str, Any]) -> Policy:
     raw_drift = parameters.get("drift") or {}
     if not isinstance(raw_drift, Mapping):
         raise PolicyConfigError("scheduler.policy.parameters.drift: must be a mapping")
-    drift = parse_parameters(TYPE, raw_drift, DriftParams, prefix="drift.")
+    raw_drift = dict(raw_drift)
+    enabled = raw_drift.pop("enabled", True)
+    if not isinstance(enabled, bool):
+        raise PolicyConfigError(
+            f"scheduler.policy.parameters.drift.enabled: expected true or false, got {enabled!r}"
+        )
+    drift: DriftParams | None = parse_parameters(TYPE, raw_drift, DriftParams, prefix="drift.")
+    if not enabled:
+        drift = None  # an ablation: no throttling, no boost, drift ratio 1 in the slack
     vtc = VirtualTokenCounter(p.input_weight, p.output_weight)
     feasibility = None
     if p.feasibility != "none":
