@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import kendalltau
 
 from experiments.fairness import (
     INPUT_WEIGHT,
@@ -25,13 +24,12 @@ from experiments.fairness import (
     spread_tokens,
 )
 from experiments.rundata import Access, DriftAction, Req, RunData
+from policies.baselines import EWMA_ALPHA, PRIOR_TOKENS, Item, as_of_arrival, score
 
 ROLLING_WINDOW_S = 10.0
 RECOVERY_TARGET = 0.95
 #: requests arriving before this are the cold start (empty queues, untrained estimator)
 WARMUP_S = 30.0
-#: what the estimator baseline predicts before it has seen a tenant (the gateway's prior)
-PRIOR_TOKENS = 256.0
 
 DEFINITIONS: dict[str, str] = {
     "TTFT": "first streamed token - request dispatch, as the client measures it",
@@ -64,9 +62,20 @@ DEFINITIONS: dict[str, str] = {
     "every tenant met its SLO equally often; all 0 also reads 1), beside the lowest tenant's",
     "VTC service difference": "per 60 s window, max - min of weighted service (service / "
     "weight) among the group's tenants with arrivals in the window; max and mean over windows",
-    "estimator MAE / tau": "mean |predicted p50 - actual output tokens| and Kendall's tau-b "
-    "between them, over successful requests (gateway access log); the baseline is a "
-    "per-tenant running mean (River's StatisticRegressor(Mean), prequential)",
+    "estimator MAE / tau": "mean |predicted - actual output tokens| and Kendall's tau-b "
+    "between them, over the successful requests the gateway made a prediction for (its "
+    "access log: the p50 it estimated at arrival, before queueing; n = those requests)",
+    "estimator baselines": "predicted for the same requests as of each one's arrival at the "
+    "gateway (access log arrival_unix), from exactly the successful completions that finished "
+    "(arrival + duration) before that arrival: global running mean (River's "
+    "StatisticRegressor(Mean)), per-tenant running mean, per-tenant EWMA (alpha "
+    f"{EWMA_ALPHA:g}, the first completion sets it), all {PRIOR_TOKENS:g} tokens (the gateway "
+    "estimator's prior) before any history; max_tokens = the request's cap, scored only on "
+    "the requests that set one (its own n). Same rule as driftsched estimator-eval "
+    "(policies/baselines.py)",
+    "within-tenant tau": "the mean of the per-tenant Kendall tau-b, weighted by each tenant's "
+    "n (tenants with a defined tau: >= 2 requests, neither side constant); how well a "
+    "predictor ranks requests of the same tenant, which the tenant alone cannot",
     "p90 coverage": "share of requests whose output was <= the predicted p90",
     "drift: limit reaction": "drift onset -> first action of the drift controller on the "
     "drifting tenant (decrease, SLO decrease or compensation)",
@@ -223,41 +232,57 @@ def limit_reaction(
 
 # -- estimator ---------------------------------------------------------------------------
 def estimator_accuracy(
-    access: Sequence[Access], tenant_of: Mapping[str, str], keep: Callable[[str], bool]
-) -> dict[str, Any]:
-    """MAE, Kendall's tau and p90 coverage of the gateway's predictions, against a
-    per-tenant running-mean baseline fed in completion order (the access log's order)."""
-    pred, act, base = [], [], []
-    cover = 0
-    seen: dict[str, tuple[float, int]] = {}
+    access: Sequence[Access],
+    tenant_of: Mapping[str, str],
+    scopes: Mapping[str, Callable[[str], bool]],
+    client_times: Mapping[str, tuple[float | None, float | None]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The gateway's predictions and the baselines', per scope (a filter on request ids).
+
+    Each scope: the gateway's ``n``, ``mae``, ``tau``, ``tau_within``, ``p90_coverage`` and
+    ``tenants`` (:func:`policies.baselines.score`), and ``baselines`` {name: the same scores}
+    for the same requests, each predicted as of its arrival from the completions that
+    finished before it (:func:`policies.baselines.as_of_arrival`). The baselines learn from
+    every successful completion, in or out of the scope. Arrival and finish are the
+    gateway's (access log); where a line has neither, the client's dispatch and done times
+    from ``client_times``; a request with neither is left out. ``{"n": 0}``: nothing to score.
+    """
+    items: list[Item] = []
+    lines: list[Access] = []
     for a in access:
         tenant = tenant_of.get(a.request_id)
         if a.status != 200 or a.completion_tokens is None or tenant is None:
             continue
-        s, n = seen.get(tenant, (0.0, 0))
-        if keep(a.request_id) and a.predicted_p50 is not None:
-            pred.append(float(a.predicted_p50))
-            act.append(float(a.completion_tokens))
-            base.append(s / n if n else PRIOR_TOKENS)
-            cover += a.predicted_p90 is not None and a.completion_tokens <= a.predicted_p90
-        seen[tenant] = (s + a.completion_tokens, n + 1)
-    if not pred:
-        return {"n": 0}
-    p, y, b = np.array(pred), np.array(act), np.array(base)
-    return {
-        "n": len(pred),
-        "mae": float(np.mean(np.abs(p - y))),
-        "tau": _tau(p, y),
-        "p90_coverage": cover / len(pred),
-        "baseline_mae": float(np.mean(np.abs(b - y))),
-        "baseline_tau": _tau(b, y),
-    }
+        arrival, finish = a.arrival_s, a.finish_s
+        if arrival is None or finish is None:
+            arrival, finish = (client_times or {}).get(a.request_id, (None, None))
+        if arrival is None or finish is None:
+            continue
+        x = {"tenant": tenant, "max_tokens": a.max_tokens}
+        items.append(Item(x, float(a.completion_tokens), arrival, finish))
+        lines.append(a)
+    base = as_of_arrival(items)
+    out: dict[str, dict[str, Any]] = {}
+    for name, keep in scopes.items():
+        idx = [i for i, a in enumerate(lines) if a.predicted_p50 is not None and keep(a.request_id)]
+        if not idx:
+            out[name] = {"n": 0}
+            continue
+        y = [items[i].actual for i in idx]
+        ts = [str(items[i].x["tenant"]) for i in idx]
+        gw = score([lines[i].predicted_p50 for i in idx], y, ts)
+        covered = [_covered(lines[i], items[i].actual) for i in idx]
+        gw["p90_coverage"] = sum(covered) / len(idx)
+        for t, s in gw["tenants"].items():
+            mine = [c for c, u in zip(covered, ts, strict=True) if u == t]
+            s["p90_coverage"] = sum(mine) / len(mine)
+        gw["baselines"] = {b: score([p[i] for i in idx], y, ts) for b, p in base.items()}
+        out[name] = gw
+    return out
 
 
-def _tau(a: Any, b: Any) -> float | None:
-    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
-        return None
-    return float(kendalltau(a, b).statistic)
+def _covered(a: Access, actual: float) -> bool:
+    return a.predicted_p90 is not None and actual <= a.predicted_p90
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -266,10 +291,6 @@ def _by(reqs: Iterable[Req], key: Callable[[Req], str]) -> dict[str, list[Req]]:
     for r in reqs:
         out[key(r)].append(r)
     return dict(out)
-
-
-def _of_tenant(tenant_of: Mapping[str, str], tenant: str) -> Callable[[str], bool]:
-    return lambda rid: tenant_of[rid] == tenant
 
 
 def queue_times(access: Sequence[Access]) -> dict[str, float]:
@@ -318,19 +339,14 @@ def compute(run: RunData, header: Mapping[str, Any]) -> dict[str, Any]:
     out["fairness"] = fair
     tenant_of = {r.request_id: r.tenant for r in reqs}
     arrival = {r.request_id: r.intended_s for r in reqs}
-    est: dict[str, Any] = {"all": estimator_accuracy(run.access, tenant_of, lambda _: True)}
-    for t in tenants:
-        est[t] = estimator_accuracy(run.access, tenant_of, _of_tenant(tenant_of, t))
+    scopes: dict[str, Callable[[str], bool]] = {"all": lambda _: True}
     drift_events = list(header.get("drift") or [])
     if drift_events:
         onset = float(drift_events[0]["at_s"])
-        est["before_drift"] = estimator_accuracy(
-            run.access, tenant_of, lambda i: arrival[i] < onset
-        )
-        est["after_drift"] = estimator_accuracy(
-            run.access, tenant_of, lambda i: arrival[i] >= onset
-        )
-    out["estimator"] = est
+        scopes["before_drift"] = lambda i: arrival[i] < onset
+        scopes["after_drift"] = lambda i: arrival[i] >= onset
+    client = {r.request_id: (r.dispatched_s, r.done_s) for r in reqs}
+    out["estimator"] = estimator_accuracy(run.access, tenant_of, scopes, client)
     rolling = {c: rolling_attainment(rs, slos, window) for c, rs in classes.items()}
     out["rolling"] = {c: {"t": ts, "attainment": vs} for c, (ts, vs) in rolling.items()}
     top = min(level, key=lambda c: (level[c], c)) if level else None

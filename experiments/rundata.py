@@ -6,7 +6,8 @@ A run directory (``results/<scenario>/<stamp>/<policy>/``) holds:
   ``requests.summary.json`` (its lag, CPU, ``t0_unix``);
 - ``gateway.log`` -- the gateway's JSON log lines: the access log (``logger``
   ``driftsched.access``: ``request_id``, ``status``, ``completion_tokens``,
-  ``predicted_p50``/``predicted_p90``, ``queue_ms``, ``duration_ms``) and the drift
+  ``predicted_p50``/``predicted_p90``, ``max_tokens``, ``queue_ms``, ``duration_ms``,
+  ``arrival_unix``) and the drift
   controller's actions (``driftsched.scheduler``, ``msg`` "drift controller acted");
 - ``timeline.csv`` -- one row per second (:func:`experiments.stack.timeline_columns`);
 - ``run.json`` -- what the runner knew: policy, time scale, SLOs and weights per tenant,
@@ -81,6 +82,17 @@ class Access:
     predicted_p90: float | None
     queue_s: float | None
     duration_s: float | None
+    #: arrival at the gateway (``arrival_unix``; in older logs the line's time minus its
+    #: duration); None if unknown
+    arrival_s: float | None = None
+    max_tokens: int | None = None
+
+    @property
+    def finish_s(self) -> float | None:
+        """When the gateway finished the request (arrival + duration)."""
+        if self.arrival_s is None or self.duration_s is None:
+            return None
+        return self.arrival_s + self.duration_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +175,9 @@ def read_gateway_log(
         logger = rec.get("logger")
         if logger == "driftsched.access" and rec.get("request_id"):
             q, d = rec.get("queue_ms"), rec.get("duration_ms")
+            arrival = rec.get("arrival_unix")
+            if arrival is None and d is not None and rec.get("ts"):
+                arrival = _iso_unix(rec["ts"]) - d / 1000.0
             access.append(
                 Access(
                     request_id=str(rec["request_id"]),
@@ -172,6 +187,8 @@ def read_gateway_log(
                     predicted_p90=rec.get("predicted_p90"),
                     queue_s=None if q is None else q * x / 1000.0,
                     duration_s=None if d is None else d * x / 1000.0,
+                    arrival_s=None if arrival is None else (float(arrival) - t0_unix) * x,
+                    max_tokens=rec.get("max_tokens"),
                 )
             )
         elif logger == "driftsched.scheduler" and rec.get("msg") == "drift controller acted":

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from experiments.metrics import DEFINITIONS
-from experiments.summary import Summary, combine, document, meta, pick, summarize
+from experiments.summary import (
+    ESTIMATOR_COLUMNS,
+    Summary,
+    combine,
+    document,
+    estimator_rows,
+    meta,
+    pick,
+    summarize,
+)
 from experiments.targets import over_seeds, targets
 
 SEED_DIR = re.compile(r"^seed-(\d+)$")
@@ -132,6 +141,21 @@ def _seed_table(per_seed: Mapping[int, Summary], classes: Sequence[str]) -> list
     return _table(head, rows)
 
 
+def _estimator_seed_table(est: Mapping[int, Sequence[Sequence[Any]]]) -> list[str]:
+    """The gateway estimator and the baselines, all requests and within tenants, per seed
+    (:func:`experiments.summary.estimator_rows`)."""
+    cols = list(ESTIMATOR_COLUMNS)
+    names = [c[: -len("_mae")] for c in cols if c.endswith("_mae")]
+    rows = []
+    for seed, seed_rows in est.items():
+        for r in seed_rows:
+            d = dict(zip(cols, r, strict=True))
+            rows.append([seed, d["policy"], d["scope"], d["n"],
+                         *(f"{_f(d[f'{b}_mae'], '.1f')} / {_f(d[f'{b}_tau'])}"
+                           for b in names)])  # fmt: skip
+    return _table(("seed", "policy", "scope", "n", *names), rows)
+
+
 def _class_order(metrics: Sequence[Mapping[str, Mapping[str, Any]]]) -> list[str]:
     levels: dict[str, int] = {}
     for per_policy in metrics:
@@ -164,7 +188,8 @@ def write_seeds_report(out: Path) -> list[str]:
     both = combine(list(per_seed.values()))
     mean, worst = pick(both, "mean"), pick(both, "worst")
     ts = over_seeds(targets(mean, classes, drift), seed_targets)
-    doc = document(meta(exp), classes, per_seed, ts)
+    est = {seed: estimator_rows(m, tenants=False) for seed, m in metrics.items()}
+    doc = document(meta(exp), classes, per_seed, ts, est)
     (out / "summary.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n", "utf-8")
     seeds = ", ".join(str(s) for s in dirs)
     links = ", ".join(f"[seed {s}]({d.name}/report.md)" for s, d in dirs.items())
@@ -185,6 +210,8 @@ def write_seeds_report(out: Path) -> list[str]:
         "## Fairness: service and SLO attainment across tenants", "",
         *_fair_table(mean, worst, classes),
         "## Per seed", "", *_seed_table(per_seed, classes),
+        "## Estimator per seed (MAE / tau; per tenant in each seed's report)", "",
+        *_estimator_seed_table(est),
         "## Definitions", "",
         *(f"- **{k}**: {d}" for k, d in DEFINITIONS.items()), "",
         "## Versions", "",

@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from policies.baselines import MAX_TOKENS, SHORT
+
 #: per group (class or ``all``): metric -> where compute() has it
 GROUP_METRICS = (
     "n",
@@ -53,6 +55,13 @@ SEED_METRICS = (
 LOWER_IS_BETTER = frozenset(
     {"failed", "ttft_p99", "tpot_p99", "makespan_s", "preemptions", "drift_recovery_s"}
 )
+
+#: summary.json's estimator table: one row per policy and scope (``all``, ``within`` --
+#: within-tenant tau, no MAE --, ``tenant:<name>``, ``before_drift``, ``after_drift``)
+ESTIMATOR_COLUMNS = (
+    "policy", "scope", "n", "gateway_mae", "gateway_tau",
+    *(f"{b}_{k}" for b in SHORT.values() for k in ("mae", "tau")), "max_tokens_n",
+)  # fmt: skip
 
 Summary = dict[str, dict[str, dict[str, float | None]]]
 
@@ -136,6 +145,41 @@ def pick(combined: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
     }
 
 
+def estimator_rows(
+    metrics: Mapping[str, Mapping[str, Any]], tenants: bool = True
+) -> list[list[Any]]:
+    """The estimator table (:data:`ESTIMATOR_COLUMNS`) of one seed's ``metrics.json``;
+    ``tenants`` False: only the ``all`` and ``within`` rows."""
+    rows: list[list[Any]] = []
+    for p, m in metrics.items():
+        est = m.get("estimator") or {}
+        for scope in ("all", "before_drift", "after_drift"):
+            e = est.get(scope)
+            if not e or not e.get("n"):
+                continue
+            rows.append([p, scope, *_est_cells(e, "mae", "tau")])
+            if scope != "all":
+                continue
+            rows.append([p, "within", *_est_cells(e, None, "tau_within")])
+            if tenants:
+                for t, ts in (e.get("tenants") or {}).items():
+                    per = {b: v["tenants"].get(t) or {"n": 0} for b, v in e["baselines"].items()}
+                    rows.append([p, f"tenant:{t}", *_est_cells({**ts, "baselines": per},
+                                                                "mae", "tau")])  # fmt: skip
+    return rows
+
+
+def _est_cells(e: Mapping[str, Any], mae: str | None, tau: str) -> list[Any]:
+    def two(s: Mapping[str, Any]) -> list[Any]:
+        return [_round(s.get(mae)) if mae else None, _round(s.get(tau))]
+
+    base = e.get("baselines") or {}
+    cells = [e["n"], *two(e)]
+    for b in SHORT:
+        cells += two(base.get(b) or {})
+    return [*cells, (base.get(MAX_TOKENS) or {}).get("n")]
+
+
 # -- summary.json ----------------------------------------------------------------------------
 def meta(exp: Mapping[str, Any]) -> dict[str, Any]:
     """What ``summary.json`` says about the run, from its ``experiment.json``."""
@@ -185,11 +229,13 @@ def document(
     classes: Sequence[str],
     seeds: Mapping[int, Summary],
     targets: Sequence[Mapping[str, Any]],
+    estimator: Mapping[int, list[list[Any]]] | None = None,
 ) -> dict[str, Any]:
     """``summary.json``: ``meta`` (scenario, commit, pool, ...), the column names, the
     tables and the targets. One seed: its tables under ``per_seed``; several: the mean's and
     the worst's tables, and per seed only the :data:`SEED_METRICS` of each group (the seed's
-    own ``seed-<n>/summary.json`` has the rest), to stay a few KB."""
+    own ``seed-<n>/summary.json`` has the rest), to stay a few KB. ``estimator``: per seed,
+    :func:`estimator_rows` (under ``estimator``, columns :data:`ESTIMATOR_COLUMNS`)."""
     multi = len(seeds) > 1
     columns = {"groups": ["policy", "group", *GROUP_METRICS],
                "runs": ["policy", "group", *RUN_METRICS]}  # fmt: skip
@@ -206,6 +252,9 @@ def document(
         }
     else:
         doc["per_seed"] = {str(k): tables(v, classes) for k, v in seeds.items()}
+    if estimator is not None:
+        columns["estimator"] = list(ESTIMATOR_COLUMNS)
+        doc["estimator"] = {str(k): v for k, v in estimator.items()}
     doc["targets"] = [_round_target(t) for t in targets]
     return doc
 

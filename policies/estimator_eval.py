@@ -38,11 +38,10 @@ from typing import Any, Protocol
 
 import numpy as np
 from river import dummy, linear_model, optim, stats
-from scipy.stats import kendalltau
 from tqdm import tqdm
 
+from policies import baselines
 from policies.estimator import OutputTokenEstimator
-from policies.ewma import TenantEWMA
 from policies.features import RequestFeatures
 
 DEFAULT_DATA = (
@@ -58,7 +57,7 @@ TENANTS: dict[str, tuple[float, int | None]] = {
     "writer": (2.5, 4096),
 }
 SHIFTED, SHIFT = "assistant", 4.0
-UNCAPPED = 4096  # what the max_tokens baseline reserves when a request sets no cap
+UNCAPPED = 4096  # the longest answer of a tenant without a cap
 WINDOW, BAND = 25, 0.10
 
 
@@ -79,31 +78,6 @@ class Prior:
 
     def learn_one(self, x: dict[str, Any], y: float) -> None:
         self.model.learn_one(x, y)
-
-
-class TenantMean:
-    """Per-tenant running mean (``StatisticRegressor(Mean())`` per tenant)."""
-
-    def __init__(self, prior: float = 256.0) -> None:
-        self.prior = prior
-        self._m: dict[str, stats.Mean] = {}
-
-    def predict_one(self, x: dict[str, Any]) -> float:
-        m = self._m.get(str(x.get("tenant", "")))
-        return self.prior if m is None or m.n == 0 else float(m.get())
-
-    def learn_one(self, x: dict[str, Any], y: float) -> None:
-        self._m.setdefault(str(x.get("tenant", "")), stats.Mean()).update(y)
-
-
-class MaxTokens:
-    """Reserve the cap: ``max_tokens`` when set, else ``UNCAPPED``."""
-
-    def predict_one(self, x: dict[str, Any]) -> float:
-        return float(x.get("max_tokens") or UNCAPPED)
-
-    def learn_one(self, x: dict[str, Any], y: float) -> None:
-        pass
 
 
 class QuantileHeads:
@@ -142,14 +116,12 @@ class QuantileHeads:
 
 
 def models(warm: Path | None = None) -> dict[str, Model]:
+    """The learned models, each run prequentially (timed, drift alarms recorded); the
+    baselines of :mod:`policies.baselines` run beside them (:func:`evaluate`)."""
     return {
         "driftsched estimator": OutputTokenEstimator.load(warm) if warm else OutputTokenEstimator(),
         "River quantile heads": QuantileHeads(),
-        "StatisticRegressor(Mean) = global mean": Prior(dummy.StatisticRegressor(stats.Mean())),
         "StatisticRegressor(Quantile(.5))": Prior(dummy.StatisticRegressor(stats.Quantile(0.5))),
-        "per-tenant mean": TenantMean(),
-        "per-tenant EWMA (a=0.1)": TenantEWMA(),
-        "max_tokens": MaxTokens(),
     }
 
 
@@ -203,9 +175,9 @@ def bucket(v: np.ndarray) -> np.ndarray:
 
 
 def tau(p: np.ndarray, y: np.ndarray) -> float:
-    if len(p) < 2 or np.all(p == p[0]):
-        return float("nan")
-    return float(kendalltau(p, y).statistic)
+    """Kendall's tau-b (:func:`policies.baselines.tau_b`); NaN where undefined."""
+    v = baselines.tau_b(p, y)
+    return float("nan") if v is None else v
 
 
 def reconvergence(err: np.ndarray, y: np.ndarray, shift_at: int) -> int | None:
@@ -263,51 +235,71 @@ def prequential(model: Model, stream: list[Row], desc: str, progress: bool) -> R
 def evaluate(
     stream: list[Row], mode: str, progress: bool, warm: Path | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Model]]:
-    """Every model of ``models()`` over ``stream``; one result dict per model."""
+    """Every model of ``models()``, then every baseline of :mod:`policies.baselines`, over
+    ``stream`` (prequential, arrival order); one result dict per model. The baselines are
+    the live report's (:func:`policies.baselines.prequential`); the ``max_tokens`` one is
+    scored only on the rows with a cap (``n``)."""
     ys = np.array([r.y for r in stream])
     results = []
     trained = models(warm)
     for name, model in trained.items():
-        if name == "max_tokens" and mode != "tenants":
-            continue
         run = prequential(model, stream, f"{mode}: {name}", progress)
+        res = result(name, list(run.p50), stream, mode)
         has_q = not np.isnan(run.p90).all()
-        res: dict[str, Any] = {
-            "model": name,
-            "mae": float(np.mean(np.abs(run.p50 - ys))),
-            "tau": tau(run.p50, ys),
-            "bucket": float(np.mean(bucket(run.p50) == bucket(ys))),
-            "within1": float(np.mean(np.abs(bucket(run.p50) - bucket(ys)) <= 1)),
-            "p90_cover": float(np.mean(ys <= run.p90)) if has_q else None,
-            "reserve": float(run.p90.sum() / ys.sum())
-            if has_q
-            else (float(run.p50.sum() / ys.sum()) if name == "max_tokens" else None),
-            "us_p50": float(np.percentile(run.ns, 50) / 1e3),
-            "us_p99": float(np.percentile(run.ns, 99) / 1e3),
-        }
-        if mode == "tenants":
-            res.update(tenant_metrics(stream, run.p50, ys))
+        res["p90_cover"] = float(np.mean(ys <= run.p90)) if has_q else None
+        res["reserve"] = float(run.p90.sum() / ys.sum()) if has_q else None
+        res["us_p50"] = float(np.percentile(run.ns, 50) / 1e3)
+        res["us_p99"] = float(np.percentile(run.ns, 99) / 1e3)
         if isinstance(model, OutputTokenEstimator):
             res["alarms"] = run.alarms
+        results.append(res)
+    preds = baselines.prequential([r.x for r in stream], list(ys))
+    for name, pred in preds.items():
+        res = result(name, pred, stream, mode)
+        if name == baselines.MAX_TOKENS and res["n"]:
+            capped = [(p, r.y) for p, r in zip(pred, stream, strict=True) if p is not None]
+            res["reserve"] = sum(p for p, _ in capped) / sum(y for _, y in capped)
         results.append(res)
     return results, trained
 
 
-def tenant_metrics(stream: list[Row], p50: np.ndarray, ys: np.ndarray) -> dict[str, Any]:
-    """Mean within-tenant tau and the shifted tenant's re-convergence."""
-    taus = []
-    for t in TENANTS:
-        idx = np.array([i for i, r in enumerate(stream) if r.tenant == t])
-        if len(idx) > 2 and not math.isnan(v := tau(p50[idx], ys[idx])):
-            taus.append(v)
-    idx = np.array([i for i, r in enumerate(stream) if r.tenant == SHIFTED])
+def result(name: str, pred: Sequence[float | None], stream: list[Row], mode: str) -> dict[str, Any]:
+    """Scores of one model's predictions (None: no prediction, the row is not scored):
+    :func:`policies.baselines.score`'s n / MAE / tau / within-tenant tau, bucket accuracy
+    and, for ``tenants``, the shifted tenant's re-convergence."""
+    ys = [r.y for r in stream]
+    sc = baselines.score(pred, ys, [r.tenant for r in stream])
+    keep = [i for i, p in enumerate(pred) if p is not None]
+    p, y = np.array([pred[i] for i in keep], dtype=float), np.array([ys[i] for i in keep])
+    res: dict[str, Any] = {
+        "model": name,
+        "n": sc["n"],
+        "mae": sc["mae"],
+        "tau": sc["tau"],
+        "tau_tenant": sc["tau_within"],
+        "tenants": sc["tenants"],
+        "bucket": float(np.mean(bucket(p) == bucket(y))) if keep else None,
+        "within1": float(np.mean(np.abs(bucket(p) - bucket(y)) <= 1)) if keep else None,
+        "p90_cover": None,
+        "reserve": None,
+        "us_p50": None,
+        "us_p99": None,
+    }
+    if mode == "tenants":
+        res.update(reconverge_of(stream, pred))
+    return res
+
+
+def reconverge_of(stream: list[Row], pred: Sequence[float | None]) -> dict[str, Any]:
+    """The shifted tenant's re-convergence (None where the model does not predict it)."""
+    idx = [i for i, r in enumerate(stream) if r.tenant == SHIFTED]
     shifted = np.array([stream[i].shifted for i in idx])
     shift_at = int(np.argmax(shifted)) if shifted.any() else len(idx)
-    return {
-        "tau_tenant": float(np.mean(taus)) if taus else float("nan"),
-        "reconverge": reconvergence(np.abs(p50[idx] - ys[idx]), ys[idx], shift_at),
-        "shift_at": shift_at,
-    }
+    if not idx or any(pred[i] is None for i in idx):
+        return {"reconverge": None, "shift_at": shift_at}
+    p = np.array([pred[i] for i in idx], dtype=float)
+    y = np.array([stream[i].y for i in idx])
+    return {"reconverge": reconvergence(np.abs(p - y), y, shift_at), "shift_at": shift_at}
 
 
 def fmt(v: Any, spec: str) -> str:
@@ -318,18 +310,24 @@ def fmt(v: Any, spec: str) -> str:
 
 def table(results: list[dict[str, Any]], mode: str, feat_us: float, n: int) -> str:
     tenants = mode == "tenants"
-    head = ["model", "MAE", "tau-b", "bucket", "±1 bkt", "p90 cover", "reserve", "µs p50", "µs p99"]
+    head = ["model", "n", "MAE", "tau-b", "bucket", "±1 bkt", "p90 cover", "reserve", "µs p50",
+            "µs p99"]  # fmt: skip
     if tenants:
-        head[3:3] = ["tau/tenant", "reconv"]
+        head[4:4] = ["tau/tenant", "reconv"]
     lines = [
         f"\n## {mode}: {n} rows, prequential; feature extraction {feat_us:.1f} µs/request "
         "(mean CPU)\n\nMAE, tau and buckets score the median (p50); reserve = sum of p90 "
-        "(or of max_tokens) / sum of actual tokens; µs = CPU time per predict in the run.\n",
+        "(or of max_tokens) / sum of actual tokens; µs = CPU time per predict in the run. "
+        "The baselines (policies/baselines.py, the live report's) predict each row before "
+        "learning it; max_tokens only where a row has a cap (n). tau/tenant = within-tenant "
+        "tau: the per-tenant taus' mean weighted by n.\n",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for r in results:
-        cells = [r["model"], fmt(r["mae"], ".1f"), fmt(r["tau"], ".3f")]
+        if not r["n"]:
+            continue
+        cells = [r["model"], str(r["n"]), fmt(r["mae"], ".1f"), fmt(r["tau"], ".3f")]
         if tenants:
             cells += [fmt(r["tau_tenant"], ".3f"), fmt(r["reconverge"], "d")]
         cells += [
@@ -341,6 +339,8 @@ def table(results: list[dict[str, Any]], mode: str, feat_us: float, n: int) -> s
             fmt(r["us_p99"], ".1f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if tenants:
+        lines += tenant_table(results)
     for r in results:
         if "alarms" not in r:
             continue
@@ -360,6 +360,27 @@ def table(results: list[dict[str, Any]], mode: str, feat_us: float, n: int) -> s
                 f"{[n for _, n, _ in r['alarms']] or 'none'}"
             )
     return "\n".join(lines)
+
+
+def tenant_table(results: list[dict[str, Any]]) -> list[str]:
+    """Per tenant: every model's MAE / tau (n where it is not every row of the tenant)."""
+    shown = [r for r in results if r["n"]]
+    names = sorted({t for r in shown for t in r["tenants"]})
+    lines = ["", "Per tenant, MAE / tau-b:", "",
+             "| tenant | n | " + " | ".join(r["model"] for r in shown) + " |",
+             "|" + "---|" * (len(shown) + 2)]  # fmt: skip
+    for t in names:
+        n = max(r["tenants"].get(t, {}).get("n", 0) for r in shown)
+        cells = []
+        for r in shown:
+            s = r["tenants"].get(t)
+            if not s or not s["n"]:
+                cells.append("-")
+                continue
+            cell = f"{fmt(s['mae'], '.1f')} / {fmt(s['tau'], '.3f')}"
+            cells.append(cell if s["n"] == n else f"{cell} ({s['n']})")
+        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def request_path_cost(

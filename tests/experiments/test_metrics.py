@@ -215,34 +215,89 @@ def test_limit_reaction_first_throttling_action_on_the_tenant_after_onset() -> N
 
 # -- estimator ----------------------------------------------------------------------------
 def _acc(rid: str, out: int | None, p50: float | None, p90: float | None = None,
-         status: int = 200) -> Access:  # fmt: skip
-    return Access(rid, status, out, p50, p90, None, None)
+         status: int = 200, *, at: float | None = None, took: float | None = None,
+         cap: int | None = None) -> Access:  # fmt: skip
+    """An access-log line: arrival ``at`` at the gateway, finished ``took`` later."""
+    return Access(rid, status, out, p50, p90, None, took, arrival_s=at, max_tokens=cap)
+
+
+TENANT_MEAN = "per-tenant mean"
+ALL = {"all": lambda _: True}
 
 
 def test_estimator_accuracy_hand_computed() -> None:
-    access = [_acc("1", 100, 150.0, 200.0), _acc("2", 300, 150.0, 200.0),
-              _acc("3", 50, 100.0, 40.0, status=429),  # not a success: skipped
-              _acc("4", 200, 250.0, 300.0)]  # fmt: skip
+    # each request finishes before the next one arrives: sequential, like prequential
+    access = [_acc("1", 100, 150.0, 200.0, at=0.0, took=1.0),
+              _acc("2", 300, 150.0, 200.0, at=2.0, took=1.0),
+              _acc("3", 50, 100.0, 40.0, status=429, at=4.0, took=1.0),  # not a success
+              _acc("4", 200, 250.0, 300.0, at=6.0, took=1.0)]  # fmt: skip
     tenant_of = {"1": "a", "2": "a", "3": "a", "4": "a"}
-    e = estimator_accuracy(access, tenant_of, lambda _: True)
+    e = estimator_accuracy(access, tenant_of, ALL)["all"]
     assert e["n"] == 3
     assert e["mae"] == pytest.approx((50 + 150 + 50) / 3)
     assert e["p90_coverage"] == pytest.approx(2 / 3)
-    # baseline: the prior 256, then the running mean 100, then (100 + 300) / 2
-    assert e["baseline_mae"] == pytest.approx((156 + 200 + 0) / 3)
-    assert e["tau"] is not None and e["baseline_tau"] is not None
+    assert e["tenants"]["a"]["n"] == 3 and e["tau_within"] == e["tau"]
+    # per-tenant mean: the prior 256, then 100, then (100 + 300) / 2
+    assert e["baselines"][TENANT_MEAN]["mae"] == pytest.approx((156 + 200 + 0) / 3)
+    assert e["tau"] is not None and e["baselines"][TENANT_MEAN]["tau"] is not None
+
+
+def test_estimator_baseline_sees_only_completions_finished_before_the_arrival() -> None:
+    # "1" arrives at 0 and finishes at 6; "2" arrives at 5, while "1" still runs, and is
+    # logged after it (completion order: 1, 2). Fed in completion order, the baseline of
+    # "2" would have learnt 1's 1000 tokens; as of 2's arrival it knows nothing: the prior.
+    access = [_acc("1", 1000, 500.0, at=0.0, took=6.0), _acc("2", 100, 500.0, at=5.0, took=5.0),
+              _acc("3", 10, 500.0, at=10.0, took=1.0)]  # fmt: skip
+    tenant_of = {"1": "a", "2": "a", "3": "a"}
+    scopes = {"two": lambda rid: rid == "2", "three": lambda rid: rid == "3"}
+    e = estimator_accuracy(access, tenant_of, scopes)
+    two = e["two"]["baselines"]
+    for name in (TENANT_MEAN, "per-tenant EWMA (a=0.1)", "StatisticRegressor(Mean) = global mean"):
+        assert two[name]["mae"] == pytest.approx(256 - 100), name
+    # "2" finished at exactly 10, when "3" arrived: not seen either (strictly before)
+    assert e["three"]["baselines"][TENANT_MEAN]["mae"] == pytest.approx(1000 - 10)
+
+
+def test_estimator_global_mean_ewma_and_max_tokens_by_hand() -> None:
+    # tenants a and b alternate, each request done before the next arrives
+    access = [_acc("1", 100, 1.0, at=0.0, took=0.5),
+              _acc("2", 400, 2.0, at=1.0, took=0.5, cap=500),
+              _acc("3", 200, 3.0, at=2.0, took=0.5),
+              _acc("4", 50, 4.0, at=3.0, took=0.5, cap=64)]  # fmt: skip
+    tenant_of = {"1": "a", "2": "b", "3": "a", "4": "b"}
+    e = estimator_accuracy(access, tenant_of, ALL)["all"]["baselines"]
+    g = e["StatisticRegressor(Mean) = global mean"]
+    # global mean: 256, 100, 250, 233.3
+    assert g["mae"] == pytest.approx((156 + 300 + 50 + (700 / 3 - 50)) / 4)
+    w = e["per-tenant EWMA (a=0.1)"]
+    # a: 256, then 100 (the first sets it); b: 256, then 400
+    assert w["tenants"]["a"]["mae"] == pytest.approx((156 + 100) / 2)
+    assert w["tenants"]["b"]["mae"] == pytest.approx((144 + 350) / 2)
+    m = e["max_tokens"]
+    assert m["n"] == 2 and m["mae"] == pytest.approx((100 + 14) / 2)
+    assert m["tenants"] == {"b": {"n": 2, "mae": pytest.approx(57.0), "tau": 1.0}}
+
+
+def test_estimator_falls_back_to_the_client_times() -> None:
+    # an access log without arrival times: the client's dispatch and done times order them
+    access = [_acc("1", 1000, 500.0), _acc("2", 100, 500.0)]
+    client = {"1": (0.0, 6.0), "2": (5.0, 10.0)}
+    e = estimator_accuracy(access, {"1": "a", "2": "a"}, {"two": lambda r: r == "2"}, client)
+    assert e["two"]["baselines"][TENANT_MEAN]["mae"] == pytest.approx(156.0)
+    assert estimator_accuracy(access, {"1": "a", "2": "a"}, ALL)["all"] == {"n": 0}
 
 
 def test_estimator_accuracy_filter_still_feeds_the_baseline() -> None:
-    access = [_acc("1", 100, 150.0), _acc("2", 300, 150.0)]
-    e = estimator_accuracy(access, {"1": "a", "2": "a"}, lambda rid: rid == "2")
-    assert e["n"] == 1 and e["baseline_mae"] == pytest.approx(200.0)
+    access = [_acc("1", 100, 150.0, at=0.0, took=1.0), _acc("2", 300, 150.0, at=2.0, took=1.0)]
+    e = estimator_accuracy(access, {"1": "a", "2": "a"}, {"2": lambda rid: rid == "2"})["2"]
+    assert e["n"] == 1 and e["baselines"][TENANT_MEAN]["mae"] == pytest.approx(200.0)
     assert e["tau"] is None  # one point: no rank correlation
 
 
 def test_estimator_accuracy_nothing_to_score() -> None:
-    assert estimator_accuracy([], {}, lambda _: True) == {"n": 0}
-    assert estimator_accuracy([_acc("1", 10, None)], {"1": "a"}, lambda _: True) == {"n": 0}
+    assert estimator_accuracy([], {}, ALL) == {"all": {"n": 0}}
+    one = [_acc("1", 10, None, at=0.0, took=1.0)]
+    assert estimator_accuracy(one, {"1": "a"}, ALL) == {"all": {"n": 0}}
 
 
 def test_queue_times() -> None:

@@ -9,9 +9,13 @@ from typing import Any
 import pytest
 
 from experiments.metrics import compute
+from experiments.report import _estimator_table
+from experiments.rundata import Access
 from experiments.summary import (
+    ESTIMATOR_COLUMNS,
     combine,
     document,
+    estimator_rows,
     pick,
     read_table,
     summarize,
@@ -166,3 +170,37 @@ def test_summary_document_round_trip_and_size() -> None:
     with pytest.raises(KeyError):
         read_table(several, "7")
     assert len(json.dumps(several, separators=(",", ":"))) < 2000
+
+
+def _estimator_metrics() -> dict[str, Any]:
+    """A run whose access log has predictions (no arrival times: the client's are used)."""
+    reqs = [make_req("acme", "premium", at=0.0, ttft=0.2, decode=1.0, out=11),
+            make_req("acme", "premium", at=2.0, ttft=0.2, decode=1.0, out=30),
+            make_req("globex", "standard", at=2.5, ttft=0.5, decode=2.0, out=21),
+            make_req("globex", "standard", at=6.0, ttft=0.5, decode=2.0, out=5)]  # fmt: skip
+    caps = {reqs[2].request_id: 64, reqs[3].request_id: 64}
+    access = [Access(r.request_id, 200, r.completion_tokens, float(10 * i + 5), None, None, None,
+                     max_tokens=caps.get(r.request_id)) for i, r in enumerate(reqs)]  # fmt: skip
+    return {"fcfs": compute(make_run(reqs, access=access), {"duration_s": 8.0})}
+
+
+def test_estimator_rows_in_the_summary_and_table_in_the_report() -> None:
+    metrics = _estimator_metrics()
+    rows = estimator_rows(metrics)
+    cols = list(ESTIMATOR_COLUMNS)
+    by_scope = {r[1]: dict(zip(cols, r, strict=True)) for r in rows}
+    assert list(by_scope) == ["all", "within", "tenant:acme", "tenant:globex"]
+    a = by_scope["all"]
+    assert a["n"] == 4 and a["max_tokens_n"] == 2 and a["gateway_tau"] is not None
+    # the per-tenant mean: acme 256 then 11; globex 256 then 21
+    assert a["tenant_mean_mae"] == pytest.approx((245 + 19 + 235 + 16) / 4, rel=1e-3)
+    assert by_scope["within"]["gateway_mae"] is None
+    assert by_scope["tenant:globex"]["max_tokens_mae"] == pytest.approx((43 + 59) / 2, rel=1e-3)
+    assert [r[1] for r in estimator_rows(metrics, tenants=False)] == ["all", "within"]
+    doc = document({"scenario": "x"}, ["premium", "standard"], {0: summarize(metrics)}, [],
+                   {0: rows})  # fmt: skip
+    assert doc["columns"]["estimator"] == cols and doc["estimator"]["0"] == rows
+    table = "\n".join(_estimator_table(metrics["fcfs"]))
+    for needle in ("| all | 4 |", "| within tenant (tau) |", "| tenant globex | 2 |",
+                   "per-tenant EWMA (a=0.1)", "max_tokens (n)", "(2) |"):  # fmt: skip
+        assert needle in table, needle
