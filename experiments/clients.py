@@ -31,15 +31,30 @@ IDLE_REUSE_S = 2.0
 MAX_ERROR_BODY = 65536
 
 
+#: the request's true output length, sent with every request; only a gateway configured
+#: with ``scheduler.estimator.kind: oracle`` reads it (proxy/estimation.py ORACLE_HEADER)
+ORACLE_HEADER = "x-oracle-output-tokens"
+
+
 class Prepared:
-    """A request ready to go: path, JSON body (dict and bytes) and headers."""
+    """A request ready to go: path, JSON body (dict and bytes) and headers (with
+    ``output_tokens``, the true length as :data:`ORACLE_HEADER`)."""
 
     __slots__ = ("body", "headers", "key", "path", "raw", "wire")
 
-    def __init__(self, path: str, body: dict[str, Any], key: str, request_id: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        body: dict[str, Any],
+        key: str,
+        request_id: str,
+        output_tokens: int | None = None,
+    ) -> None:
         self.path, self.body, self.key = path, body, key
         self.raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         self.headers = {"authorization": f"Bearer {key}", "x-request-id": request_id}
+        if output_tokens is not None:
+            self.headers[ORACLE_HEADER] = str(output_tokens)
         #: the whole HTTP/1.1 request, rendered ahead of time by :meth:`RawClient.prepare`
         self.wire = b""
 
@@ -297,7 +312,7 @@ class OpenAIClient:
             stream = await api.create(
                 **known,
                 extra_body=body or None,
-                extra_headers={"x-request-id": req.headers["x-request-id"]},
+                extra_headers={k: v for k, v in req.headers.items() if k != "authorization"},
             )
             rec.status = 200
             async for chunk in stream:

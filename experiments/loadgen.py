@@ -170,7 +170,8 @@ async def replay(
     cl: Client = make_client(client, base_url)
     records, prepared = [], []
     for r in reqs:
-        p = Prepared(r.path, r.body(model), keys[r.tenant], request_id_prefix + r.id)
+        p = Prepared(r.path, r.body(model), keys[r.tenant], request_id_prefix + r.id,
+                     r.output_tokens)  # fmt: skip
         cl.prepare(p)
         prepared.append(p)
         records.append(

@@ -52,6 +52,10 @@ _TABLE = (
        "as with the baselines", {"scheduler.governor.enabled": False}),
     _v("driftsched-no-feasibility", "driftsched", "no feasibility rule: late requests stay "
        "queued in place", {"scheduler.policy.parameters.feasibility": "none"}),
+    _v("driftsched-oracle", "driftsched", "the estimator's prediction replaced by the true "
+       "output length (p50 = p90 = truth)", {"scheduler.estimator.kind": "oracle"}),
+    _v("driftsched-tenant-mean", "driftsched", "the estimator replaced by the tenant's running "
+       "mean of output lengths", {"scheduler.estimator.kind": "tenant-mean"}),
 )  # fmt: skip
 VARIANTS: dict[str, Variant] = {v.name: v for v in _TABLE}
 

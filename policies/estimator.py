@@ -58,7 +58,9 @@ __all__ = ["DriftState", "Estimate", "EstimatorTrainer", "OutputTokenEstimator"]
 
 TYPE = "river"
 _FORMAT = 1
-_SPECIAL = frozenset({"tenant", "model", "max_tokens"})
+#: not numeric features of the shared model (``oracle_output_tokens``: the true length an
+#: ablation's oracle reads, :mod:`policies.estimator_variants`; never learned from)
+_SPECIAL = frozenset({"tenant", "model", "max_tokens", "oracle_output_tokens"})
 log = logging.getLogger(__name__)
 
 
@@ -305,7 +307,7 @@ class OutputTokenEstimator(base.Regressor):
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"not an estimator dump of format {_FORMAT}")
         est = state["estimator"]
-        if not isinstance(est, cls):
+        if type(est) is not cls:  # an ablation's dump is not restored as the real one
             raise ValueError(f"the dump holds {type(est).__name__}, not {cls.__name__}")
         return est
 

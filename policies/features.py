@@ -15,6 +15,11 @@ and later puts, unchanged, into the completion event that trains the estimator. 
     Hashed word unigrams and bigrams of the prompt text (CRC32, so stable across processes
     and restarts), each ``1 / sqrt(n_distinct)``.
 
+``oracle_output_tokens`` (float, only when the input has it)
+    A request's true output length, for the ablation estimator that reads it
+    (:class:`policies.estimator_variants.OracleEstimator`); the gateway fills it only with
+    ``scheduler.estimator.kind: oracle``. No other estimator reads it.
+
 Every value is a ``str`` or a ``float``, so the dict survives a JSON round trip (a Redis
 Stream) as is. Only the first ``head_chars`` and last ``tail_chars`` characters of the prompt
 are read, which bounds the cost on huge prompts (docs/estimator.md, "Cost").
@@ -73,7 +78,8 @@ class RequestFeatures:
         N-grams whose feature name is remembered (cleared when full); only a speed-up.
 
     The input dict has ``prompt`` (str), ``prompt_tokens`` (int), and optionally ``tenant``,
-    ``model``, ``n_messages`` (messages in the request, default 1) and ``max_tokens``.
+    ``model``, ``n_messages`` (messages in the request, default 1), ``max_tokens`` and
+    ``oracle_output_tokens``.
     Deterministic: the output depends only on the input and the parameters (the n-gram
     cache changes speed, not results).
 
@@ -121,6 +127,9 @@ class RequestFeatures:
             out["max_tokens"] = float(max_tokens)
             out["has_max_tokens"] = 1.0
             out["log_max_tokens"] = math.log1p(float(max_tokens)) / 5.0
+        oracle = x.get("oracle_output_tokens")
+        if oracle is not None:
+            out["oracle_output_tokens"] = float(oracle)
         words = text.lower().translate(_PUNCT).split()
         grams = set(words)
         if self.bigrams:

@@ -192,6 +192,10 @@ class PolicyConfig(_Strict):
 class EstimatorConfig(_Strict):
     """The output-token estimator (docs/estimator.md)."""
 
+    #: ``river`` (the estimator); ``oracle`` and ``tenant-mean`` are ablations for
+    #: experiments (policies/estimator_variants.py): ``oracle`` trusts the client's
+    #: ``x-oracle-output-tokens`` header, so never configure it in service
+    kind: Literal["river", "oracle", "tenant-mean"] = "river"
     #: where the model is saved and restored from (None: start cold, never save)
     path: str | None = None
     #: saving pauses the event loop ~0.1-0.5 s (pickling holds the GIL): keep it rare

@@ -52,6 +52,7 @@ from adapters.upstream import (
     upstream_status_error,
 )
 from proxy.auth import Principal, bearer_token
+from proxy.estimation import ORACLE_HEADER, with_oracle_length
 from proxy.lifecycle import Outcome, RequestLifecycle, mint_id
 from proxy.requests import MAX_TOKENS, PATHS, UPSTREAM_PATH, ParsedRequest, parse_request
 from proxy.tokens import PromptTokens
@@ -152,6 +153,8 @@ class OpenAIHandler:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.tokens = PromptTokens(gw.settings)
+        #: an ablation's estimator reads the client's claimed output length (never in service)
+        self._oracle = gw.settings.scheduler.estimator.kind == "oracle"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -197,6 +200,8 @@ class OpenAIHandler:
             ctx.stage = "body"
             raw = await self._read_body(scope, receive)
             ctx.req = req = parse_request(endpoint, raw)
+            if self._oracle:
+                ctx.req = req = with_oracle_length(req, _header(scope, ORACLE_HEADER))
             self._check_model(ctx.principal, req.model)
             ctx.req = req = await self.tokens.count(req)
         except GatewayError as e:

@@ -70,6 +70,9 @@ class ParsedRequest:
     prompt_text: str = ""
     #: what is counted: the chat ``messages``, or the ``prompt`` / ``input`` as sent
     source: Any = None
+    #: the client's claimed output length, read only with ``estimator.kind: oracle``
+    #: (:func:`proxy.estimation.with_oracle_length`); None otherwise
+    oracle_output_tokens: int | None = None
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> InvalidRequest:

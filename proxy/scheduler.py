@@ -201,6 +201,7 @@ class Scheduler:
             "prompt": req.prompt_text, "prompt_tokens": req.prompt_tokens,
             "tenant": tenant.name, "model": req.model, "n_messages": req.n_messages or 1,
             "max_tokens": req.max_tokens,
+            "oracle_output_tokens": req.oracle_output_tokens,  # None unless estimator.kind oracle
         })
 
     def estimate(self, x: dict[str, Any], max_tokens: int | None) -> Estimate:

@@ -55,7 +55,8 @@ def test_a_variant_differs_from_its_base_by_exactly_its_settings(
 
 def test_ablations_are_named_and_each_changes_one_thing() -> None:
     assert {"fcfs", "fair", "priority", "driftsched", "priority+governor", "driftsched-no-drift",
-            "driftsched-no-governor", "driftsched-no-feasibility"} <= set(VARIANTS)  # fmt: skip
+            "driftsched-no-governor", "driftsched-no-feasibility", "driftsched-oracle",
+            "driftsched-tenant-mean"} <= set(VARIANTS)  # fmt: skip
     for v in VARIANTS.values():
         assert len(v.settings) == (0 if v.name == v.policy else 1), v.name
         assert v.what
