@@ -258,7 +258,7 @@ def cleanup_redis(url: str, prefix: str) -> None:
         import redis
 
         r = redis.Redis.from_url(url)
-        keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
+        keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
         if keys:
             r.delete(*keys)
         r.close()
@@ -525,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="LABEL=DIR",
-        help="also run DriftSched (memory store) from another source tree, e.g. a "
-        "`git worktree` of an older commit, as target LABEL (repeatable)",
+        help="also run DriftSched from another source tree, e.g. a `git worktree` of an "
+        "older commit, as target LABEL (repeatable); the memory store, or the redis store "
+        "when LABEL ends in 'redis' (e.g. old-redis=DIR)",
     )
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
     p.add_argument(
@@ -582,8 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in targets:
         if t in ("memory", "redis") or t in compare:
             store = (
-                {"type": "redis", "url": a.redis_url, "prefix": prefix}
-                if t == "redis"
+                {"type": "redis", "url": a.redis_url, "prefix": f"{prefix}-{t}"}
+                if t.endswith("redis")
                 else {"type": "memory"}
             )
             port = free_port()

@@ -22,6 +22,7 @@ admission queue (renewed by the scheduler); shaping charges buckets and holds no
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -148,9 +149,13 @@ class RequestLifecycle:
             # the engine did work but reported nothing (disconnect, broken stream): estimate
             p_tok = req.prompt_tokens
             c_tok = max(0, out.streamed_events - 2)
+        # the release (one queue round trip) runs while the store settles the charge (one
+        # store round trip): on Redis the two go out together
+        released = None
         if self.admitted is not None:
             known = bool(usage) and out.status == 200 and req.endpoint != "embeddings"
-            await gw.scheduler.complete(self.admitted, c_tok if known else None)
+            released = asyncio.ensure_future(
+                gw.scheduler.complete(self.admitted, c_tok if known else None))
             tm.in_flight.dec()
         if self.stage in ("queued", "upstream") and out.status != 499 \
                 and req.endpoint != "embeddings":
@@ -166,11 +171,14 @@ class RequestLifecycle:
         if self._shaped:
             actual = p_tok + c_tok if self.upstream_reached else 0
             delta = actual - self._charged
-        # release + reconcile + usage: one store round trip
-        await gw.shaper.finish(
-            tenant.name, delta, Limits.of(tenant),
-            requests=1, errors=0 if out.status == 200 else 1, tokens_in=p_tok, tokens_out=c_tok,
-        )
+        try:
+            await gw.shaper.finish(
+                tenant.name, delta, Limits.of(tenant), requests=1,
+                errors=0 if out.status == 200 else 1, tokens_in=p_tok, tokens_out=c_tok,
+            )
+        finally:
+            if released is not None:
+                await released
         if p_tok:
             tm.prompt_tokens.inc(p_tok)
         if c_tok:

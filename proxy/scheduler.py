@@ -380,7 +380,8 @@ class Scheduler:
         granted = False
         try:
             await self.publish_limits([tenant.name])
-            result = await self.queue.enqueue(item, now)
+            # queued and, when it fits now, granted: one atomic step (one Redis round trip)
+            result, _ = await self.queue.enqueue_dispatch(item, now, self._lease_ttl)
             if result in ("tenant_full", "full"):
                 raise self._queue_full(tenant, result)
         except StoreDown as e:
@@ -392,7 +393,6 @@ class Scheduler:
         self.ledger.queued(tenant.name, charge)
         try:
             try:
-                await self.queue.dispatch(now, self._lease_ttl)
                 res = await self.queue.wait(rid, tenant.queue_timeout_s + 0.5)
             except StoreDown as e:
                 raise StoreUnavailable("The admission queue's store is unavailable.") from e
@@ -474,7 +474,9 @@ class Scheduler:
         if adm.growing is not None:
             adm.growing.cancel()
         try:
-            await self.queue.release(rid, correction)
+            # freed and re-dispatched into the room it made: one atomic step
+            await self.queue.release_dispatch(rid, correction, self.clock.time(),
+                                              self._lease_ttl)
         except Exception as e:
             # retried by the capacity loop until the store answers (the lease is the backstop)
             log.warning("releasing a grant failed; retrying: %s", e)

@@ -193,6 +193,14 @@ class AdmissionQueue(Protocol):
         ``"expired"``) by the next :meth:`dispatch`.
         """
 
+    async def enqueue_dispatch(
+        self, item: QueueItem, now: float, lease_ttl_s: float, max_grants: int = 64
+    ) -> tuple[EnqueueResult, list[Grant]]:
+        """:meth:`enqueue` then, when queued, :meth:`dispatch` (``now``, ``lease_ttl_s``,
+        ``max_grants``), as one atomic step: one round trip on Redis for a request's queueing
+        and (when it fits) its grant. Wakes :meth:`wait_capacity` only when the dispatch
+        stopped at ``max_grants`` (more may fit); otherwise it took everything that fits."""
+
     async def set_limits(self, limits: dict[str, int | None]) -> None:
         """Set tenants' concurrency limits (``None`` = unlimited), read by every later
         :meth:`dispatch` on every replica: a lower limit parks the tenant's queued items
@@ -251,6 +259,15 @@ class AdmissionQueue(Protocol):
         may be negative) is added to the tenant's virtual counter when a hold was freed: the
         fair-share charge made at grant time settled against the real output. Idempotent.
         Wakes :meth:`wait_capacity` everywhere when something was freed."""
+
+    async def release_dispatch(
+        self, item_id: str, correction: float, now: float, lease_ttl_s: float,
+        max_grants: int = 64,
+    ) -> list[Grant]:
+        """:meth:`release` then, when something was freed, :meth:`dispatch` into the room it
+        made, as one atomic step (one round trip on Redis); the grants made, for any
+        replica. Wakes :meth:`wait_capacity` only when the dispatch stopped at
+        ``max_grants``."""
 
     async def move(self, item_id: str, engine: str) -> bool:
         """Move a hold (its footprint and sequence) to ``engine``: the request is served by

@@ -66,6 +66,14 @@ class MemoryQueue:
             self._bell.ring()
         return result
 
+    async def enqueue_dispatch(
+        self, item: QueueItem, now: float, lease_ttl_s: float, max_grants: int = 64
+    ) -> tuple[EnqueueResult, list[Grant]]:
+        result = self.core.enqueue(item)
+        if result != "queued":
+            return result, []
+        return result, self._dispatch(now, lease_ttl_s, max_grants)
+
     async def cancel(self, item_id: str) -> bool:
         self._mailbox.discard(item_id)
         if not self.core.cancel(item_id):
@@ -74,11 +82,19 @@ class MemoryQueue:
         return True
 
     async def dispatch(self, now: float, lease_ttl_s: float, max_grants: int = 64) -> list[Grant]:
+        return self._dispatch(now, lease_ttl_s, max_grants, wake=False)
+
+    def _dispatch(
+        self, now: float, lease_ttl_s: float, max_grants: int, wake: bool = True
+    ) -> list[Grant]:
+        """Dispatch and deliver; ``wake``: ring the bell if ``max_grants`` stopped it."""
         grants, expired = self.core.dispatch(now, lease_ttl_s, max_grants, self.replica_id)
         for item in expired:
             self._mailbox.deliver(item.id, "expired")
         for grant in grants:
             self._mailbox.deliver(grant.id, grant)
+        if wake and len(grants) >= max_grants:
+            self._bell.ring()
         return grants
 
     async def wait(self, item_id: str, timeout_s: float) -> WaitResult:
@@ -99,6 +115,15 @@ class MemoryQueue:
         self._mailbox.discard(item_id)
         if self.core.release(item_id, correction):
             self._bell.ring()
+
+    async def release_dispatch(
+        self, item_id: str, correction: float, now: float, lease_ttl_s: float,
+        max_grants: int = 64,
+    ) -> list[Grant]:
+        self._mailbox.discard(item_id)
+        if not self.core.release(item_id, correction):
+            return []
+        return self._dispatch(now, lease_ttl_s, max_grants)
 
     async def move(self, item_id: str, engine: str) -> bool:
         moved = self.core.move(item_id, engine)

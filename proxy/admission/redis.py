@@ -39,7 +39,8 @@ Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
 * channels (not keys) ``P:queue:replica:<replica>`` (JSON outcome) and
   ``P:queue:capacity``.
 
-Per-flow keys are derived inside the scripts from the declared ``:seq`` key, so they share
+Every script declares one key, ``:seq``; the others (the layout above, per flow, per model,
+per tenant) are derived from it inside the scripts, so they share
 its hash tag and slot. Redis Cluster trade-off: one hash tag puts the whole queue and ledger
 on one shard, so a dispatch sees one global order and one capacity view atomically; that
 shard carries all admission traffic (a few scripts per request). Sharding by model or
@@ -131,8 +132,13 @@ _ENQUEUED: dict[int, EnqueueResult] = {1: "queued", 0: "duplicate", -1: "tenant_
 EXPIRED_MEMORY_S = 600.0
 
 
+#: the scripts that run the dispatch step (``lua/dispatching.lua``)
+_DISPATCHING = ("dispatch", "enqueue", "release")
+
+
 def _load_script(name: str) -> str:
-    return lua_source("proxy.admission", "common.lua", f"{name}.lua")
+    step = ("dispatching.lua",) if name in _DISPATCHING else ()
+    return lua_source("proxy.admission", "common.lua", *step, f"{name}.lua")
 
 
 def _capacity_json(cap: EngineCapacity) -> str:
@@ -281,7 +287,7 @@ class RedisQueue:
         script = self._scripts.get(name)
         if script is None:
             raise RuntimeError("RedisQueue.start() must be awaited first")
-        return await script(keys=self._keys, args=[self._channels, *args])
+        return await script(keys=self._keys[:1], args=[self._channels, *args])
 
     # -- notifications -------------------------------------------------------------------
     async def _read_notifications(self, pubsub: PubSub) -> None:
@@ -335,9 +341,21 @@ class RedisQueue:
     # -- queue ---------------------------------------------------------------------------
     @unavailable_on_io_error
     async def enqueue(self, item: QueueItem, now: float) -> EnqueueResult:
+        code, _, _ = await self._run("enqueue", *self._enqueue_args(item))
+        return _ENQUEUED[int(code)]
+
+    @unavailable_on_io_error
+    async def enqueue_dispatch(
+        self, item: QueueItem, now: float, lease_ttl_s: float, max_grants: int = 64
+    ) -> tuple[EnqueueResult, list[Grant]]:
+        code, raw_grants, expired = await self._run(
+            "enqueue", *self._enqueue_args(item), *self._dispatch_args(now, lease_ttl_s,
+                                                                      max_grants))
+        return _ENQUEUED[int(code)], self._delivered(raw_grants, expired)
+
+    def _enqueue_args(self, item: QueueItem) -> tuple[str, ...]:
         caps = self.caps
-        code = await self._run(
-            "enqueue",
+        return (
             item.id,
             num(float(item.score)),
             num(float(item.deadline)),
@@ -345,23 +363,13 @@ class RedisQueue:
             "" if caps.max_queued_per_tenant is None else str(caps.max_queued_per_tenant),
             "" if caps.max_queued is None else str(caps.max_queued),
         )
-        return _ENQUEUED[int(code)]
 
-    @unavailable_on_io_error
-    async def cancel(self, item_id: str) -> bool:
-        self._mailbox.discard(item_id)
-        return bool(await self._run("cancel", item_id))
+    def _dispatch_args(self, now: float, lease_ttl_s: float, max_grants: int) -> tuple[str, ...]:
+        return (num(now), num(lease_ttl_s), str(int(max_grants)), self.replica_id,
+                num(EXPIRED_MEMORY_S))
 
-    @unavailable_on_io_error
-    async def dispatch(self, now: float, lease_ttl_s: float, max_grants: int = 64) -> list[Grant]:
-        raw_grants, expired = await self._run(
-            "dispatch",
-            num(now),
-            num(lease_ttl_s),
-            str(int(max_grants)),
-            self.replica_id,
-            num(EXPIRED_MEMORY_S),
-        )
+    def _delivered(self, raw_grants: list[Any], expired: list[Any]) -> list[Grant]:
+        """A dispatch's reply as grants; this replica's outcomes go to its mailbox."""
         grants = [
             Grant(text(i), text(t), text(r), text(e), int(text(f))) for i, t, r, e, f in raw_grants
         ]
@@ -371,6 +379,17 @@ class RedisQueue:
         for item_id in expired:
             self._mailbox.deliver(text(item_id), "expired")
         return grants
+
+    @unavailable_on_io_error
+    async def cancel(self, item_id: str) -> bool:
+        self._mailbox.discard(item_id)
+        return bool(await self._run("cancel", item_id))
+
+    @unavailable_on_io_error
+    async def dispatch(self, now: float, lease_ttl_s: float, max_grants: int = 64) -> list[Grant]:
+        raw_grants, expired = await self._run(
+            "dispatch", *self._dispatch_args(now, lease_ttl_s, max_grants))
+        return self._delivered(raw_grants, expired)
 
     @unavailable_on_io_error
     async def _snapshot(self, item_id: str) -> Snapshot:
@@ -399,6 +418,17 @@ class RedisQueue:
     async def release(self, item_id: str, correction: float = 0.0) -> None:
         self._mailbox.discard(item_id)
         await self._run("release", item_id, num(float(correction)))
+
+    @unavailable_on_io_error
+    async def release_dispatch(
+        self, item_id: str, correction: float, now: float, lease_ttl_s: float,
+        max_grants: int = 64,
+    ) -> list[Grant]:
+        self._mailbox.discard(item_id)
+        _, raw_grants, expired = await self._run(
+            "release", item_id, num(float(correction)),
+            *self._dispatch_args(now, lease_ttl_s, max_grants))
+        return self._delivered(raw_grants, expired)
 
     @unavailable_on_io_error
     async def move(self, item_id: str, engine: str) -> bool:

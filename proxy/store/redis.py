@@ -290,19 +290,16 @@ class RedisStore:
         self, tenant: str, delta_tokens: int, limits: Limits, now: float,
         *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
     ) -> None:
-        pipe = self._r.pipeline(transaction=False)
-        if delta_tokens:
-            keys = [self._k.of(tenant, "tpm"), self._k.of(tenant, f"day:{utc_day(now)}")]
-            args = [num(now), str(clamp_delta(int(delta_tokens))), num(limits.tpm),
-                    str(_DAY_TTL_S)]
-            await self._script("reconcile")(keys=keys, args=args, client=pipe)
-        values = dict(zip(_USAGE_FIELDS, (requests, errors, tokens_in, tokens_out), strict=True))
-        key = self._k.of(tenant, "usage")
-        for f, v in values.items():
+        day = self._k.of(tenant, f"day:{utc_day(now)}")
+        keys = [self._k.of(tenant, "tpm"), day, self._k.of(tenant, "usage")]
+        args = [num(now), str(clamp_delta(int(delta_tokens))), num(limits.tpm), str(_DAY_TTL_S)]
+        values = (requests, errors, tokens_in, tokens_out)
+        for f, v in zip(_USAGE_FIELDS, values, strict=True):
             if v:
-                pipe.hincrby(key, f, v)
-        if len(pipe):
-            await pipe.execute()
+                args += [f, str(int(v))]
+        if delta_tokens or len(args) > 4:
+            # reconcile + usage: one script, one round trip
+            await self._run("reconcile", keys, args)
 
     @unavailable_on_io_error
     async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:

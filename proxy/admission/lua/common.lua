@@ -1,16 +1,20 @@
 -- Admission-queue prelude, prepended to every queue script. It repeats
 -- proxy/admission/core.py function for function (same names, same order of effects), so
 -- both queues decide identically; tests/proxy/admission/test_differential.py checks it.
--- Every script gets the same KEYS, all under one hash tag, and ARGV[1] = the channel
--- prefix; its own ARGV start at 2. Layout: proxy/admission/redis.py documents it.
-local K_SEQ, K_ITEMS, K_DEADLINES, K_DEPTH = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_ENGINES, K_FRESH, K_HELD, K_SEQS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_HOLDS, K_LEASES, K_INFLIGHT, K_EXPIRED = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local K_FHEAD, K_LIMITS, K_GRANTED = KEYS[13], KEYS[14], KEYS[15]
-local K_VC, K_BACKLOG, K_QCHARGE, K_CONF = KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-local K_ALIVE, K_LATE = KEYS[20], KEYS[21]
--- per-flow, per-model and per-tenant keys share the hash tag: derived from the seq key
+-- Every script gets one KEY, the queue's seq key: every other key shares its hash tag and slot,
+-- so they are derived from it (a script call then packs one key, not 21). ARGV[1] = the
+-- channel prefix; a script's own ARGV start at 2. Layout: proxy/admission/redis.py documents it.
+local K_SEQ = KEYS[1]
 local BASE = string.sub(K_SEQ, 1, -4)
+local K_ITEMS, K_DEADLINES, K_DEPTH = BASE .. 'items', BASE .. 'deadlines', BASE .. 'depth'
+local K_ENGINES, K_FRESH, K_HELD, K_SEQS = BASE .. 'engines', BASE .. 'fresh', BASE .. 'held',
+  BASE .. 'seqs'
+local K_HOLDS, K_LEASES, K_INFLIGHT, K_EXPIRED = BASE .. 'holds', BASE .. 'leases',
+  BASE .. 'inflight', BASE .. 'expired'
+local K_FHEAD, K_LIMITS, K_GRANTED = BASE .. 'fhead', BASE .. 'limits', BASE .. 'granted'
+local K_VC, K_BACKLOG, K_QCHARGE, K_CONF = BASE .. 'vc', BASE .. 'backlog', BASE .. 'qcharge',
+  BASE .. 'conf'
+local K_ALIVE, K_LATE = BASE .. 'alive', BASE .. 'late'
 local CH_CAPACITY = ARGV[1] .. 'capacity'
 local CH_REPLICA = ARGV[1] .. 'replica:'
 

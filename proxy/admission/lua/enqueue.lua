@@ -1,18 +1,34 @@
--- Queue an item in its flow (AdmissionQueue.enqueue; core.py: enqueue).
+-- Queue an item in its flow (AdmissionQueue.enqueue; core.py: enqueue), and with dispatch
+-- arguments dispatch at once (dispatching.lua), in the same atomic step.
 -- ARGV: channels, id, score, deadline, record JSON {t, r, m, f, x?, g?, l?}, max queued per
--- tenant ('' = none), max queued ('' = none). `g`: the charge, `l`: late_at, as strings (exact).
--- Returns 1 queued, 0 duplicate, -1 tenant full, -2 full.
+-- tenant ('' = none), max queued ('' = none); optionally now, lease_ttl_s, max_grants, the
+-- calling replica, expired memory (s). `g`: the charge, `l`: late_at, as strings (exact).
+-- Returns {code, grants, expired}: code 1 queued, 0 duplicate, -1 tenant full, -2 full;
+-- grants and expired as dispatch.lua returns them (empty without dispatch arguments).
 local id = ARGV[2]
+local function result(code)
+  if code ~= 1 or ARGV[8] == nil then
+    if code == 1 then
+      redis.call('PUBLISH', CH_CAPACITY, 'enqueue')
+    end
+    return {code, {}, {}}
+  end
+  local out, more = dispatch_now(ARGV[8], ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12])
+  if more then
+    redis.call('PUBLISH', CH_CAPACITY, 'enqueue')
+  end
+  return {code, out[1], out[2]}
+end
 if redis.call('HEXISTS', K_ITEMS, id) == 1 or redis.call('HEXISTS', K_HOLDS, id) == 1 then
-  return 0
+  return result(0)
 end
 local rec = cjson.decode(ARGV[5])
 local cap_t, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
 if cap_t and tonumber(redis.call('HGET', K_DEPTH, rec.t) or '0') >= cap_t then
-  return -1
+  return result(-1)
 end
 if cap and redis.call('HLEN', K_ITEMS) >= cap then
-  return -2
+  return result(-2)
 end
 rec.q = redis.call('INCR', K_SEQ)
 if redis.call('HEXISTS', K_DEPTH, rec.t) == 0 then -- becomes backlogged: lifted to the floor
@@ -37,5 +53,4 @@ if rec.l then
 end
 redis.call('HINCRBY', K_DEPTH, rec.t, 1)
 flow_sync(rec.t, rec.m)
-redis.call('PUBLISH', CH_CAPACITY, 'enqueue')
-return 1
+return result(1)

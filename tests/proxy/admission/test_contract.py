@@ -519,6 +519,49 @@ async def test_release_enqueue_and_cancel_wake_capacity_waiters(queue: Admission
         assert loop.time() - started < 2.0
 
 
+async def test_enqueue_dispatch_grants_in_the_same_step(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 250)], T0, ENGINE_TTL)
+    result, grants = await queue.enqueue_dispatch(make_item("a", footprint=200), T0, TTL)
+    assert result == "queued" and [g.id for g in grants] == ["a"]
+    assert isinstance(await queue.wait("a", 0.0), Grant)  # delivered before anyone waited
+    # no room: queued, no grant; a duplicate or a refused item dispatches nothing
+    assert await queue.enqueue_dispatch(make_item("b", footprint=200), T0, TTL) == ("queued", [])
+    assert await queue.enqueue_dispatch(make_item("b"), T0, TTL) == ("duplicate", [])
+    assert await queue.depth() == {"acme": 1}
+
+
+async def test_release_dispatch_grants_into_the_room_it_made(queue: AdmissionQueue) -> None:
+    await queue.set_engines([make_engine("e1", 250)], T0, ENGINE_TTL)
+    await enqueue(queue, make_item("a", footprint=200), make_item("b", footprint=200),
+                  make_item("c", footprint=40, replica="r2"))
+    assert await dispatch_ids(queue) == ["a"]  # b blocks the engine: c does not overtake
+    grants = await queue.release_dispatch("a", 0.0, T0, TTL)
+    assert [g.id for g in grants] == ["b", "c"]  # the other replica's grant is returned too
+    assert grants[1].replica == "r2"
+    assert await queue.release_dispatch("a", 0.0, T0, TTL) == []  # idempotent, nothing freed
+    assert load_of(await queue.loads(T0), "e1") == (240, 2)
+
+
+async def test_combined_steps_wake_waiters_only_past_max_grants(queue: AdmissionQueue) -> None:
+    """The step took all that fits: no other dispatch is woken, unless it hit max_grants."""
+    await queue.set_engines([make_engine("e1", None)], T0, ENGINE_TTL)
+    waiter = asyncio.create_task(queue.wait_capacity(0.3))
+    await asyncio.sleep(0.02)
+    assert len((await queue.enqueue_dispatch(make_item("a"), T0, TTL))[1]) == 1
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await waiter
+    assert loop.time() - started > 0.2  # not woken: it timed out
+    await enqueue(queue, make_item("b"), make_item("c"))
+    await asyncio.sleep(0.05)  # (plain enqueues wake: let those rings pass)
+    waiter = asyncio.create_task(queue.wait_capacity(5.0))
+    await asyncio.sleep(0.02)
+    started = loop.time()
+    assert [g.id for g in await queue.release_dispatch("a", 0.0, T0, TTL, 1)] == ["b"]
+    await asyncio.wait_for(waiter, 2.0)  # max_grants reached: c may fit, others are woken
+    assert loop.time() - started < 2.0
+
+
 async def test_wait_capacity_times_out(queue: AdmissionQueue) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()

@@ -2,7 +2,8 @@
 in Lua) make identical decisions on random operation sequences (Hypothesis).
 
 Every operation of :class:`~proxy.admission.base.AdmissionQueue` is drawn: enqueue (with
-depth caps and fair-share charges), cancel, dispatch, release (with charge corrections),
+depth caps and fair-share charges; alone or with a dispatch in the same step), cancel,
+dispatch, release (with charge corrections; alone or with a dispatch in the same step),
 move, grow, renew, limit changes, engine-view changes, replica heartbeats (items of three
 replicas; a lapsed one is reaped), items past their ``late_at`` (demoted or shed) and clock
 steps, under both queue orders (``key`` and ``counter``: exact VTC). After each one both queues must agree on its
@@ -55,6 +56,7 @@ enqueue_op = st.tuples(
         st.sampled_from([0.0, 0.0, 100.0, 1 / 3, 1234.5678, 1e-9]),  # fair-share charge
         st.sampled_from([0, 0, 1, 2]),  # replica
         st.sampled_from([math.inf, math.inf, 0.5, 2.0, 2.0, 10.0]),  # late_at offset
+        st.sampled_from([None, None, 8.0]),  # dispatch in the same step, with this lease
 )
 dispatch_op = st.tuples(st.just("dispatch"), st.sampled_from([2.0, 8.0, 30.0]),
                         st.sampled_from([1, 2, 64]))
@@ -64,7 +66,8 @@ ops = st.one_of(
     st.tuples(st.just("engines"), st.lists(engine_spec, max_size=3, unique_by=lambda e: e[0]),
               st.sampled_from([5.0, 60.0])),
     st.tuples(st.just("release"), st.integers(0, 1000),
-              st.sampled_from([0.0, -50.25, 0.1, 300.0, -1e6])),  # charge correction
+              st.sampled_from([0.0, -50.25, 0.1, 300.0, -1e6]),  # charge correction
+              st.sampled_from([None, 8.0])),  # dispatch in the same step, with this lease
     st.tuples(st.just("move"), st.integers(0, 1000), st.sampled_from(ENGINES)),
     st.tuples(st.just("grow"), st.integers(0, 1000), st.integers(-400, 400)),
     st.tuples(st.just("renew"), st.integers(0, 1000)),
@@ -93,11 +96,16 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
     mem, red = run.mem, run.red
     kind = op[0]
     if kind == "enqueue":
-        _, t, m, score, footprint, exempt, dl, charge, r, late = op
+        _, t, m, score, footprint, exempt, dl, charge, r, late, lease = op
         item = QueueItem(f"i{n}", TENANTS[t], REPLICAS[r], MODELS[m], score, footprint,
                          run.now + dl, exempt, charge, run.now + late)
         run.ids.append(item.id)
-        assert await mem.enqueue(item, run.now) == await red.enqueue(item, run.now)
+        if lease is None:
+            assert await mem.enqueue(item, run.now) == await red.enqueue(item, run.now)
+        else:
+            em = await mem.enqueue_dispatch(item, run.now, lease)
+            assert em == await red.enqueue_dispatch(item, run.now, lease)
+            run.granted += [g.id for g in em[1]]
     elif kind == "dispatch":
         gm = await mem.dispatch(run.now, op[1], op[2])
         gr = await red.dispatch(run.now, op[1], op[2])
@@ -115,8 +123,13 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
         victim = run.granted[op[1] % len(run.granted)]
         if kind == "release":
             run.granted.remove(victim)
-            await mem.release(victim, op[2])
-            await red.release(victim, op[2])
+            if op[3] is None:
+                await mem.release(victim, op[2])
+                await red.release(victim, op[2])
+            else:
+                gm = await mem.release_dispatch(victim, op[2], run.now, op[3])
+                assert gm == await red.release_dispatch(victim, op[2], run.now, op[3])
+                run.granted += [g.id for g in gm]
         elif kind == "grow":
             await mem.grow(victim, op[2])
             await red.grow(victim, op[2])
@@ -192,7 +205,7 @@ def test_a_long_mixed_run_decides_alike(
     for n in range(300):
         seq.append(("enqueue", n % 4, n % 2, float(n % 7), (n * 97) % 1300, n % 11 == 0,
                     [5.0, 30.0, 300.0][n % 3], (n * 37 % 500) / 7, n % 5 % 3,
-                    [math.inf, 3.0, 8.0][n % 3]))
+                    [math.inf, 3.0, 8.0][n % 3], 8.0 if n % 6 == 1 else None))
         if n % 13 == 0:
             seq.append(("heartbeat", n % 3, [2.0, 30.0][n // 13 % 2]))
         if n % 5 == 0:
@@ -200,7 +213,7 @@ def test_a_long_mixed_run_decides_alike(
         if n % 3 == 0:
             seq.append(("dispatch", 8.0, 64))
         if n % 4 == 0:
-            seq.append(("release", n, (n % 9 - 4) * 12.5))
+            seq.append(("release", n, (n % 9 - 4) * 12.5, 8.0 if n % 8 == 0 else None))
         if n % 17 == 0:
             seq.append(("clock", 4.0))
         if n % 29 == 0:
