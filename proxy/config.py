@@ -49,6 +49,7 @@ from pydantic import (
 from adapters.config import PoolConfig, UpstreamConfig
 from adapters.config import _Strict as _EngineStrict
 from adapters.errors import ConfigError
+from proxy.redisurl import is_sentinel_url, parse_sentinel_url
 
 ENV_PREFIX = "DRIFTSCHED_"
 REDACTED = "<redacted>"
@@ -128,9 +129,24 @@ class AdminConfig(_Strict):
     public_docs: bool = False
 
 
+def _redis_url(v: str) -> str:
+    """A URL redis-py (``redis://``, ``rediss://``, ``unix://``) or :mod:`proxy.redisurl`
+    (``redis+sentinel://``, ``rediss+sentinel://``) can connect to."""
+    if is_sentinel_url(v):
+        parse_sentinel_url(v)  # raises ValueError naming the problem
+        return v
+    scheme = v.split("://", 1)[0].lower() if "://" in v else ""
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss://, unix://, redis+sentinel:// or "
+                         f"rediss+sentinel:// URL, got scheme {scheme!r}")
+    return v
+
+
 class StoreConfig(_Strict):
     type: Literal["memory", "redis"] = "memory"
-    url: str = "redis://127.0.0.1:6379/0"
+    #: ``redis://``/``rediss://``/``unix://``, or ``redis+sentinel://h:p[,h:p]/service[/db]``
+    #: to follow the primary a Sentinel names (failover; :mod:`proxy.redisurl`)
+    url: Annotated[str, AfterValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
     prefix: str = "driftsched"
     #: an engine hold (a request's admission slot) not renewed for this long is reclaimed
     #: (crashed replica)
