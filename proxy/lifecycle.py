@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.shaping import ratelimit_headers
-from proxy.store.base import Limits
+from proxy.store.base import Decision, Limits
 
 if TYPE_CHECKING:
     from adapters.base import Backend
@@ -97,18 +97,29 @@ class RequestLifecycle:
             expected_out = req.max_tokens if req.max_tokens is not None else max(1, round(est.p50))
         self.stage = "shaping"
         # RPM/TPM/quota here; concurrency is the queue's job (the live, drift-adjusted limit)
-        decision = await gw.shaper.acquire(tenant, req.prompt_tokens + expected_out,
-                                           Limits.of(tenant))
-        self._shaped, self._charged = True, req.prompt_tokens + expected_out
-        self.rl_headers = ratelimit_headers(decision.state)
-        self.stage = "queued"
-        self.admitted = adm = await sched.admit(tenant, req, self.id, x, est)
+        charge, limits = req.prompt_tokens + expected_out, Limits.of(tenant)
+        step = gw.shaper.step(tenant, charge, limits) if sched.queue.runs_store_steps else None
+        if step is None:
+            self._charge_shaped(await gw.shaper.acquire(tenant, charge, limits), charge)
+            self.admitted = adm = await sched.admit(tenant, req, self.id, x, est)
+        else:
+            # shaping runs first in the queue's enqueue script: one round trip for both
+            def shaped(reply: Any) -> None:
+                self._charge_shaped(gw.shaper.judge(tenant, charge, limits, reply), charge)
+
+            self.admitted = adm = await sched.admit(tenant, req, self.id, x, est, step, shaped)
         self.admitted_at = gw.clock.monotonic()
         tm = gw.metrics.tenant(tenant.name, tenant.qos_class)
         tm.queue_wait.observe(self.admitted_at - self.t0)
         tm.in_flight.inc()
         self.stage = "upstream"
         self.grow_mark = adm.grant.footprint - adm.qreq.prompt_tokens + 2
+
+    def _charge_shaped(self, decision: Decision, charge: int) -> None:
+        """Shaping passed and charged ``charge`` tokens: the request is now queued."""
+        self._shaped, self._charged = True, charge
+        self.rl_headers = ratelimit_headers(decision.state)
+        self.stage = "queued"
 
     # -- engine --------------------------------------------------------------------------
     async def next_engine(self) -> Backend | None:
@@ -149,13 +160,23 @@ class RequestLifecycle:
             # the engine did work but reported nothing (disconnect, broken stream): estimate
             p_tok = req.prompt_tokens
             c_tok = max(0, out.streamed_events - 2)
-        # the release (one queue round trip) runs while the store settles the charge (one
-        # store round trip): on Redis the two go out together
-        released = None
+        # the release runs while the rest settles; on Redis it also settles the store's
+        # charge and usage (one script), else the store is settled at the same time
+        delta = 0
+        if self._shaped:
+            actual = p_tok + c_tok if self.upstream_reached else 0
+            delta = actual - self._charged
+        usage_counts = {"requests": 1, "errors": 0 if out.status == 200 else 1,
+                        "tokens_in": p_tok, "tokens_out": c_tok}
+        released, settle = None, None
         if self.admitted is not None:
             known = bool(usage) and out.status == 200 and req.endpoint != "embeddings"
+            if gw.scheduler.queue.runs_store_steps:
+                # the store's settlement runs in the release's script: one round trip
+                settle = gw.shaper.finish_step(tenant.name, delta, Limits.of(tenant),
+                                               **usage_counts)
             released = asyncio.ensure_future(
-                gw.scheduler.complete(self.admitted, c_tok if known else None))
+                gw.scheduler.complete(self.admitted, c_tok if known else None, settle))
             tm.in_flight.dec()
         if self.stage in ("queued", "upstream") and out.status != 499 \
                 and req.endpoint != "embeddings":
@@ -167,15 +188,9 @@ class RequestLifecycle:
                 ttft_s=out.first_byte_at - self.t0
                 if req.stream and out.first_byte_at is not None else None,
                 e2e_s=end - self.t0, output_tokens=c_tok)
-        delta = 0
-        if self._shaped:
-            actual = p_tok + c_tok if self.upstream_reached else 0
-            delta = actual - self._charged
         try:
-            await gw.shaper.finish(
-                tenant.name, delta, Limits.of(tenant), requests=1,
-                errors=0 if out.status == 200 else 1, tokens_in=p_tok, tokens_out=c_tok,
-            )
+            if settle is None:
+                await gw.shaper.finish(tenant.name, delta, Limits.of(tenant), **usage_counts)
         finally:
             if released is not None:
                 await released

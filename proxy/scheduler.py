@@ -37,6 +37,7 @@ import contextlib
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,8 +66,8 @@ from proxy.admission.base import (
 from proxy.completions import CompletionBus, LocalCompletions
 from proxy.config import Settings
 from proxy.requests import ParsedRequest
+from proxy.store.base import StoreStep, Tenant
 from proxy.store.base import StoreUnavailable as StoreDown
-from proxy.store.base import Tenant
 
 log = logging.getLogger("driftsched.scheduler")
 #: shorter answers' TPOT is not held against the SLO in the controller's feedback
@@ -350,13 +351,18 @@ class Scheduler:
             f"requests/s. Please retry after {retry:.0f}s.", retry_after_s=retry)
 
     async def admit(
-        self, tenant: Tenant, req: ParsedRequest, rid: str, x: dict[str, Any], est: Estimate
+        self, tenant: Tenant, req: ParsedRequest, rid: str, x: dict[str, Any], est: Estimate,
+        shaping: StoreStep | None = None, shaped: Callable[[Any], object] | None = None,
     ) -> Admitted:
         """Queue the request and return once it is granted an engine.
 
         ``x`` and ``est`` come from :meth:`features_of` and :meth:`estimate`. Raises
         :class:`QueueTimeout` after ``tenant.queue_timeout_s``. Cancellation (client gone)
         removes the item, or releases the grant if it raced with the cancel.
+
+        ``shaping`` (a queue that :attr:`~proxy.admission.base.AdmissionQueue.runs_store_steps`):
+        the request's rate shaping, run first in the enqueue's script; ``shaped`` gets its
+        reply at once, before any wait, and raises the 429 when it refused.
         """
         now = self.clock.time()
         level = self.settings.classes[tenant.qos_class].level
@@ -380,8 +386,12 @@ class Scheduler:
         granted = False
         try:
             await self.publish_limits([tenant.name])
-            # queued and, when it fits now, granted: one atomic step (one Redis round trip)
-            result, _ = await self.queue.enqueue_dispatch(item, now, self._lease_ttl)
+            # shaped, queued and, when it fits now, granted: one atomic step (one round trip)
+            done = await self.queue.enqueue_dispatch(item, now, self._lease_ttl,
+                                                     store_step=shaping)
+            if shaped is not None and shaping is not None:
+                shaped(done.store_reply)  # raises the shaping 429 (then nothing was queued)
+            result = done.result
             if result in ("tenant_full", "full"):
                 raise self._queue_full(tenant, result)
         except StoreDown as e:
@@ -461,9 +471,13 @@ class Scheduler:
         finally:
             adm.growing = None
 
-    async def complete(self, adm: Admitted, actual_output: int | None) -> None:
+    async def complete(
+        self, adm: Admitted, actual_output: int | None, settle: StoreStep | None = None
+    ) -> None:
         """Release the hold, correcting its fair-share charge by the real output length;
-        learn from it (None: unknown, charged as predicted, no learning)."""
+        learn from it (None: unknown, charged as predicted, no learning). ``settle``: the
+        store's token settlement, run in the release's script (a queue that runs store
+        steps); lost, with a warning, when the release fails."""
         rid = adm.grant.id
         self._held.pop(rid, None)
         x = adm.features
@@ -476,7 +490,7 @@ class Scheduler:
         try:
             # freed and re-dispatched into the room it made: one atomic step
             await self.queue.release_dispatch(rid, correction, self.clock.time(),
-                                              self._lease_ttl)
+                                              self._lease_ttl, store_step=settle)
         except Exception as e:
             # retried by the capacity loop until the store answers (the lease is the backstop)
             log.warning("releasing a grant failed; retrying: %s", e)

@@ -9,10 +9,11 @@ engine capacity are held once, by the admission queue (:mod:`proxy.admission`).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from adapters.clock import Clock
 from adapters.errors import QuotaExceeded, RateLimited, StoreUnavailable
-from proxy.store.base import Decision, Limits, LimitState, Store, Tenant
+from proxy.store.base import Decision, Limits, LimitState, Store, StoreStep, Tenant
 from proxy.store.base import StoreUnavailable as StoreDown
 
 log = logging.getLogger("driftsched.shaping")
@@ -71,6 +72,29 @@ class Shaper:
             raise StoreUnavailable(
                 "The gateway's state store is unavailable; limits cannot be checked."
             ) from e
+        return self._judged(tenant, tokens, limits, d)
+
+    def step(self, tenant: Tenant, tokens: int, limits: Limits) -> StoreStep | None:
+        """:meth:`acquire` as a store step for the admission queue to run first in its
+        enqueue (one round trip for both); ``None`` when the store has none (memory)."""
+        return self._store.acquire_step(tenant.name, tokens, limits, self._clock.time())
+
+    def judge(self, tenant: Tenant, tokens: int, limits: Limits, reply: Any) -> Decision:
+        """The decision of a :meth:`step`'s reply: as :meth:`acquire`'s (raises its 429)."""
+        return self._judged(tenant, tokens, limits, self._store.decision_of(reply, limits))
+
+    def finish_step(
+        self, tenant: str, delta_tokens: int, limits: Limits, *,
+        requests: int, errors: int, tokens_in: int, tokens_out: int,
+    ) -> StoreStep | None:
+        """:meth:`finish` as a store step for the queue's release; ``None`` when the store
+        has none (memory: call :meth:`finish`) or there is nothing to settle."""
+        return self._store.finish_step(
+            tenant, delta_tokens, limits, self._clock.time(),
+            requests=requests, errors=errors, tokens_in=tokens_in, tokens_out=tokens_out,
+        )
+
+    def _judged(self, tenant: Tenant, tokens: int, limits: Limits, d: Decision) -> Decision:
         if d.ok:
             return d
         hdrs = _headers_dict(d.state)

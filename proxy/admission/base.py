@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+
+if TYPE_CHECKING:
+    from proxy.store.base import StoreStep
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +142,19 @@ class QueueStats:
 
 #: what :meth:`AdmissionQueue.enqueue` says: queued, already known (a no-op), or refused
 #: because the tenant's or the whole queue's depth limit is reached
-EnqueueResult: TypeAlias = Literal["queued", "duplicate", "tenant_full", "full"]
+#: ``"refused"``: a store step run first (:class:`~proxy.store.base.StoreStep`) refused
+EnqueueResult: TypeAlias = Literal["queued", "duplicate", "tenant_full", "full", "refused"]
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """What :meth:`AdmissionQueue.enqueue_dispatch` did: queued or not (``result``), the
+    grants its dispatch made (for any replica), and the reply of the store step it ran
+    first (``None`` without one)."""
+
+    result: EnqueueResult
+    grants: list[Grant]
+    store_reply: Any = None
 
 #: what :meth:`AdmissionQueue.wait` resolves to: the grant, ``"expired"``, or ``None``
 Outcome: TypeAlias = Grant | Literal["expired"]
@@ -193,13 +208,22 @@ class AdmissionQueue(Protocol):
         ``"expired"``) by the next :meth:`dispatch`.
         """
 
+    #: whether :meth:`enqueue_dispatch` and :meth:`release_dispatch` run a ``store_step``
+    #: (redis: the store's script, in the same round trip); else the caller runs it
+    runs_store_steps: bool
+
     async def enqueue_dispatch(
-        self, item: QueueItem, now: float, lease_ttl_s: float, max_grants: int = 64
-    ) -> tuple[EnqueueResult, list[Grant]]:
+        self, item: QueueItem, now: float, lease_ttl_s: float, max_grants: int = 64,
+        store_step: StoreStep | None = None,
+    ) -> Enqueued:
         """:meth:`enqueue` then, when queued, :meth:`dispatch` (``now``, ``lease_ttl_s``,
         ``max_grants``), as one atomic step: one round trip on Redis for a request's queueing
         and (when it fits) its grant. Wakes :meth:`wait_capacity` only when the dispatch
-        stopped at ``max_grants`` (more may fit); otherwise it took everything that fits."""
+        stopped at ``max_grants`` (more may fit); otherwise it took everything that fits.
+
+        ``store_step`` (only where :attr:`runs_store_steps`): the request's shaping, run
+        first in the same step; when its reply's first field is not 1 (refused) nothing is
+        queued (``"refused"``). Its reply is returned as ``store_reply``."""
 
     async def set_limits(self, limits: dict[str, int | None]) -> None:
         """Set tenants' concurrency limits (``None`` = unlimited), read by every later
@@ -262,12 +286,13 @@ class AdmissionQueue(Protocol):
 
     async def release_dispatch(
         self, item_id: str, correction: float, now: float, lease_ttl_s: float,
-        max_grants: int = 64,
+        max_grants: int = 64, store_step: StoreStep | None = None,
     ) -> list[Grant]:
         """:meth:`release` then, when something was freed, :meth:`dispatch` into the room it
         made, as one atomic step (one round trip on Redis); the grants made, for any
         replica. Wakes :meth:`wait_capacity` only when the dispatch stopped at
-        ``max_grants``."""
+        ``max_grants``. ``store_step`` (only where :attr:`runs_store_steps`): the request's
+        token settlement, run first in the same step whatever the release finds."""
 
     async def move(self, item_id: str, engine: str) -> bool:
         """Move a hold (its footprint and sequence) to ``engine``: the request is served by

@@ -12,6 +12,7 @@ from __future__ import annotations
 from proxy.admission.base import (
     EngineCapacity,
     EngineLoad,
+    Enqueued,
     EnqueueResult,
     Grant,
     LateRule,
@@ -23,8 +24,14 @@ from proxy.admission.base import (
 )
 from proxy.admission.core import AdmissionCore
 from proxy.admission.mailbox import Bell, Mailbox, Snapshot
+from proxy.store.base import StoreStep
 
 TYPE = "memory"
+
+
+def _no_steps(step: StoreStep | None) -> None:
+    if step is not None:
+        raise TypeError("the memory queue runs no store steps (runs_store_steps is False)")
 
 
 class MemoryQueue:
@@ -32,6 +39,8 @@ class MemoryQueue:
 
     ``replica_id`` only names this process; every outcome is delivered locally.
     """
+
+    runs_store_steps = False
 
     def __init__(
         self, replica_id: str = "local", caps: QueueCaps | None = None, order: QueueOrder = "key",
@@ -67,12 +76,14 @@ class MemoryQueue:
         return result
 
     async def enqueue_dispatch(
-        self, item: QueueItem, now: float, lease_ttl_s: float, max_grants: int = 64
-    ) -> tuple[EnqueueResult, list[Grant]]:
+        self, item: QueueItem, now: float, lease_ttl_s: float, max_grants: int = 64,
+        store_step: StoreStep | None = None,
+    ) -> Enqueued:
+        _no_steps(store_step)
         result = self.core.enqueue(item)
         if result != "queued":
-            return result, []
-        return result, self._dispatch(now, lease_ttl_s, max_grants)
+            return Enqueued(result, [])
+        return Enqueued(result, self._dispatch(now, lease_ttl_s, max_grants))
 
     async def cancel(self, item_id: str) -> bool:
         self._mailbox.discard(item_id)
@@ -118,8 +129,9 @@ class MemoryQueue:
 
     async def release_dispatch(
         self, item_id: str, correction: float, now: float, lease_ttl_s: float,
-        max_grants: int = 64,
+        max_grants: int = 64, store_step: StoreStep | None = None,
     ) -> list[Grant]:
+        _no_steps(store_step)
         self._mailbox.discard(item_id)
         if not self.core.release(item_id, correction):
             return []

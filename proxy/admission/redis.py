@@ -65,6 +65,7 @@ from redis.exceptions import RedisError
 from proxy.admission.base import (
     EngineCapacity,
     EngineLoad,
+    Enqueued,
     EnqueueResult,
     Grant,
     LateRule,
@@ -84,6 +85,7 @@ from proxy.redisconn import (
     text,
     unavailable_on_io_error,
 )
+from proxy.store.base import StoreStep
 
 TYPE = "redis"
 
@@ -127,7 +129,8 @@ _KEYS = (
     "alive",
     "late",
 )
-_ENQUEUED: dict[int, EnqueueResult] = {1: "queued", 0: "duplicate", -1: "tenant_full", -2: "full"}
+_ENQUEUED: dict[int, EnqueueResult] = {
+    1: "queued", 0: "duplicate", -1: "tenant_full", -2: "full", -3: "refused"}
 #: how long an "expired" outcome stays visible to a late :meth:`RedisQueue.wait`
 EXPIRED_MEMORY_S = 600.0
 
@@ -136,9 +139,33 @@ EXPIRED_MEMORY_S = 600.0
 _DISPATCHING = ("dispatch", "enqueue", "release")
 
 
+#: the scripts that run a store step first (``store_step``, :func:`_store_steps`)
+_STORE_STEPPING = ("enqueue", "release")
+#: the store scripts they can run
+_STORE_STEPS = ("try_acquire", "reconcile")
+
+
+def _store_steps() -> str:
+    """The store's scripts (``proxy/store/lua``, the one implementation of shaping and of
+    settling tokens) as ``store_step(name, keys, args)``: each body becomes a function of
+    its KEYS and ARGV, in a block of its own so the store's helpers stay private."""
+    bodies = "\n".join(
+        f"steps['{name}'] = function(KEYS, ARGV)\n"
+        f"{lua_source('proxy.store', f'{name}.lua')}\nend"
+        for name in _STORE_STEPS
+    )
+    return (f"local store_step\ndo\n{lua_source('proxy.store', 'common.lua')}\n"
+            f"local steps = {{}}\n{bodies}\n"
+            "store_step = function(name, keys, args)\n  return steps[name](keys, args)\nend\n"
+            "end\n")
+
+
 def _load_script(name: str) -> str:
     step = ("dispatching.lua",) if name in _DISPATCHING else ()
-    return lua_source("proxy.admission", "common.lua", *step, f"{name}.lua")
+    source = lua_source("proxy.admission", "common.lua", *step, f"{name}.lua")
+    if name in _STORE_STEPPING:
+        return _store_steps() + source
+    return source
 
 
 def _capacity_json(cap: EngineCapacity) -> str:
@@ -188,7 +215,14 @@ class RedisQueue:
     not closed by :meth:`aclose`); otherwise the queue opens its own pool from ``url``. A
     refused, lost or timed-out connection surfaces as
     :class:`~proxy.store.base.StoreUnavailable`.
+
+    It runs store steps (:attr:`runs_store_steps`): the store's shaping before an enqueue
+    and its token settlement with a release, in the same script. Their keys are the store's
+    (another hash tag), so this needs store and queue on one Redis, not a Redis Cluster
+    (which the gateway's one-primary client does not speak anyway).
     """
+
+    runs_store_steps = True
 
     def __init__(
         self,
@@ -289,6 +323,17 @@ class RedisQueue:
             raise RuntimeError("RedisQueue.start() must be awaited first")
         return await script(keys=self._keys[:1], args=[self._channels, *args])
 
+    async def _run_stepped(self, name: str, args: list[str], step: StoreStep | None) -> Any:
+        """Run ``name`` with a store step first: its keys after the queue's, its script name
+        and arguments after the script's own (which must then be complete)."""
+        script = self._scripts.get(name)
+        if script is None:
+            raise RuntimeError("RedisQueue.start() must be awaited first")
+        if step is None:
+            return await script(keys=self._keys[:1], args=[self._channels, *args])
+        return await script(keys=[self._keys[0], *step.keys],
+                            args=[self._channels, *args, step.script, *step.args])
+
     # -- notifications -------------------------------------------------------------------
     async def _read_notifications(self, pubsub: PubSub) -> None:
         delay = 0.1
@@ -341,17 +386,18 @@ class RedisQueue:
     # -- queue ---------------------------------------------------------------------------
     @unavailable_on_io_error
     async def enqueue(self, item: QueueItem, now: float) -> EnqueueResult:
-        code, _, _ = await self._run("enqueue", *self._enqueue_args(item))
+        code, _, _, _ = await self._run("enqueue", *self._enqueue_args(item))
         return _ENQUEUED[int(code)]
 
     @unavailable_on_io_error
     async def enqueue_dispatch(
-        self, item: QueueItem, now: float, lease_ttl_s: float, max_grants: int = 64
-    ) -> tuple[EnqueueResult, list[Grant]]:
-        code, raw_grants, expired = await self._run(
-            "enqueue", *self._enqueue_args(item), *self._dispatch_args(now, lease_ttl_s,
-                                                                      max_grants))
-        return _ENQUEUED[int(code)], self._delivered(raw_grants, expired)
+        self, item: QueueItem, now: float, lease_ttl_s: float, max_grants: int = 64,
+        store_step: StoreStep | None = None,
+    ) -> Enqueued:
+        args = [*self._enqueue_args(item), *self._dispatch_args(now, lease_ttl_s, max_grants)]
+        code, raw_grants, expired, reply = await self._run_stepped("enqueue", args, store_step)
+        grants = self._delivered(raw_grants, expired)
+        return Enqueued(_ENQUEUED[int(code)], grants, reply if store_step else None)
 
     def _enqueue_args(self, item: QueueItem) -> tuple[str, ...]:
         caps = self.caps
@@ -422,12 +468,12 @@ class RedisQueue:
     @unavailable_on_io_error
     async def release_dispatch(
         self, item_id: str, correction: float, now: float, lease_ttl_s: float,
-        max_grants: int = 64,
+        max_grants: int = 64, store_step: StoreStep | None = None,
     ) -> list[Grant]:
         self._mailbox.discard(item_id)
-        _, raw_grants, expired = await self._run(
-            "release", item_id, num(float(correction)),
-            *self._dispatch_args(now, lease_ttl_s, max_grants))
+        args = [item_id, num(float(correction)), *self._dispatch_args(now, lease_ttl_s,
+                                                                      max_grants)]
+        _, raw_grants, expired = await self._run_stepped("release", args, store_step)
         return self._delivered(raw_grants, expired)
 
     @unavailable_on_io_error

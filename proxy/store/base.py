@@ -157,6 +157,18 @@ class Usage:
     tokens_today: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class StoreStep:
+    """One store script, as a step that another script on the same Redis runs first (the
+    admission queue's enqueue or release: both in one round trip). ``script`` names the
+    store script (``try_acquire``, ``reconcile``); ``keys`` and ``args`` are its KEYS and
+    ARGV, as the store would send them."""
+
+    script: str
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+
+
 class Store(Protocol):
     """Shared state for the gateway: tenants, keys, rate limits, quotas and usage counters.
     (Concurrency and engine holds are the admission queue's, :mod:`proxy.admission`.)"""
@@ -217,6 +229,20 @@ class Store(Protocol):
         On success one request is taken from the RPM bucket and ``tokens`` from the TPM
         bucket and the daily quota.
         """
+
+    def acquire_step(self, tenant: str, tokens: int, limits: Limits, now: float) -> StoreStep | None:
+        """:meth:`try_acquire` as a :class:`StoreStep` (its reply read by :meth:`decision_of`),
+        or ``None`` when this store has no steps (memory): then call :meth:`try_acquire`."""
+
+    def decision_of(self, reply: Any, limits: Limits) -> Decision:
+        """The :class:`Decision` of an :meth:`acquire_step`'s reply."""
+
+    def finish_step(
+        self, tenant: str, delta_tokens: int, limits: Limits, now: float,
+        *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
+    ) -> StoreStep | None:
+        """:meth:`finish` as a :class:`StoreStep`, or ``None`` when this store has no steps
+        (then call :meth:`finish`) or there is nothing to do."""
 
     async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:
         """Correct the TPM bucket and daily quota by ``actual - charged`` tokens.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from proxy.store.base import Decision, KeyRecord, Limits, Reason, Tenant, Usage
 from proxy.store.buckets import (
@@ -166,6 +167,18 @@ class MemoryStore:
             tpm_tokens=None if tpm is None else tpm.tokens,
             used_today=used,
         )
+
+    def acquire_step(self, tenant: str, tokens: int, limits: Limits, now: float) -> None:
+        return None  # no script to run in another's: try_acquire is already in-process
+
+    def decision_of(self, reply: Any, limits: Limits) -> Decision:
+        raise TypeError("the memory store has no steps")
+
+    def finish_step(
+        self, tenant: str, delta_tokens: int, limits: Limits, now: float,
+        *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
+    ) -> None:
+        return None
 
     async def finish(
         self, tenant: str, delta_tokens: int, limits: Limits, now: float,

@@ -40,6 +40,7 @@ from proxy.store.base import (
     KeyRecord,
     Limits,
     Reason,
+    StoreStep,
     Tenant,
     Usage,
 )
@@ -260,11 +261,10 @@ class RedisStore:
         return sorted(found, key=lambda r: (r.created_at, r.key_id))
 
     # -- limits ------------------------------------------------------------------------------
-    @unavailable_on_io_error
-    async def try_acquire(self, tenant: str, tokens: int, limits: Limits, now: float) -> Decision:
+    def acquire_step(self, tenant: str, tokens: int, limits: Limits, now: float) -> StoreStep:
         k = self._k
-        keys = [k.of(tenant, "rpm"), k.of(tenant, "tpm"), k.of(tenant, f"day:{utc_day(now)}")]
-        args = [
+        keys = (k.of(tenant, "rpm"), k.of(tenant, "tpm"), k.of(tenant, f"day:{utc_day(now)}"))
+        args = (
             num(now),
             str(charge_of(int(tokens))),
             num(limits.rpm),
@@ -272,10 +272,11 @@ class RedisStore:
             num(limits.daily_token_quota),
             num(next_midnight(now)),
             str(_DAY_TTL_S),
-        ]
-        _ok, reason, retry, rpm_tokens, tpm_tokens, used = await self._run(
-            "try_acquire", keys, args
         )
+        return StoreStep("try_acquire", keys, args)
+
+    def decision_of(self, reply: Any, limits: Limits) -> Decision:
+        _ok, reason, retry, rpm_tokens, tpm_tokens, used = reply
         return decision(
             limits,
             reason=_REASONS[text(reason)] if reason else None,
@@ -286,20 +287,37 @@ class RedisStore:
         )
 
     @unavailable_on_io_error
-    async def finish(
+    async def try_acquire(self, tenant: str, tokens: int, limits: Limits, now: float) -> Decision:
+        return self.decision_of(await self._step(self.acquire_step(tenant, tokens, limits, now)),
+                                limits)
+
+    def finish_step(
         self, tenant: str, delta_tokens: int, limits: Limits, now: float,
         *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
-    ) -> None:
+    ) -> StoreStep | None:
         day = self._k.of(tenant, f"day:{utc_day(now)}")
-        keys = [self._k.of(tenant, "tpm"), day, self._k.of(tenant, "usage")]
+        keys = (self._k.of(tenant, "tpm"), day, self._k.of(tenant, "usage"))
         args = [num(now), str(clamp_delta(int(delta_tokens))), num(limits.tpm), str(_DAY_TTL_S)]
         values = (requests, errors, tokens_in, tokens_out)
         for f, v in zip(_USAGE_FIELDS, values, strict=True):
             if v:
                 args += [f, str(int(v))]
-        if delta_tokens or len(args) > 4:
-            # reconcile + usage: one script, one round trip
-            await self._run("reconcile", keys, args)
+        if not delta_tokens and len(args) == 4:
+            return None
+        return StoreStep("reconcile", keys, tuple(args))  # reconcile + usage: one script
+
+    @unavailable_on_io_error
+    async def finish(
+        self, tenant: str, delta_tokens: int, limits: Limits, now: float,
+        *, requests: int = 0, errors: int = 0, tokens_in: int = 0, tokens_out: int = 0,
+    ) -> None:
+        step = self.finish_step(tenant, delta_tokens, limits, now, requests=requests,
+                                errors=errors, tokens_in=tokens_in, tokens_out=tokens_out)
+        if step is not None:
+            await self._step(step)
+
+    async def _step(self, step: StoreStep) -> Any:
+        return await self._run(step.script, list(step.keys), list(step.args))
 
     @unavailable_on_io_error
     async def reconcile(self, tenant: str, delta_tokens: int, limits: Limits, now: float) -> None:

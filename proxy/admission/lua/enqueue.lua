@@ -3,21 +3,32 @@
 -- ARGV: channels, id, score, deadline, record JSON {t, r, m, f, x?, g?, l?}, max queued per
 -- tenant ('' = none), max queued ('' = none); optionally now, lease_ttl_s, max_grants, the
 -- calling replica, expired memory (s). `g`: the charge, `l`: late_at, as strings (exact).
--- Returns {code, grants, expired}: code 1 queued, 0 duplicate, -1 tenant full, -2 full;
--- grants and expired as dispatch.lua returns them (empty without dispatch arguments).
+-- With a store step (the request's shaping; dispatch arguments then required): its keys are
+-- KEYS[2..], its script ARGV[13] and its arguments ARGV[14..]; it runs first, and when it
+-- refuses (its reply's first field is not 1) nothing is queued (code -3).
+-- Returns {code, grants, expired, store reply}: code 1 queued, 0 duplicate, -1 tenant full,
+-- -2 full, -3 refused; grants and expired as dispatch.lua returns them (empty without
+-- dispatch arguments); the store step's reply ({} without one).
 local id = ARGV[2]
+local stored = {}
+if #KEYS > 1 then
+  stored = store_step(ARGV[13], {unpack(KEYS, 2)}, {unpack(ARGV, 14)})
+  if stored[1] ~= 1 then
+    return {-3, {}, {}, stored}
+  end
+end
 local function result(code)
   if code ~= 1 or ARGV[8] == nil then
     if code == 1 then
       redis.call('PUBLISH', CH_CAPACITY, 'enqueue')
     end
-    return {code, {}, {}}
+    return {code, {}, {}, stored}
   end
   local out, more = dispatch_now(ARGV[8], ARGV[9], tonumber(ARGV[10]), ARGV[11], ARGV[12])
   if more then
     redis.call('PUBLISH', CH_CAPACITY, 'enqueue')
   end
-  return {code, out[1], out[2]}
+  return {code, out[1], out[2], stored}
 end
 if redis.call('HEXISTS', K_ITEMS, id) == 1 or redis.call('HEXISTS', K_HOLDS, id) == 1 then
   return result(0)

@@ -17,6 +17,7 @@ from proxy.admission.base import (
     AdmissionQueue,
     EngineCapacity,
     EngineLoad,
+    Enqueued,
     Grant,
     QueueCaps,
     QueueItem,
@@ -521,12 +522,14 @@ async def test_release_enqueue_and_cancel_wake_capacity_waiters(queue: Admission
 
 async def test_enqueue_dispatch_grants_in_the_same_step(queue: AdmissionQueue) -> None:
     await queue.set_engines([make_engine("e1", 250)], T0, ENGINE_TTL)
-    result, grants = await queue.enqueue_dispatch(make_item("a", footprint=200), T0, TTL)
-    assert result == "queued" and [g.id for g in grants] == ["a"]
+    done = await queue.enqueue_dispatch(make_item("a", footprint=200), T0, TTL)
+    assert done.result == "queued" and [g.id for g in done.grants] == ["a"]
+    assert done.store_reply is None
     assert isinstance(await queue.wait("a", 0.0), Grant)  # delivered before anyone waited
     # no room: queued, no grant; a duplicate or a refused item dispatches nothing
-    assert await queue.enqueue_dispatch(make_item("b", footprint=200), T0, TTL) == ("queued", [])
-    assert await queue.enqueue_dispatch(make_item("b"), T0, TTL) == ("duplicate", [])
+    assert await queue.enqueue_dispatch(make_item("b", footprint=200), T0, TTL) \
+        == Enqueued("queued", [])
+    assert await queue.enqueue_dispatch(make_item("b"), T0, TTL) == Enqueued("duplicate", [])
     assert await queue.depth() == {"acme": 1}
 
 
@@ -547,7 +550,7 @@ async def test_combined_steps_wake_waiters_only_past_max_grants(queue: Admission
     await queue.set_engines([make_engine("e1", None)], T0, ENGINE_TTL)
     waiter = asyncio.create_task(queue.wait_capacity(0.3))
     await asyncio.sleep(0.02)
-    assert len((await queue.enqueue_dispatch(make_item("a"), T0, TTL))[1]) == 1
+    assert len((await queue.enqueue_dispatch(make_item("a"), T0, TTL)).grants) == 1
     loop = asyncio.get_running_loop()
     started = loop.time()
     await waiter

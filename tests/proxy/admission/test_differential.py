@@ -105,7 +105,7 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
         else:
             em = await mem.enqueue_dispatch(item, run.now, lease)
             assert em == await red.enqueue_dispatch(item, run.now, lease)
-            run.granted += [g.id for g in em[1]]
+            run.granted += [g.id for g in em.grants]
     elif kind == "dispatch":
         gm = await mem.dispatch(run.now, op[1], op[2])
         gr = await red.dispatch(run.now, op[1], op[2])
