@@ -35,6 +35,15 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -134,17 +143,45 @@ async def load_scripts(client: Redis, sources: dict[str, str]) -> dict[str, Asyn
     return {name: client.register_script(source) for name, source in sources.items()}
 
 
+#: error codes of a Redis that is there but cannot serve now (out of memory, a replica or a
+#: primary without its replicas, loading its data, a failed snapshot, a script running too
+#: long, a cluster in trouble, a blocked read cut by a role change): the store is
+#: unavailable, as when the connection is lost. Any other error reply (a bug: a bad script,
+#: a wrong type) stays an error of its own.
+_UNAVAILABLE_CODES = ("OOM", "READONLY", "MASTERDOWN", "LOADING", "MISCONF", "NOREPLICAS",
+                      "BUSY", "TRYAGAIN", "CLUSTERDOWN", "UNBLOCKED")
+#: the classes redis-py raises for some of them (BusyLoadingError is a ConnectionError)
+_UNAVAILABLE_CLASSES = (OutOfMemoryError, ReadOnlyError, MasterDownError, TryAgainError,
+                        ClusterDownError)
+
+
+def store_unavailable(e: RedisError) -> bool:
+    """Whether ``e`` means "the store cannot serve now" (:data:`_UNAVAILABLE_CODES`, a lost,
+    refused or timed-out connection), not a bug. An error raised inside a script carries the
+    code of the command that failed (Redis 7: ``OOM command not allowed ... script: ...``)."""
+    if isinstance(e, (RedisConnectionError, RedisTimeoutError, *_UNAVAILABLE_CLASSES)):
+        return True
+    if not isinstance(e, ResponseError):
+        return False
+    # redis-py strips the code of the classes above; the rest keep it in the message
+    return str(e).split(" ", 1)[0].upper() in _UNAVAILABLE_CODES
+
+
 def unavailable_on_io_error(
     fn: Callable[_P, Coroutine[Any, Any, _R]],
 ) -> Callable[_P, Coroutine[Any, Any, _R]]:
-    """Re-raise a lost or refused connection as :class:`StoreUnavailable`."""
+    """Re-raise a Redis that cannot serve now (:func:`store_unavailable`: connection lost,
+    refused or timed out, out of memory, read-only, loading, ...) as
+    :class:`StoreUnavailable`."""
 
     @functools.wraps(fn)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return await fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError) as e:
-            raise StoreUnavailable(f"redis: {e}") from e
+        except RedisError as e:
+            if store_unavailable(e):
+                raise StoreUnavailable(f"redis: {e}") from e
+            raise
 
     return wrapper
 

@@ -70,3 +70,46 @@ def test_redis_outage(tmp_path: Path, fail_open: bool) -> None:
         stub.stop()
         if redis_proc.poll() is None:
             redis_proc.kill()
+
+
+@pytest.mark.parametrize("condition", ["oom", "readonly"])
+def test_a_redis_that_cannot_write_is_store_unavailable(tmp_path: Path, condition: str) -> None:
+    """A Redis that answers but refuses writes (out of memory under ``noeviction``; a primary
+    demoted to a read-only replica) gives 503 ``store_unavailable``, not a 500; and the
+    gateway serves again once it can write."""
+    import redis as redis_py
+
+    redis_proc, url = start_redis(tmp_path)
+    stub, stub_url = start_stub(tmp_path)
+    g = GatewayThread(make_settings(
+        upstreams=[{"name": "s", "url": stub_url, "models": ["stub"]}],
+        tenants=[{"name": "o", "rpm": 1000, "api_keys": [KEY]}],
+        store={"type": "redis", "url": url},
+        server={"auth_cache_ttl_s": 300, "access_log": False}))
+    admin = redis_py.Redis.from_url(url)
+    try:
+        def call() -> httpx.Response:
+            return httpx.post(g.url + "/v1/chat/completions", timeout=15,
+                              headers={"authorization": f"Bearer {KEY}"},
+                              json={"model": "stub", "messages": [{"role": "user", "content": "x"}],
+                                    "max_tokens": 1})
+        assert call().status_code == 200
+        if condition == "oom":
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)
+        else:
+            admin.replicaof("127.0.0.1", free_port())  # nobody there: a read-only replica
+        for _ in range(3):
+            r = call()
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "store_unavailable"
+        if condition == "oom":
+            admin.config_set("maxmemory", 0)
+        else:
+            admin.replicaof("no", "one")
+        assert call().status_code == 200
+    finally:
+        admin.close()
+        g.stop()
+        stub.stop()
+        redis_proc.kill()
