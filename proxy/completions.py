@@ -96,6 +96,9 @@ class RedisCompletions:
     use instead of opening a pool from ``url``; not closed by :meth:`aclose`. ``max_len``:
     approximate cap of the stream. ``replay``: read the stream's backlog at start.
     ``buffer``: events kept while Redis is slow or down (older ones are dropped first).
+    ``linger_s``: how long the sender waits after an event for more, and the reader after a
+    read, so that events travel in batches (one XADD pipeline and one wake-up of every
+    replica's reader per batch, not per completion) at the cost of that much delay.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class RedisCompletions:
         buffer: int = 10_000,
         block_ms: int = 1000,
         socket_timeout_s: float = 5.0,
+        linger_s: float = 0.05,
     ) -> None:
         if max_len < 1 or batch < 1 or buffer < 1:
             raise ValueError("max_len, batch and buffer must be >= 1")
@@ -123,6 +127,7 @@ class RedisCompletions:
         self._replay = replay
         self._batch = batch
         self._block_ms = block_ms
+        self._linger_s = linger_s
         self._socket_timeout_s = max(socket_timeout_s, block_ms / 1000 + 1.0)
         self._buf: deque[tuple[Mapping[str, Any], float]] = deque(maxlen=buffer)
         self._wake = asyncio.Event()
@@ -202,6 +207,8 @@ class RedisCompletions:
         failing, delay = False, 0.1
         while True:
             await self._wake.wait()
+            if self._linger_s and len(self._buf) < self._batch:
+                await asyncio.sleep(self._linger_s)  # let more arrive: one batch
             self._wake.clear()
             try:
                 await self._flush(r)
@@ -240,7 +247,9 @@ class RedisCompletions:
                 for event_id, fields in entries:
                     last = str(event_id)
                     self._consume(cast("dict[str, str]", fields))
-            await asyncio.sleep(0)  # a long backlog must not starve the request path
+            # a long backlog must not starve the request path; and the next read waits a
+            # little, so that replicas' events are read in batches
+            await asyncio.sleep(self._linger_s)
 
     async def _tail_id(self, r: Redis) -> str:
         """The id of the newest event (start after it), or ``0-0`` for an empty stream."""
