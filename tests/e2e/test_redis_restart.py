@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 KEY = "dsk-restart0-" + "r" * 40
 #: the backstop for a hold nobody releases: a request whose enqueue ran on the Redis that
 #: was killed before its reply came back fails with 503 and its item is left queued (then
-#: granted to nobody) until the lease frees it (about 1 run in 4 with ``appendfsync
-#: always``: the fsync delays the reply)
+#: granted to nobody) until the lease frees it (1 run in 13 with ``appendfsync always``:
+#: the fsync delays the reply)
 LEASE_TTL_S = 6
 
 
