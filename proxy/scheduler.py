@@ -395,6 +395,9 @@ class Scheduler:
             if result in ("tenant_full", "full"):
                 raise self._queue_full(tenant, result)
         except StoreDown as e:
+            # the script may have run before the connection failed: the item may be queued,
+            # even granted, with nobody waiting; withdraw it once the store answers
+            self._release_later(rid, -charge)
             if not self.settings.store.fail_open:
                 raise StoreUnavailable("The admission queue's store is unavailable.") from e
             log.warning("queue unavailable, admitting without scheduling (fail_open): %s", e)
@@ -431,8 +434,16 @@ class Scheduler:
             if not await self.queue.cancel(rid):
                 # granted while we gave up: give it back, unserved, so uncharged
                 await self.queue.release(rid, -charge)
-        except Exception:
-            log.exception("withdrawing a queued request failed; its lease will expire")
+        except Exception as e:
+            log.warning("withdrawing a queued request failed; retrying: %s", e)
+            self._release_later(rid, -charge)
+
+    def _release_later(self, rid: str, correction: float) -> None:
+        """Release ``rid`` (a hold, or an item still queued) from the capacity loop once the
+        store answers (:meth:`retry_releases`); its lease is the backstop."""
+        self._unreleased[rid] = correction
+        while len(self._unreleased) > _MAX_UNRELEASED:
+            del self._unreleased[next(iter(self._unreleased))]
 
     async def move(self, rid: str, engine: str) -> None:
         """The request is served by fallback ``engine``: its hold moves there."""
@@ -494,9 +505,7 @@ class Scheduler:
         except Exception as e:
             # retried by the capacity loop until the store answers (the lease is the backstop)
             log.warning("releasing a grant failed; retrying: %s", e)
-            self._unreleased[rid] = correction
-            while len(self._unreleased) > _MAX_UNRELEASED:
-                del self._unreleased[next(iter(self._unreleased))]
+            self._release_later(rid, correction)
         if actual_output is None:
             return
         if self.drift is not None:
@@ -565,7 +574,8 @@ class Scheduler:
         await self.queue.set_engines(self.capacities(), self.clock.time(), ttl_s=5.0)
 
     async def retry_releases(self) -> None:
-        """Release the holds whose release failed, oldest first, until one fails again."""
+        """Release the holds and withdraw the items whose release or withdrawal failed, oldest
+        first, until one fails again."""
         while self._unreleased:
             rid, correction = next(iter(self._unreleased.items()))
             await self.queue.release(rid, correction)

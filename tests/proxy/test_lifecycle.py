@@ -215,3 +215,30 @@ async def test_a_request_past_its_ttft_slo_is_shed(shedding_gw: Gateway) -> None
     for done in (one, two):
         await done.settle(Outcome(status=200, usage={"prompt_tokens": 1, "completion_tokens": 1}))
     assert all(v == (0, 0) for v in (await holds(gw)).values())
+
+
+async def test_an_enqueue_whose_reply_was_lost_is_withdrawn_once_the_store_answers(
+    gw: Gateway,
+) -> None:
+    """The store ran the enqueue (the request was granted) but the connection failed before
+    its reply: the client gets 503 store_unavailable, and the capacity loop's retry frees
+    what nobody waits for, instead of leaving it held until its lease lapses."""
+    from adapters.errors import StoreUnavailable
+    from proxy.store.base import StoreUnavailable as StoreDown
+
+    queue = gw.scheduler.queue
+    real = queue.enqueue_dispatch
+
+    async def lost_reply(*args: Any, **kwargs: Any) -> Any:
+        await real(*args, **kwargs)
+        raise StoreDown("redis: connection reset by peer")
+
+    queue.enqueue_dispatch = lost_reply  # type: ignore[method-assign]
+    one = await life(gw, "b")
+    with pytest.raises(StoreUnavailable):
+        await one.begin()
+    assert sum(s for _, s in (await holds(gw)).values()) == 1  # a ghost grant
+    queue.enqueue_dispatch = real  # type: ignore[method-assign]
+    await gw.scheduler.retry_releases()
+    assert all(v == (0, 0) for v in (await holds(gw)).values())
+    assert await queue.in_flight("b", gw.clock.time()) == 0
