@@ -165,6 +165,8 @@ class AdmissionCore:
         self._alive: dict[str, float] = {}
         self._alive_heap: list[tuple[float, str]] = []
         self._owned: dict[str, set[str]] = {}
+        #: replica -> (start of its current unbroken run of beats, its heartbeat ttl)
+        self._since: dict[str, tuple[float, float]] = {}
 
     # -- tenants -----------------------------------------------------------------------------
     def _limited(self, tenant: str) -> bool:
@@ -287,9 +289,15 @@ class AdmissionCore:
 
     def heartbeat(self, replica: str, now: float, ttl_s: float) -> bool:
         """``replica`` is alive until ``now + ttl_s`` (never shortened); False when it was
-        not known alive: its first beat, or it was declared dead and reaped."""
+        not known alive: its first beat, or it was declared dead and reaped. A first beat,
+        or one after the last lapsed, starts its unbroken run of beats (see :meth:`_reap`)."""
         known = replica in self._alive
-        until = max(self._alive.get(replica, -math.inf), now + ttl_s)
+        old = self._alive.get(replica, -math.inf)
+        if old < now:
+            self._since[replica] = (now, ttl_s)
+        else:
+            self._since[replica] = (self._since[replica][0], ttl_s)
+        until = max(old, now + ttl_s)
         self._alive[replica] = until
         heapq.heappush(self._alive_heap, (until, replica))
         if _too_stale(self._alive_heap, len(self._alive)):
@@ -300,8 +308,14 @@ class AdmissionCore:
     def _reap(self, now: float, caller: str | None) -> list[QueueItem]:
         """Forget every replica but ``caller`` whose heartbeat lapsed before ``now``: drop
         its queued items (returned, as expired: nobody waits for them) and free its holds. A
-        replica that never beat is never reaped (its holds still have leases)."""
+        replica that never beat is never reaped (its holds still have leases).
+
+        Only a caller that has itself beaten without a break for at least its heartbeat ttl
+        reaps: after an outage of the store every replica's beat lapsed at once, and none
+        is dead; each gets a ttl to beat again before the others may judge it."""
         out: list[QueueItem] = []
+        if not self._may_reap(now, caller):
+            return out
         heap, keep = self._alive_heap, []
         while heap and heap[0][0] < now:
             until, replica = heapq.heappop(heap)
@@ -311,6 +325,7 @@ class AdmissionCore:
                 keep.append((until, replica))
                 continue
             del self._alive[replica]
+            del self._since[replica]
             for item_id in sorted(self._owned.pop(replica, ())):
                 found = self._items.get(item_id)
                 if found is not None:
@@ -322,6 +337,13 @@ class AdmissionCore:
         for entry in keep:
             heapq.heappush(heap, entry)
         return out
+
+    def _may_reap(self, now: float, caller: str | None) -> bool:
+        """``caller`` is alive at ``now`` and has beaten without a break for its ttl."""
+        if caller is None or self._alive.get(caller, -math.inf) < now:
+            return False
+        since, ttl = self._since[caller]
+        return now - since >= ttl
 
     def alive(self) -> dict[str, float]:
         """Replicas known alive, with the time they are alive until."""
@@ -477,7 +499,8 @@ class AdmissionCore:
     ) -> tuple[list[Grant], list[QueueItem]]:
         """Admit what fits now (AdmissionQueue.dispatch): the grants made and the items
         dropped as expired (or as a dead replica's), in that order of the work.
-        ``replica``: the caller, which is alive whatever its heartbeat says."""
+        ``replica``: the caller, which is alive whatever its heartbeat says (it reaps others
+        only after an unbroken run of its own beats, :meth:`_reap`)."""
         self._reclaim(now)
         expired = self._reap(now, replica) + self._expire(now) + self._overdue(now)
         if not any(self._ready_live.values()):  # no ready flow: nothing to read or grant

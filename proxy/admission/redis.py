@@ -28,7 +28,8 @@ Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
   Counters are ``%.17g`` strings, so Lua and Python agree to the last bit.
 * feasibility: ``:late`` zset id -> late_at of queued items that have one (``l`` in the
   item JSON; ``conf`` field ``late``: the rule, ``demote`` or ``shed``).
-* replicas: ``:alive`` zset replica -> alive until (its heartbeat);
+* replicas: ``:alive`` zset replica -> alive until (its heartbeat); ``:since`` /
+  ``:beat_ttl`` hashes replica -> start of its unbroken run of beats / its heartbeat ttl;
   ``P:{q}:owned:<replica>`` set of the ids queued or held for it (what reaping frees).
 * ``P:{q}:engines`` hash name -> capacity JSON; ``:fresh`` hash name -> valid-until;
   ``:held`` / ``:seqs`` hash engine -> tokens / sequences held.
@@ -493,7 +494,8 @@ class RedisQueue:
 
     @unavailable_on_io_error
     async def heartbeat(self, now: float, ttl_s: float) -> bool:
-        known = bool(await self._run("heartbeat", self.replica_id, num(now + ttl_s)))
+        known = bool(await self._run("heartbeat", self.replica_id, num(now + ttl_s), num(now),
+                                     num(ttl_s)))
         if not known and self._beaten:
             log.warning("this replica was declared dead (no heartbeat for %.1fs): its queued "
                         "requests were dropped and its holds freed by another replica", ttl_s)

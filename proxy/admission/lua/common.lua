@@ -15,6 +15,7 @@ local K_FHEAD, K_LIMITS, K_GRANTED = BASE .. 'fhead', BASE .. 'limits', BASE .. 
 local K_VC, K_BACKLOG, K_QCHARGE, K_CONF = BASE .. 'vc', BASE .. 'backlog', BASE .. 'qcharge',
   BASE .. 'conf'
 local K_ALIVE, K_LATE = BASE .. 'alive', BASE .. 'late'
+local K_SINCE, K_BEAT_TTL = BASE .. 'since', BASE .. 'beat_ttl'
 local CH_CAPACITY = ARGV[1] .. 'capacity'
 local CH_REPLICA = ARGV[1] .. 'replica:'
 
@@ -207,12 +208,28 @@ local function reclaim(now_arg)
   end
 end
 
+-- `me` is alive at now and has beaten without a break for its ttl (core.py: _may_reap)
+local function may_reap(now_arg, me)
+  local alive = redis.call('ZSCORE', K_ALIVE, me)
+  if not alive or tonumber(alive) < tonumber(now_arg) then
+    return false
+  end
+  local since = tonumber(redis.call('HGET', K_SINCE, me))
+  return tonumber(now_arg) - since >= tonumber(redis.call('HGET', K_BEAT_TTL, me))
+end
+
 -- Forget every replica but `me` whose heartbeat lapsed before now: drop its queued items
--- (as expired: nobody waits for them), free its holds (core.py: _reap).
+-- (as expired: nobody waits for them), free its holds (core.py: _reap). Only once `me` has
+-- beaten without a break for its ttl: after a store outage every beat lapsed at once.
 local function reap(now_arg, me)
+  if not may_reap(now_arg, me) then
+    return
+  end
   for _, r in ipairs(redis.call('ZRANGEBYSCORE', K_ALIVE, '-inf', '(' .. now_arg)) do
     if r ~= me then
       redis.call('ZREM', K_ALIVE, r)
+      redis.call('HDEL', K_SINCE, r)
+      redis.call('HDEL', K_BEAT_TTL, r)
       local key = owned_key(r)
       local ids = redis.call('SMEMBERS', key)
       table.sort(ids)

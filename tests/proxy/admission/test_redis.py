@@ -114,7 +114,9 @@ async def test_a_silent_replica_is_reaped_by_the_next_dispatch(new_queue: QueueF
     await dead.enqueue(item("d3", "dead"), T0)
     await live.enqueue(item("l1", "live"), T0)
     assert await live.dispatch(T0 + 3, 30) == []  # dead is alive until T0 + 3 inclusive
-    # dead beats no more; live's own beat lapsed too, but the dispatcher is alive by definition
+    # dead beats no more; live beats on, without a break (the right to judge others)
+    for n in range(1, 8):
+        assert await live.heartbeat(T0 + n * 0.4, 0.5)
     grants = await live.dispatch(T0 + 3.01, 30)
     assert [g.id for g in grants] == ["l1"]  # d1, d2 freed, d3 dropped before l1 was looked at
     assert await live.depth() == {}
@@ -124,6 +126,35 @@ async def test_a_silent_replica_is_reaped_by_the_next_dispatch(new_queue: QueueF
     await dead.release("d1")  # its late release frees nothing more
     (load,) = await live.loads(T0 + 4)
     assert (load.held_tokens, load.seqs) == (100, 1)
+
+
+async def test_after_a_store_outage_no_replica_reaps_another_before_it_could_beat(
+    new_queue: QueueFactory,
+) -> None:
+    """An outage of the store lapses every heartbeat at once: the first replica back must not
+    declare the others dead (dropping their queue, freeing the holds of running streams)
+    before they had a ttl to beat again; one that never comes back is reaped after that."""
+    a, b, c = await new_queue("ra"), await new_queue("rb"), await new_queue("rc")
+    await a.set_engines([EngineCapacity("e1", ("m",), None, None, True)], T0, 600)
+    for q in (a, b, c):
+        await q.heartbeat(T0, 1.5)
+        await q.heartbeat(T0 + 1.4, 1.5)  # each has an unbroken run of 1.4 s...
+    await b.enqueue(item("b1", "rb"), T0 + 1.4)
+    await a.dispatch(T0 + 1.4, 30)  # b1 is held: b streams it
+    await b.enqueue(item("b2", "rb", tenant="zeta"), T0 + 1.4)
+    await a.set_limits({"zeta": 0})  # b2 waits in the queue
+    # ... then the store is gone for 3 s: every beat lapses; a is back first
+    assert await a.heartbeat(T0 + 4.4, 1.5)  # a is still known (nobody reaped it)
+    await a.dispatch(T0 + 4.5, 30)
+    assert await a.in_flight("acme", T0 + 4.5) == 1  # b's hold is still there
+    assert await a.depth() == {"zeta": 1}  # and its queued item
+    await b.heartbeat(T0 + 4.6, 1.5)  # b is back; c never comes back
+    for n in range(1, 6):
+        await a.heartbeat(T0 + 4.4 + n * 0.3, 1.5)
+        await b.heartbeat(T0 + 4.6 + n * 0.3, 1.5)
+    await a.dispatch(T0 + 6.0, 30)  # a has beaten 1.6 s unbroken: c is reaped, b is not
+    assert await a.in_flight("acme", T0 + 6.0) == 1 and await a.depth() == {"zeta": 1}
+    assert not await c.heartbeat(T0 + 6.1, 1.5)  # c learns it was declared dead
 
 
 async def test_waits_survive_a_lost_subscription(new_queue: QueueFactory, raw: Redis) -> None:
