@@ -61,6 +61,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("driftsched.admin")
 
 
+async def _changed(gw: Gateway, kind: str, name: str) -> None:
+    """An admin write changed a tenant or key: drop this replica's cached copies now, and
+    announce it so that every other replica does too (:func:`proxy.gateway.on_change`). A
+    failed announcement is logged; the others then see the change within their
+    ``auth_cache_ttl_s``."""
+    gw.auth.invalidate()
+    try:
+        await gw.store.announce(kind, name)
+    except StoreDown as e:
+        log.warning("announcing a %s change to the other replicas failed: %s", kind, e)
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -293,6 +305,7 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         data["tpot_slo_ms"] = data["tpot_slo_ms"] if data["tpot_slo_ms"] is not None else cls.tpot_slo_ms
         tenant = Tenant.from_dict({**data, "created_at": gw.clock.time()})
         await gw.store.put_tenant(tenant)
+        await _changed(gw, "tenant", tenant.name)
         return _tenant_out(tenant)
 
     @router.get("/tenants/{name}", response_model=TenantOut)
@@ -314,15 +327,15 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
             changes["allowed_models"] = []
         t = t.with_changes(**changes)
         await gw.store.put_tenant(t)
-        gw.auth.invalidate()
         await gw.scheduler.tenant_changed(t)  # queued requests see a new limit at once
+        await _changed(gw, "tenant", t.name)
         return _tenant_out(t)
 
     @router.delete("/tenants/{name}", status_code=204)
     async def delete_tenant(name: str, gw: GW) -> None:
         if not await gw.store.delete_tenant(name, gw.clock.time()):
             raise NotFound(f"tenant {name!r} not found", code="tenant_not_found")
-        gw.auth.invalidate()
+        await _changed(gw, "tenant", name)
 
     @router.get("/tenants/{name}/usage", response_model=UsageOut)
     async def tenant_usage(name: str, gw: GW) -> UsageOut:
@@ -352,6 +365,7 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         now = gw.clock.time()
         key, rec = new_key(name, now, (body or KeyIn()).name)
         await gw.store.put_key(rec)
+        await _changed(gw, "key", rec.key_id)  # it may be cached as unknown
         return NewKeyOut(key=key, **_key_out(rec, now).model_dump())
 
     @router.get("/keys", response_model=list[KeyOut])
@@ -380,7 +394,7 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         if r.revoked_at is None:
             r = KeyRecord(**{**_as_dict(r), "revoked_at": now})
             await gw.store.put_key(r)
-        gw.auth.invalidate()
+        await _changed(gw, "key", key_id)
         return _key_out(r, now)
 
     @router.post("/keys/{key_id}/rotate", response_model=NewKeyOut, status_code=201)
@@ -396,7 +410,7 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         key, rec = new_key(old.tenant, now, old.name)
         await gw.store.put_key(rec)
         await gw.store.put_key(retired)
-        gw.auth.invalidate()
+        await _changed(gw, "key", key_id)
         return NewKeyOut(key=key, **_key_out(rec, now).model_dump())
 
     # -- scheduler -----------------------------------------------------------------------

@@ -37,7 +37,7 @@ from proxy.auth import Authenticator
 from proxy.completions import build_completion_bus
 from proxy.config import Settings
 from proxy.estimation import load_estimator, save_estimator, save_estimator_periodically
-from proxy.gateway import Gateway, seed_tenants, watch_seed
+from proxy.gateway import Gateway, follow_changes, seed_tenants, watch_seed
 from proxy.metrics import GatewayMetrics
 from proxy.openai_api import OpenAIHandler
 from proxy.scheduler import Scheduler
@@ -162,6 +162,7 @@ class DriftSchedApp:
                               completions=build_completion_bus(settings.store, self.replica_id))
         saver: asyncio.Task[None] | None = None
         seeder: asyncio.Task[None] | None = None
+        follower: asyncio.Task[None] | None = None
         try:
             await seed_tenants(settings, store, clock.time())
             from adapters.router import LeastLoadedRouter
@@ -188,6 +189,7 @@ class DriftSchedApp:
             if settings.tenants:
                 seeder = asyncio.create_task(watch_seed(settings, store, clock,
                                                         settings.store.seed_check_s))
+            follower = asyncio.create_task(follow_changes(gw), name="follow-changes")
             self.gateway = gw
             self._handler = OpenAIHandler(gw)
             # everything built so far lives as long as the app: move it out of the cyclic
@@ -202,7 +204,7 @@ class DriftSchedApp:
         finally:
             self._handler = None
             self.gateway = None
-            for task in (saver, seeder):
+            for task in (saver, seeder, follower):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

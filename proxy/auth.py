@@ -1,8 +1,10 @@
 """Authentication: ``Authorization: Bearer <key>`` -> tenant, with a short in-process cache.
 
-The cache maps a key's digest to its tenant for ``ttl_s`` seconds (revocation and tenant
-changes take at most that long to reach every replica). Unknown keys are cached negatively
-for the same time, so a client hammering with a bad key does not hammer the store.
+The cache maps a key's digest to its tenant for ``ttl_s`` seconds. Admin writes (a revoked
+or new key, a changed tenant) are announced to every replica, which drops its cache at once
+(:func:`proxy.gateway.follow_changes`); ``ttl_s`` bounds how long a change takes to arrive
+when an announcement is lost. Unknown keys are cached negatively for the same time, so a
+client hammering with a bad key does not hammer the store.
 
 Known and unknown keys live in two caches, each a bounded LRU (``max_entries``): a flood of
 random bad keys evicts only the least recently seen bad keys, never a tenant's good one,
@@ -91,7 +93,7 @@ class Authenticator:
         self._unknown = _LRU(max_entries)
 
     def invalidate(self) -> None:
-        """Drop every cached entry (called after admin changes on this replica)."""
+        """Drop every cached entry (after an admin change, this replica's or announced)."""
         self._known.clear()
         self._unknown.clear()
 

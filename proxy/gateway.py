@@ -94,3 +94,24 @@ async def watch_seed(settings: Settings, store: Store, clock: Clock, every_s: fl
             log.debug("seed check skipped: %s", e)
         except Exception:
             log.exception("seed check failed")
+
+
+async def follow_changes(gw: Gateway) -> None:
+    """Apply the admin writes of every replica (:meth:`Store.watch`) as they are announced:
+    drop the cached tenants and keys (a revoked key stops at once, a new one works at once)
+    and give a changed tenant's queued requests its new limit. Runs until cancelled."""
+
+    async def on_change(kind: str, name: str) -> None:
+        gw.auth.invalidate()
+        if kind != "tenant":
+            return
+        try:
+            tenant = await gw.store.get_tenant(name)
+            if tenant is not None:
+                await gw.scheduler.tenant_changed(tenant)
+        except StoreDown as e:
+            log.warning("applying a change of tenant %r failed: %s", name, e)
+        except Exception:
+            log.exception("applying a change of tenant %r failed", name)
+
+    await gw.store.watch(on_change)

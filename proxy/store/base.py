@@ -14,6 +14,7 @@ processes; :meth:`Store.try_acquire` is atomic — either every limit is charged
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
@@ -169,6 +170,10 @@ class StoreStep:
     args: tuple[str, ...]
 
 
+#: what :meth:`Store.watch` calls for each change: ``(kind, name)``
+OnChange = Callable[[str, str], Awaitable[None]]
+
+
 class Store(Protocol):
     """Shared state for the gateway: tenants, keys, rate limits, quotas and usage counters.
     (Concurrency and engine holds are the admission queue's, :mod:`proxy.admission`.)"""
@@ -189,6 +194,16 @@ class Store(Protocol):
 
     async def mark_seeded(self, marker: str) -> None:
         """Record that the configured tenants and keys were written (``marker`` says what)."""
+
+    # -- changes -----------------------------------------------------------------------
+    async def announce(self, kind: str, name: str) -> None:
+        """Tell every gateway on this store that a ``kind`` (``tenant``, ``key``) named
+        ``name`` changed (an admin write), so each drops what it cached of it at once."""
+
+    async def watch(self, on_change: OnChange) -> None:
+        """Run until cancelled, calling ``on_change(kind, name)`` for every announcement
+        (any replica's, this one's included), and ``("all", "")`` whenever some may have
+        been missed (a lost subscription, at its reconnect). Memory: nothing to watch."""
 
     # -- tenants -----------------------------------------------------------------------
     async def put_tenant(self, tenant: Tenant) -> None:

@@ -9,12 +9,13 @@ event loop.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from proxy.store.base import Decision, KeyRecord, Limits, Reason, Tenant, Usage
+from proxy.store.base import Decision, KeyRecord, Limits, OnChange, Reason, Tenant, Usage
 from proxy.store.buckets import (
     MAX_CHARGE,
     Bucket,
@@ -167,6 +168,12 @@ class MemoryStore:
             tpm_tokens=None if tpm is None else tpm.tokens,
             used_today=used,
         )
+
+    async def announce(self, kind: str, name: str) -> None:
+        return None  # one process: the admin API already dropped what this one cached
+
+    async def watch(self, on_change: OnChange) -> None:
+        await asyncio.Event().wait()  # no other process to hear from
 
     def acquire_step(self, tenant: str, tokens: int, limits: Limits, now: float) -> None:
         return None  # no script to run in another's: try_acquire is already in-process

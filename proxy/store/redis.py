@@ -13,11 +13,15 @@ Key layout (all under ``prefix``; ``{...}`` is the Redis Cluster hash tag):
 * ``P:t:{T}:rpm`` / ``:tpm`` bucket hashes, ``:day:N`` tokens charged on UTC day N,
   ``:usage`` hash of cumulative counters. One tenant's limit state shares one slot so one
   script can charge all of it.
+* channel (not a key) ``P:changes``: admin writes announced to every replica (JSON
+  ``{"k": kind, "n": name}``), so each drops its cached tenants and keys at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from dataclasses import replace
@@ -26,6 +30,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 from proxy.redisconn import (
     connect,
@@ -39,6 +44,7 @@ from proxy.store.base import (
     Decision,
     KeyRecord,
     Limits,
+    OnChange,
     Reason,
     StoreStep,
     Tenant,
@@ -72,6 +78,7 @@ class _Keys:
         self.keys = f"{admin}:keys"
         self.digests = f"{admin}:digests"
         self.seeded = f"{admin}:seeded"
+        self.changes = f"{prefix}:changes"
         self._tenant_keys = f"{admin}:tenant-keys:"
         self._tenant = f"{prefix}:t:"
 
@@ -162,6 +169,44 @@ class RedisStore:
 
     async def _run(self, name: str, keys: list[str], args: list[str]) -> Any:
         return await self._script(name)(keys=keys, args=args)
+
+    # -- changes -------------------------------------------------------------------------
+    @unavailable_on_io_error
+    async def announce(self, kind: str, name: str) -> None:
+        await self._r.publish(self._k.changes, json.dumps({"k": kind, "n": name}))
+
+    async def watch(self, on_change: OnChange) -> None:
+        """One subscription of its own; after a lost one, ``("all", "")`` once it is back
+        (announcements made meanwhile were missed)."""
+        delay, missed = 0.1, False
+        while True:
+            pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._k.changes)
+                if missed:
+                    await on_change("all", "")
+                delay, missed = 0.1, False
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                   timeout=None)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    try:
+                        change = json.loads(text(msg["data"]))
+                        kind, name = str(change["k"]), str(change["n"])
+                    except (ValueError, KeyError, TypeError) as e:
+                        log.warning("ignoring a malformed change announcement: %r", e)
+                        continue
+                    await on_change(kind, name)
+            except (RedisError, OSError) as e:
+                log.warning("change announcements lost (%s); retrying in %.1fs", e, delay)
+                missed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    any_pubsub: Any = pubsub  # PubSub.aclose is typed from redis-py 8.2 on
+                    await any_pubsub.aclose()
 
     # -- tenants -------------------------------------------------------------------------
     @unavailable_on_io_error
