@@ -39,6 +39,11 @@ def backends(url: str) -> list[dict[str, Any]]:
     return list(httpx.get(url + "/admin/backends", headers=ADMIN, timeout=5).json())
 
 
+def scheduler_engines(url: str) -> list[dict[str, Any]]:
+    """The admission queue's view of the engines (``/admin/scheduler``)."""
+    return list(httpx.get(url + "/admin/scheduler", headers=ADMIN, timeout=5).json()["engines"])
+
+
 async def test_engine_sigkill(tmp_path: Path, figures: Any) -> None:
     redis = RedisProc(tmp_path)
     cfg = gateway_config(redis.url, tenants=[{"name": "e", "api_keys": [KEY]}], pool={
@@ -52,6 +57,11 @@ async def test_engine_sigkill(tmp_path: Path, figures: Any) -> None:
         deadline = time.monotonic() + 30
         while not all(b["state"] == "healthy" for b in backends(url)):
             assert time.monotonic() < deadline, backends(url)
+            await asyncio.sleep(0.1)
+        # and both are routable in the admission queue's view (published every 0.5 s), or
+        # every stream would be granted the one engine published first
+        while sum(e["routable"] for e in scheduler_engines(url)) < 2:
+            assert time.monotonic() < deadline, scheduler_engines(url)
             await asyncio.sleep(0.1)
         streams, trickle = Tally(), Tally()
         body = {"model": MODEL, "max_tokens": 3000, "ignore_eos": True}
