@@ -58,9 +58,11 @@ async def test_engine_sigkill(tmp_path: Path, figures: Any) -> None:
         while not all(b["state"] == "healthy" for b in backends(url)):
             assert time.monotonic() < deadline, backends(url)
             await asyncio.sleep(0.1)
-        # and both are routable in the admission queue's view (published every 0.5 s), or
-        # every stream would be granted the one engine published first
-        while sum(e["routable"] for e in scheduler_engines(url)) < 2:
+        # and both are routable in the admission queue's view (published every 0.5 s) with
+        # their KV budget known: an engine not yet published, or one whose capacity is not
+        # yet scraped (treated as unlimited: the most free tokens), would take every stream
+        while sum(e["routable"] and e["budget_tokens"] is not None
+                  for e in scheduler_engines(url)) < 2:
             assert time.monotonic() < deadline, scheduler_engines(url)
             await asyncio.sleep(0.1)
         streams, trickle = Tally(), Tally()
