@@ -42,10 +42,10 @@ Key layout (all under ``prefix``; every key shares the ``{q}`` hash tag):
 
 Every script declares one key, ``:seq``; the others (the layout above, per flow, per model,
 per tenant) are derived from it inside the scripts, so they share
-its hash tag and slot. Redis Cluster trade-off: one hash tag puts the whole queue and ledger
-on one shard, so a dispatch sees one global order and one capacity view atomically; that
-shard carries all admission traffic (a few scripts per request). Sharding by model or
-engine group would scale further but gives up strict cross-shard order.
+its hash tag and slot: a dispatch sees one global order and one capacity view atomically.
+The enqueue and release scripts also run the store's step for the request (its tenant's
+shaping keys, another hash tag), so the queue needs one Redis primary, not a Redis Cluster
+(docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -327,11 +327,11 @@ class RedisQueue:
     async def _run_stepped(self, name: str, args: list[str], step: StoreStep | None) -> Any:
         """Run ``name`` with a store step first: its keys after the queue's, its script name
         and arguments after the script's own (which must then be complete)."""
+        if step is None:
+            return await self._run(name, *args)
         script = self._scripts.get(name)
         if script is None:
             raise RuntimeError("RedisQueue.start() must be awaited first")
-        if step is None:
-            return await script(keys=self._keys[:1], args=[self._channels, *args])
         return await script(keys=[self._keys[0], *step.keys],
                             args=[self._channels, *args, step.script, *step.args])
 

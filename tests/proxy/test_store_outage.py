@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -36,25 +37,33 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     return p, f"redis://127.0.0.1:{port}/0"
 
 
-@pytest.mark.parametrize("fail_open", [False, True])
-def test_redis_outage(tmp_path: Path, fail_open: bool) -> None:
-    redis_proc, url = start_redis(tmp_path)
-    stub, stub_url = start_stub(tmp_path)
+def start_gateway(tmp: Path, url: str, fail_open: bool = False) -> tuple[Any, GatewayThread]:
+    """A stub engine and an in-process gateway on the Redis at ``url``."""
+    stub, stub_url = start_stub(tmp)
     g = GatewayThread(make_settings(
         upstreams=[{"name": "s", "url": stub_url, "models": ["stub"]}],
         tenants=[{"name": "o", "rpm": 1000, "api_keys": [KEY]}],
         store={"type": "redis", "url": url, "fail_open": fail_open},
         server={"auth_cache_ttl_s": 300, "access_log": False}))
+    return stub, g
+
+
+def call(g: GatewayThread) -> httpx.Response:
+    return httpx.post(g.url + "/v1/chat/completions", timeout=15,
+                      headers={"authorization": f"Bearer {KEY}"},
+                      json={"model": "stub", "messages": [{"role": "user", "content": "x"}],
+                            "max_tokens": 1})
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_redis_outage(tmp_path: Path, fail_open: bool) -> None:
+    redis_proc, url = start_redis(tmp_path)
+    stub, g = start_gateway(tmp_path, url, fail_open)
     try:
-        def call() -> httpx.Response:
-            return httpx.post(g.url + "/v1/chat/completions", timeout=15,
-                              headers={"authorization": f"Bearer {KEY}"},
-                              json={"model": "stub", "messages": [{"role": "user", "content": "x"}],
-                                    "max_tokens": 1})
-        assert call().status_code == 200  # also caches the key
+        assert call(g).status_code == 200  # also caches the key
         redis_proc.kill()
         redis_proc.wait()
-        r = call()
+        r = call(g)
         if fail_open:
             assert r.status_code == 200, r.text
         else:
@@ -80,34 +89,24 @@ def test_a_redis_that_cannot_write_is_store_unavailable(tmp_path: Path, conditio
     import redis as redis_py
 
     redis_proc, url = start_redis(tmp_path)
-    stub, stub_url = start_stub(tmp_path)
-    g = GatewayThread(make_settings(
-        upstreams=[{"name": "s", "url": stub_url, "models": ["stub"]}],
-        tenants=[{"name": "o", "rpm": 1000, "api_keys": [KEY]}],
-        store={"type": "redis", "url": url},
-        server={"auth_cache_ttl_s": 300, "access_log": False}))
+    stub, g = start_gateway(tmp_path, url)
     admin = redis_py.Redis.from_url(url)
     try:
-        def call() -> httpx.Response:
-            return httpx.post(g.url + "/v1/chat/completions", timeout=15,
-                              headers={"authorization": f"Bearer {KEY}"},
-                              json={"model": "stub", "messages": [{"role": "user", "content": "x"}],
-                                    "max_tokens": 1})
-        assert call().status_code == 200
+        assert call(g).status_code == 200
         if condition == "oom":
             admin.config_set("maxmemory-policy", "noeviction")
             admin.config_set("maxmemory", 1)
         else:
             admin.replicaof("127.0.0.1", free_port())  # nobody there: a read-only replica
         for _ in range(3):
-            r = call()
+            r = call(g)
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "store_unavailable"
         if condition == "oom":
             admin.config_set("maxmemory", 0)
         else:
             admin.replicaof("no", "one")
-        assert call().status_code == 200
+        assert call(g).status_code == 200
     finally:
         admin.close()
         g.stop()
