@@ -158,7 +158,9 @@ def test_cli_writes_csv_and_summary(stub: str, tmp_path: Path) -> None:
     assert rows[0] == COLUMNS and len(rows) == 9
     by = dict(zip(COLUMNS, rows[1], strict=True))
     assert by["status"] == "200" and by["error"] == "" and float(by["ttft_s"]) > 0
-    assert float(by["lag_s"]) >= 0 and float(by["connect_s"]) >= 0
+    # asyncio fires a timer up to one clock tick early (its loop runs what is due within
+    # the clock's resolution), so a dispatch may come a fraction of a millisecond "early"
+    assert float(by["lag_s"]) >= -0.001 and float(by["connect_s"]) >= 0
     summary = json.loads((tmp_path / "out" / "requests.summary.json").read_text())
     assert summary["sent"] == 8 and set(summary["lag_s"]) == {"p50", "p99", "max"}
     assert summary["model"] == "stub" and summary["t0_unix"] > 0
