@@ -25,7 +25,8 @@ arrive before it; ``--drain-timeout``: how long to wait for the last answers, af
 they are cancelled) and per request (``--request-timeout``). It reports its own lag from the
 intended times (p50 / p99 / max), its CPU use and the most requests it had in flight: if the
 lag p99 is more than a few milliseconds, the generator, not the server, was the bottleneck.
-Loopback only.
+Loopback only. Several ``--base-url`` values (comma-separated: gateway replicas) get the
+requests round-robin, in arrival order, as a load balancer would spread them.
 
 Example::
 
@@ -156,24 +157,28 @@ async def replay(
     stop: asyncio.Event | None = None,
 ) -> tuple[list[Record], dict[str, Any]]:
     """Replay ``workload`` open-loop; returns every request's record and the summary.
+    ``base_url``: one URL, or several comma-separated (round-robin over them).
 
     ``stop`` (optional) ends the replay early: nothing more is sent and what is in flight is
     cancelled (recorded as ``cancelled``).
     """
-    check_loopback(base_url)
+    urls = base_urls(base_url)
+    for u in urls:
+        check_loopback(u)
     if speedup <= 0:
         raise ValueError("speedup must be > 0")
     reqs = select(workload.requests, max_requests, duration_s)
     missing = sorted({r.tenant for r in reqs} - set(keys))
     if missing:
         raise ValueError(f"no API key for tenant(s) {', '.join(missing)}")
-    cl: Client = make_client(client, base_url)
+    clients: list[Client] = [make_client(client, u) for u in urls]
     records, prepared = [], []
-    for r in reqs:
+    for i, r in enumerate(reqs):
         p = Prepared(r.path, r.body(model), keys[r.tenant], request_id_prefix + r.id,
                      r.output_tokens)  # fmt: skip
+        cl = clients[i % len(clients)]
         cl.prepare(p)
-        prepared.append(p)
+        prepared.append((cl, p))
         records.append(
             Record(
                 r.id,
@@ -200,7 +205,7 @@ async def replay(
     t0_unix = time.time() + START_LEAD_S
     c0, q0 = cpu_seconds(), runqueue_wait_seconds()
 
-    async def one(p: Prepared, rec: Record) -> None:
+    async def one(cl: Client, p: Prepared, rec: Record) -> None:
         rec.dispatched_s = perf() - t0
         try:
             async with asyncio.timeout(request_timeout_s):
@@ -235,7 +240,7 @@ async def replay(
     tick = loop.create_task(ticker()) if progress else None
     sent = 0
     try:
-        for rec, p in zip(records, prepared, strict=True):
+        for rec, (cl, p) in zip(records, prepared, strict=True):
             delay = t0 + rec.intended_s - perf()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
@@ -247,7 +252,7 @@ async def replay(
                 rec.fail(OVERFLOW, perf() - t0)
                 bar.update(1)
                 continue
-            task = loop.create_task(one(p, rec))
+            task = loop.create_task(one(cl, p, rec))
             sent += 1
             drained.clear()
             inflight.add(task)
@@ -274,7 +279,8 @@ async def replay(
         if tick is not None:
             tick.cancel()
         bar.close()
-        await cl.aclose()
+        for cl in clients:
+            await cl.aclose()
     wall = perf() - t0
     summary = summarize(
         records,
@@ -292,6 +298,14 @@ async def replay(
         },
     )
     return records, summary
+
+
+def base_urls(text: str) -> list[str]:
+    """The URLs of a ``--base-url`` value (comma-separated)."""
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("--base-url: no URL given")
+    return urls
 
 
 def write_csv(path: str | Path, records: Sequence[Record]) -> None:
@@ -339,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
         "endpoint; one CSV row per request; reports its own lag.",
     )
     p.add_argument("workload", help="workload JSONL (prompts_dataset.py)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="loopback only")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="loopback only; several comma-separated: round-robin over them")
     p.add_argument("--keys", default=None, help="tenant=key,... (never logged)")
     p.add_argument("--keys-file", default=None, help="JSON object tenant -> key")
     p.add_argument("--key", default=None, help="key for every tenant not given one otherwise")
@@ -394,7 +409,8 @@ def _raise_nofile() -> None:
 async def _main(a: argparse.Namespace) -> tuple[list[Record], dict[str, Any]]:
     w = load_workload(a.workload)
     keys = load_keys(a.keys, a.keys_file, a.key, w.tenants)
-    model = a.model or await first_model(a.base_url, next(iter(keys.values()), ""))
+    model = a.model or await first_model(base_urls(a.base_url)[0],
+                                         next(iter(keys.values()), ""))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -438,7 +454,8 @@ def _report(a: argparse.Namespace, records: list[Record], summary: dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        check_loopback(a.base_url)
+        for u in base_urls(a.base_url):
+            check_loopback(u)
     except ValueError as e:
         print(f"loadgen: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,11 @@
 """One policy's run end to end (:mod:`experiments.runner`'s step 2): its gateway configuration,
 the gateway with its pool of simulator engines, the load generator's replay with the
 timeline sampled every second, the engines' counters, and everything stopped; what it
-leaves in ``<out>/<policy>/`` is described in :mod:`experiments.rundata`."""
+leaves in ``<out>/<policy>/`` is described in :mod:`experiments.rundata`.
+
+With ``--store redis`` or ``--replicas N`` (N > 1) the run is a multi-replica deployment
+(:mod:`experiments.stack`): a fresh Redis, the engines launched here and shared, N gateway
+processes with the same configuration but their port, the load spread round-robin."""
 
 from __future__ import annotations
 
@@ -32,7 +36,15 @@ from experiments.gwconfig import (
     redacted,
     slo_table,
 )
-from experiments.stack import GatewayProcess, Sampler, free_port, scrape_engines, timeline_columns
+from experiments.stack import (
+    EngineFleet,
+    GatewayProcess,
+    RedisProcess,
+    Sampler,
+    free_port,
+    scrape_engines,
+    timeline_columns,
+)
 from experiments.variants import resolve
 from experiments.workload_file import Workload
 
@@ -79,17 +91,20 @@ def run_policy(
     if a.estimator:
         shutil.copyfile(a.estimator, pdir / "estimator.pkl")
         cfg["scheduler"].setdefault("estimator", {})["path"] = str(pdir / "estimator.pkl")
-    cfg_path = secret_dir / f"{policy}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    (pdir / "gateway.yaml").write_text(yaml.safe_dump(redacted(cfg), sort_keys=False), "utf-8")
     x = pool.time_scale
     n_requests = sum(1 for r in w.requests if a.duration is None or r.arrival_s < a.duration)
     t_start = time.monotonic()
-    gw = GatewayProcess(cfg_path, port, admin_key, pdir / "gateway.log")
+    replicas = max(1, int(getattr(a, "replicas", 1)))
+    shared = replicas > 1 or getattr(a, "store", "memory") == "redis"
+    redis: RedisProcess | None = None
+    fleet: EngineFleet | None = None
+    gws: list[GatewayProcess] = []
+    cfg_paths: list[Path] = []
     loadgen: subprocess.Popen[bytes] | None = None
     sampler: Sampler | None = None
     variant = resolve(policy)
     info: dict[str, Any] = {"policy": policy, "time_scale": x, "port": port,
+                            "replicas": replicas, "store": "redis" if shared else "memory",
                             "variant": {"policy": variant.policy,
                                         "settings": variant.settings_map()}}  # fmt: skip
     bar = tqdm(
@@ -102,14 +117,35 @@ def run_policy(
         dynamic_ncols=True,
     )
     try:
-        gw.wait_ready(pool.instances)
+        if shared:
+            redis = RedisProcess(secret_dir / f"{policy}-redis")
+            fleet = EngineFleet(cfg["pool"], pdir / "engines")
+            cfg["store"] = {"type": "redis", "url": redis.url, "prefix": "exp"}
+            cfg["pool"] = {**{k: v for k, v in cfg["pool"].items()
+                              if k in ("health_interval_s", "scrape_interval_s", "stop_grace_s")},
+                           "engine": "external", "external": fleet.external()}  # fmt: skip
+        (pdir / "gateway.yaml").write_text(yaml.safe_dump(redacted(cfg), sort_keys=False), "utf-8")
+        ports = [port] + [free_port() for _ in range(replicas - 1)]
+        for i, p in enumerate(ports):
+            cfg_i = {**cfg, "server": {**cfg["server"], "port": p}}
+            cfg_path = secret_dir / f"{policy}-{i}.yaml"
+            cfg_path.write_text(yaml.safe_dump(cfg_i, sort_keys=False), encoding="utf-8")
+            cfg_paths.append(cfg_path)
+        if fleet is not None:
+            fleet.wait_healthy()
+        for i, (p, cfg_path) in enumerate(zip(ports, cfg_paths, strict=True)):
+            log = pdir / ("gateway.log" if i == 0 else f"gateway-{i}.log")
+            gws.append(GatewayProcess(cfg_path, p, admin_key, log))
+        for gw in gws:  # started together, then waited for: they boot in parallel
+            gw.wait_ready(pool.instances)
         info["ready_s"] = round(time.monotonic() - t_start, 2)
-        urls = gw.engine_urls()
-        sampler = Sampler(gw, sorted(tenants.classes))
+        urls = gws[0].engine_urls()
+        sampler = Sampler(gws, sorted(tenants.classes))
         sampler.sample()
         argv = [
             sys.executable, "-m", "experiments.loadgen", str(workload),
-            "--base-url", gw.url, "--keys-file", str(keys_file), "--model", MODEL,
+            "--base-url", ",".join(gw.url for gw in gws), "--keys-file", str(keys_file),
+            "--model", MODEL,
             "--out", str(pdir / "requests.csv"), "--speedup", str(x),
             "--drain-timeout", str(a.drain_timeout / x), "--no-progress",
         ]  # fmt: skip
@@ -137,7 +173,16 @@ def run_policy(
         info["loadgen_rc"] = loadgen.returncode
         sampler.sample()
         info["engines"] = scrape_engines(urls)
-        info["resources"] = gw.resources()
+        info["resources"] = {}
+        for i, gw in enumerate(gws):
+            res = gw.resources()
+            if i:
+                res = {k.replace("gateway", f"gateway-{i}"): v for k, v in res.items()}
+            info["resources"].update(res)
+        if fleet is not None:
+            info["resources"]["engines"] = {"cpu_s": fleet.cpu_s(), "runqueue_wait_s": None}
+        if redis is not None:
+            info["resources"]["redis"] = {"cpu_s": redis.cpu_s(), "runqueue_wait_s": None}
         info["gateway_rejections"] = {
             k.split(".", 1)[1]: v
             for k, v in sampler.last_metrics.items()
@@ -155,11 +200,17 @@ def run_policy(
         if sampler is not None:
             sampler.close()
         t_stop = time.monotonic()
-        gw.stop()
+        for gw in gws:
+            gw.stop()
+        if fleet is not None:
+            fleet.stop()
+        if redis is not None:
+            redis.stop()
         info["stop_s"] = round(time.monotonic() - t_stop, 2)
-        info["killed_orphans"] = gw.killed_orphans
-        with contextlib.suppress(OSError):
-            cfg_path.unlink()
+        info["killed_orphans"] = sum(gw.killed_orphans for gw in gws)
+        for cfg_path in cfg_paths:
+            with contextlib.suppress(OSError):
+                cfg_path.unlink()
     if info.get("loadgen_rc") != 0:
         raise RuntimeError(f"{policy}: the load generator failed; see {pdir / 'loadgen.log'}")
     summary = json.loads((pdir / "requests.summary.json").read_text(encoding="utf-8"))

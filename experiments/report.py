@@ -213,8 +213,12 @@ def _health_table(
     for p, m in metrics.items():
         d, info = m["distortion"], runs[p].info
         res = info.get("resources") or {}
-        gw_cpu = (res.get("gateway") or {}).get("cpu_s")
-        eng = sum((v.get("cpu_s") or 0.0) for k, v in res.items() if k != "gateway")
+        # every replica's gateway process ("gateway", "gateway-1", ...); the rest but Redis
+        # are engines (launched by the gateway's pool, or by the experiment for replicas)
+        gws = [v.get("cpu_s") for k, v in res.items() if k.startswith("gateway")]
+        gw_cpu = sum(c or 0.0 for c in gws) if gws and None not in gws else None
+        eng = sum((v.get("cpu_s") or 0.0) for k, v in res.items()
+                  if not k.startswith("gateway") and k != "redis")
         rows.append([p, _fmt(info.get("wall_s"), ".0f"), _ms(d["loadgen_lag_p99_s"]),
                      _fmt(d["loadgen_late_over_10ms"]), _fmt(d["loadgen_cpu_share"], ".2f"),
                      _fmt(d["loadgen_runqueue_wait_s"], ".1f"), _fmt(d["sim_lag_s"], ".2f"),

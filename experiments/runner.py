@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  ./run_experiment.sh drift --policies fcfs,driftsched --seed 1\n"
         "  ./run_experiment.sh overload --seeds 0,1,2\n"
         "  ./run_experiment.sh --workload w.jsonl --duration 60\n"
+        "  ./run_experiment.sh overload --policies driftsched --replicas 3\n"
         "  ./run_experiment.sh overload --policies priority,priority+governor,driftsched,"
         "driftsched-no-feasibility\n"
         "  ./run_experiment.sh overload --set driftsched:scheduler.kv_budget_fraction=0.6\n\n"
@@ -97,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=str(ROOT / "results"), help="results root")
     p.add_argument("--instances", type=int, default=2, help="simulator engines")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="gateway replicas on one Redis, sharing the engines, the load round-robin over "
+        "them (default 1; more implies --store redis)",
+    )
+    p.add_argument(
+        "--store",
+        choices=["memory", "redis"],
+        default="memory",
+        help="the gateways' store: memory (one process, the default) or a fresh Redis (the "
+        "engines are then launched by the experiment and shared, as with --replicas)",
+    )
     p.add_argument("--profile", default="llama3-8b-a100", help="simulator profile")
     p.add_argument(
         "--time-scale",
@@ -270,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"run_experiment: {e}") from None
     if a.time_scale <= 0:
         raise SystemExit("run_experiment: --time-scale must be > 0")
+    if a.replicas < 1:
+        raise SystemExit("run_experiment: --replicas must be >= 1")
     seeds = parse_seeds(a)
     multi = len(seeds) > 1
     t_begin = time.monotonic()

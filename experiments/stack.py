@@ -1,4 +1,4 @@
-"""One gateway process with its simulated pool: start, observe, stop -- leaving no process.
+"""The gateway process(es) with their simulated pool: start, observe, stop -- leaving no process.
 
 :class:`GatewayProcess` runs ``python -m proxy.cli serve -c FILE`` in its own session (a
 Ctrl-C at the terminal reaches the runner, which then stops it); the gateway's pool manager
@@ -12,12 +12,21 @@ number it had to kill is reported (0 on a clean stop).
 one flat timeline row (:func:`timeline_columns`): queue depth, in flight, finished requests,
 engine preemptions/running/waiting/KV use, and per tenant its queue depth and the drift
 controller's limit, ratio, state and decrease count (empty when the policy has none).
+
+Several replicas (``run_experiment.sh --replicas N``, :class:`Replicas`): a fresh
+``redis-server`` (:class:`RedisProcess`, no persistence) as their store, and the engines
+launched by the experiment (:class:`EngineFleet`, with the argv and environment the pool would
+give them: :func:`adapters.engines.engine_spec`) and registered with every replica as
+``engine: external``, as in a Kubernetes deployment; N gateway processes on one Redis. The
+load generator spreads requests over them round-robin; the :class:`Sampler` sums the
+replicas' counters and reads the shared queue from the first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +38,8 @@ from typing import IO, Any
 
 import httpx
 
+from adapters.config import PoolConfig
+from adapters.engines import engine_spec
 from adapters.procutil import pid_alive
 from adapters.scrape import parse_samples
 
@@ -82,6 +93,7 @@ class GatewayProcess:
     """The gateway (and, through its pool, the engines) for one run."""
 
     def __init__(self, config: Path, port: int, admin_key: str, log: Path) -> None:
+        """``port``: the one ``config`` sets (``server.port``)."""
         self.url = f"http://127.0.0.1:{port}"
         self.admin_key = admin_key
         self.log = log
@@ -191,34 +203,50 @@ def _loadavg() -> float | None:
 class Sampler:
     """One timeline row per :meth:`sample` call (see the module doc)."""
 
-    def __init__(self, gw: GatewayProcess, tenants: Sequence[str]) -> None:
-        self.gw = gw
+    def __init__(self, gws: Sequence[GatewayProcess], tenants: Sequence[str]) -> None:
+        """``gws``: the replicas (one, or several on one store): their ``/metrics`` are
+        summed, the (shared) queue and drift state are read from the first."""
+        self.gws = list(gws)
         self.tenants = list(tenants)
-        self.client = httpx.Client(base_url=gw.url, timeout=2.0, headers=gw.admin_headers)
+        self.clients = [httpx.Client(base_url=gw.url, timeout=2.0, headers=gw.admin_headers)
+                        for gw in self.gws]  # fmt: skip
         self.rows: list[dict[str, Any]] = []
         self.last_scheduler: dict[str, Any] = {}
         self.last_metrics: dict[str, float] = {}
 
     def close(self) -> None:
-        self.client.close()
+        for c in self.clients:
+            c.close()
 
     def sample(self) -> dict[str, Any] | None:
-        """Take one sample (None if the gateway did not answer)."""
+        """Take one sample (None if a gateway did not answer)."""
         now = time.time()
         try:
-            sched = self.client.get("/admin/scheduler").json()
-            text = self.client.get("/metrics").text
+            sched = self.clients[0].get("/admin/scheduler").json()
+            texts = [c.get("/metrics").text for c in self.clients]
         except (httpx.HTTPError, ValueError):
             return None
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for s in parse_samples(text):
-            sums[s.name] = sums.get(s.name, 0.0) + s.value
-            counts[s.name] = counts.get(s.name, 0) + 1
-            if s.name == "driftsched_rejections_total":
-                key = f"rejections.{s.labels.get('reason', '?')}"
-                sums[key] = sums.get(key, 0.0) + s.value
+        engine_gauges = ("driftsched_backend_",)
+        for i, text in enumerate(texts):
+            for s in parse_samples(text):
+                if i and s.name.startswith(engine_gauges):
+                    continue  # the engines are shared: every replica reports the same ones
+                self._add(s, sums, counts)
         self.last_scheduler, self.last_metrics = sched, sums
+        return self._row(now, sched, sums, counts)
+
+    @staticmethod
+    def _add(s: Any, sums: dict[str, float], counts: dict[str, int]) -> None:
+        sums[s.name] = sums.get(s.name, 0.0) + s.value
+        counts[s.name] = counts.get(s.name, 0) + 1
+        if s.name == "driftsched_rejections_total":
+            key = f"rejections.{s.labels.get('reason', '?')}"
+            sums[key] = sums.get(key, 0.0) + s.value
+
+    def _row(self, now: float, sched: Mapping[str, Any], sums: Mapping[str, float],
+             counts: Mapping[str, int]) -> dict[str, Any]:  # fmt: skip
         depth: Mapping[str, int] = sched.get("queue_depth") or {}
         drift: Mapping[str, Mapping[str, Any]] = sched.get("drift") or {}
         n_kv = counts.get("driftsched_backend_kv_cache_usage_perc", 0)
@@ -245,6 +273,112 @@ class Sampler:
                 row[f"{f}.{t}"] = round(v, 4) if isinstance(v, float) else v
         self.rows.append(row)
         return row
+
+
+class RedisProcess:
+    """A throwaway ``redis-server`` on a free loopback port (no persistence), the replicas'
+    store for one run."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("--replicas needs redis-server on PATH (apt-get install "
+                               "redis-server)")  # fmt: skip
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=0.2
+            ) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start; see {workdir / 'redis.log'}")
+
+    def cpu_s(self) -> float | None:
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class EngineFleet:
+    """The pool's engines launched by the experiment for several replicas to share: each
+    with the argv and environment the pool gives instance ``i``
+    (:func:`adapters.engines.engine_spec`), its log in ``log_dir``."""
+
+    def __init__(self, pool_cfg: Mapping[str, Any], log_dir: Path) -> None:
+        cfg = PoolConfig.model_validate(dict(pool_cfg))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.specs = [engine_spec(cfg, i, free_port()) for i in range(cfg.instances)]
+        self.models = [cfg.served_model_name or cfg.model]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+        for spec in self.specs:
+            fh = (log_dir / f"{spec.name}.log").open("wb")
+            self._logs.append(fh)
+            self.procs.append(subprocess.Popen(
+                list(spec.argv), env=dict(spec.env), stdout=fh, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ))  # fmt: skip
+
+    def wait_healthy(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=1.0) as c:
+            for spec, proc in zip(self.specs, self.procs, strict=True):
+                while True:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"engine {spec.name} exited with {proc.returncode}")
+                    with contextlib.suppress(httpx.HTTPError):
+                        if c.get(spec.url + "/health").status_code == 200:
+                            break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"engine {spec.name} not healthy in {timeout_s:g}s")
+                    time.sleep(0.2)
+
+    def external(self) -> list[dict[str, Any]]:
+        """The engines as ``pool.external`` entries (what every replica is configured with)."""
+        out = []
+        for spec in self.specs:
+            e: dict[str, Any] = {"name": spec.name, "url": spec.url, "models": self.models,
+                                 "supports_priority": spec.supports_priority}  # fmt: skip
+            if spec.kv_capacity_tokens is not None:
+                e["kv_capacity_tokens"] = spec.kv_capacity_tokens
+            if spec.max_num_seqs is not None:
+                e["max_num_seqs"] = spec.max_num_seqs
+            out.append(e)
+        return out
+
+    def cpu_s(self) -> float:
+        return sum(cpu_seconds(p.pid) or 0.0 for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        for fh in self._logs:
+            fh.close()
 
 
 def scrape_engines(urls: Sequence[str]) -> list[dict[str, float]]:

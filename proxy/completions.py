@@ -1,30 +1,40 @@
-"""Completion events shared by the gateway replicas, so every estimator learns from all.
+"""Completion events shared by the gateway replicas, so that N replicas decide as one.
 
-One question: *which completions does this replica's estimator learn from?* Its own (the
-scheduler learns from them directly, with no delay) plus, through this bus, every other
-replica's. Without the bus N replicas hold N estimators, each trained on 1/N of the traffic
-and each drifting apart from the others.
+One question: *which finished requests do this replica's estimator and controllers learn
+from?* Its own (the scheduler applies them directly, with no delay) plus, through this bus,
+every other replica's. Each event is a :class:`Completion`: the estimator's features and the
+real output length (learning), the predicted length (the drift controller), the request's SLO
+outcome (the class attainment windows that gate the drift controller) and its stream's time
+per output token (the TPOT governor's outer loop). Without the bus N replicas would hold N
+estimators and N sets of controllers, each fed 1/N of every tenant's traffic and each deciding
+differently; with it every replica's controllers see the same events and reach the same limits
+(:mod:`proxy.scheduler`; the replica-parity experiment in docs/experiments.md).
 
 * ``memory`` (:class:`LocalCompletions`, one process): :meth:`publish` does nothing; the
   scheduler's own completions are all there is.
-* ``redis`` (:class:`RedisCompletions`): :meth:`publish` appends ``(features, output
-  tokens)`` to an in-process buffer and returns at once; a sender task XADDs the buffer in
-  pipelined batches to one capped stream ``<prefix>:completions`` (``MAXLEN ~ max_len``). A
-  reader task per replica XREADs (blocking) from its own last id and hands the events of the
-  *other* replicas to ``learn(features, y)``; its own events carry its replica id and are
-  skipped, because the scheduler already learned from them.
+* ``redis`` (:class:`RedisCompletions`): :meth:`publish` appends the event to an in-process
+  buffer and returns at once; a sender task XADDs the buffer in pipelined batches to one
+  capped stream ``<prefix>:completions`` (``MAXLEN ~ max_len``). A reader task per replica
+  XREADs (blocking) from its own last id and hands the events of the *other* replicas to
+  ``on_completion``; its own events carry its replica id and are skipped, because the
+  scheduler already applied them.
 
 Delivery is best effort and at most once. Requests never wait on the bus: when Redis is
 down, events are dropped (counted in :attr:`RedisCompletions.dropped`) and the reader retries
 with backoff, so replicas keep learning from their own completions and converge again
 afterwards. A reader that falls more than ``max_len`` events behind skips the trimmed ones.
 A replica that starts (or restarts) reads the stream's backlog first (``replay``), so a new
-replica's estimator starts from the last ``max_len`` completions instead of from the prior.
+replica's estimator starts from the last ``max_len`` completions instead of from the prior;
+replayed events older than ``feedback_max_age_s`` feed the estimator only, not the
+controllers (a window of outcomes from before the replica started says nothing about now).
 
-Event fields: ``r`` replica id, ``y`` output tokens, ``x`` the estimator features as JSON
-(:class:`policies.features.RequestFeatures` makes every value a ``str`` or ``float``, so
-they survive the round trip unchanged). An event is about 1-4 KB, so the stream holds at
-most ``max_len`` x 4 KB (8 MB at the default).
+Event fields: ``r`` replica id, ``t`` its wall-clock time (s), ``y`` output tokens (empty:
+unknown), ``x`` the estimator features as JSON (:class:`policies.features.RequestFeatures`
+makes every value a ``str`` or ``float``, so they survive the round trip unchanged; absent:
+nothing to learn), ``f`` the controllers' part as a JSON list ``[tenant, level, base limit,
+met, stream TPOT, predicted]``. An event is about 1-4 KB, so the stream holds at most
+``max_len`` x 4 KB (8 MB at the default). Events without ``f`` (written by an older release)
+are learned from and otherwise ignored.
 
 Not thread-safe: call every method on the event loop that ran :meth:`start`.
 """
@@ -35,8 +45,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from redis.asyncio import Redis
@@ -48,17 +61,42 @@ if TYPE_CHECKING:
     from proxy.config import StoreConfig
 
 __all__ = [
+    "Completion",
     "CompletionBus",
-    "Learn",
     "LocalCompletions",
+    "OnCompletion",
     "RedisCompletions",
     "build_completion_bus",
 ]
 
 log = logging.getLogger("driftsched.completions")
 
-#: ``learn(features, output_tokens)``: called on the event loop for other replicas' events
-Learn = Callable[[dict[str, Any], float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """One finished request, as every replica's estimator and controllers see it."""
+
+    tenant: str
+    #: its class level (classes are the same on every replica); None: the event feeds the
+    #: estimator only (replayed from before this replica started, or from an older release)
+    level: int | None
+    #: the tenant's configured concurrency limit (None: unlimited), for a replica that has
+    #: not read the tenant's record itself
+    base_limit: int | None = None
+    #: whether it met its class's SLOs (None: not counted: no SLOs, or never queued)
+    met: bool | None = None
+    #: its stream's mean time per output token (s), when long enough to judge
+    stream_tpot_s: float | None = None
+    #: predicted (p50, at admission) and real output tokens (None: unknown)
+    predicted: float | None = None
+    actual: float | None = None
+    #: the estimator's features (empty: nothing to learn from)
+    features: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: ``on_completion(event)``: called on the event loop for other replicas' events
+OnCompletion = Callable[[Completion], None]
 
 _MAX_BACKOFF_S = 5.0
 
@@ -66,10 +104,11 @@ _MAX_BACKOFF_S = 5.0
 class CompletionBus(Protocol):
     """Shares completions between replicas. Safe to call from any task of one event loop."""
 
-    async def start(self, learn: Learn) -> None:
-        """Begin delivering other replicas' completions to ``learn``. Does no I/O itself."""
+    async def start(self, on_completion: OnCompletion) -> None:
+        """Begin delivering other replicas' completions to ``on_completion``. Does no I/O
+        itself."""
 
-    def publish(self, x: Mapping[str, Any], y: float) -> None:
+    def publish(self, c: Completion) -> None:
         """Offer one completion of this replica to the others. Never blocks, never raises."""
 
     async def aclose(self) -> None:
@@ -79,10 +118,10 @@ class CompletionBus(Protocol):
 class LocalCompletions:
     """One process: nothing to share (the scheduler learns from its own completions)."""
 
-    async def start(self, learn: Learn) -> None:
+    async def start(self, on_completion: OnCompletion) -> None:
         return None
 
-    def publish(self, x: Mapping[str, Any], y: float) -> None:
+    def publish(self, c: Completion) -> None:
         return None
 
     async def aclose(self) -> None:
@@ -99,6 +138,7 @@ class RedisCompletions:
     ``linger_s``: how long the sender waits after an event for more, and the reader after a
     read, so that events travel in batches (one XADD pipeline and one wake-up of every
     replica's reader per batch, not per completion) at the cost of that much delay.
+    ``feedback_max_age_s``: older events (a replayed backlog) feed only the estimator.
     """
 
     def __init__(
@@ -115,6 +155,7 @@ class RedisCompletions:
         block_ms: int = 1000,
         socket_timeout_s: float = 5.0,
         linger_s: float = 0.05,
+        feedback_max_age_s: float = 10.0,
     ) -> None:
         if max_len < 1 or batch < 1 or buffer < 1:
             raise ValueError("max_len, batch and buffer must be >= 1")
@@ -128,12 +169,13 @@ class RedisCompletions:
         self._batch = batch
         self._block_ms = block_ms
         self._linger_s = linger_s
+        self._max_age_s = feedback_max_age_s
         self._socket_timeout_s = max(socket_timeout_s, block_ms / 1000 + 1.0)
-        self._buf: deque[tuple[Mapping[str, Any], float]] = deque(maxlen=buffer)
+        self._buf: deque[dict[str, str]] = deque(maxlen=buffer)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._learn: Learn | None = None
-        #: counters (this replica): events offered, written, lost, read from others, learned
+        self._on: OnCompletion | None = None
+        #: counters (this replica): events offered, written, lost, read from others, applied
         self.published = 0
         self.sent = 0
         self.dropped = 0
@@ -141,12 +183,12 @@ class RedisCompletions:
         self.learned = 0
 
     # -- lifecycle -----------------------------------------------------------------------
-    async def start(self, learn: Learn) -> None:
+    async def start(self, on_completion: OnCompletion) -> None:
         if self._tasks:
             raise RuntimeError("RedisCompletions already started")
         if self._client is None:
             self._client = connect(self._url, 4, self._socket_timeout_s)
-        self._learn = learn
+        self._on = on_completion
         self._tasks = [
             asyncio.create_task(self._send_loop(self._client), name="completions-sender"),
             asyncio.create_task(self._read_loop(self._client), name="completions-reader"),
@@ -169,19 +211,25 @@ class RedisCompletions:
             self._client = None
 
     # -- publishing ----------------------------------------------------------------------
-    def publish(self, x: Mapping[str, Any], y: float) -> None:
+    def publish(self, c: Completion) -> None:
         if len(self._buf) == self._buf.maxlen:
             self.dropped += 1  # the deque drops its oldest entry
-        self._buf.append((x, y))
+        self._buf.append(self._fields(c))
         self.published += 1
         self._wake.set()
 
-    def _fields(self, x: Mapping[str, Any], y: float) -> dict[str, str]:
-        return {
+    def _fields(self, c: Completion) -> dict[str, str]:
+        met = None if c.met is None else int(c.met)
+        f = [c.tenant, c.level, c.base_limit, met, c.stream_tpot_s, c.predicted]
+        fields = {
             "r": self.replica_id,
-            "y": repr(float(y)),
-            "x": json.dumps(x, separators=(",", ":")),
+            "t": repr(time.time()),
+            "y": "" if c.actual is None else repr(float(c.actual)),
+            "f": json.dumps(f, separators=(",", ":")),
         }
+        if c.features:
+            fields["x"] = json.dumps(c.features, separators=(",", ":"))
+        return fields
 
     async def _flush(self, r: Redis) -> None:
         """Write the buffer in pipelined batches; a failed batch is dropped, then raised."""
@@ -189,10 +237,10 @@ class RedisCompletions:
             n = min(len(self._buf), self._batch)
             batch = [self._buf.popleft() for _ in range(n)]
             pipe = r.pipeline(transaction=False)
-            for x, y in batch:
+            for fields in batch:
                 pipe.xadd(
                     self.key,
-                    self._fields(x, y),  # type: ignore[arg-type]
+                    fields,  # type: ignore[arg-type]
                     maxlen=self._max_len,
                     approximate=True,
                 )
@@ -258,23 +306,40 @@ class RedisCompletions:
 
     def _consume(self, fields: Mapping[str, str]) -> None:
         if fields.get("r") == self.replica_id:
-            return  # learned locally when it completed
+            return  # applied locally when it completed
         self.received += 1
         try:
-            x = json.loads(fields["x"])
-            y = float(fields["y"])
-            if not isinstance(x, dict):
-                raise TypeError("features are not a JSON object")
-        except (KeyError, ValueError, TypeError) as e:
+            c = _parse(fields, self._max_age_s)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
             log.warning("ignoring a malformed completion event: %r", e)
             return
-        assert self._learn is not None
+        assert self._on is not None
         try:
-            self._learn(x, y)
+            self._on(c)
         except Exception:
-            log.exception("learning from another replica's completion failed")
+            log.exception("applying another replica's completion failed")
             return
         self.learned += 1
+
+
+def _parse(fields: Mapping[str, str], max_age_s: float) -> Completion:
+    """The :class:`Completion` an event holds; one older than ``max_age_s`` (or from an
+    older release, without ``f``) keeps only what the estimator learns from."""
+    x = json.loads(fields["x"]) if "x" in fields else {}
+    if not isinstance(x, dict):
+        raise TypeError("features are not a JSON object")
+    y = float(fields["y"]) if fields.get("y") else None
+    if y is not None and not math.isfinite(y):
+        raise ValueError(f"output tokens {y!r}")
+    at = float(fields.get("t") or 0.0)
+    if "f" not in fields or time.time() - at > max_age_s:
+        return Completion(str(x.get("tenant", "")), None, actual=y, features=x)
+    tenant, level, base, met, tpot, pred = json.loads(fields["f"])
+    if not isinstance(tenant, str) or not isinstance(level, int):
+        raise TypeError("tenant or level of the wrong type")
+    return Completion(
+        tenant, level, None if base is None else int(base), None if met is None else bool(met),
+        None if tpot is None else float(tpot), None if pred is None else float(pred), y, x)
 
 
 def build_completion_bus(

@@ -168,6 +168,17 @@ class RequestLifecycle:
             delta = actual - self._charged
         usage_counts = {"requests": 1, "errors": 0 if out.status == 200 else 1,
                         "tokens_in": p_tok, "tokens_out": c_tok}
+        outcome = None
+        if self.stage in ("queued", "upstream") and out.status != 499 \
+                and req.endpoint != "embeddings":
+            # queued or served (not refused by its own rate limits, not abandoned by the
+            # client): an SLO outcome for the controllers' feedback
+            end = gw.clock.monotonic()
+            outcome = gw.scheduler.outcome(
+                tenant, ok=out.status == 200 and bool(usage),
+                ttft_s=out.first_byte_at - self.t0
+                if req.stream and out.first_byte_at is not None else None,
+                e2e_s=end - self.t0, output_tokens=c_tok)
         released, settle = None, None
         if self.admitted is not None:
             known = bool(usage) and out.status == 200 and req.endpoint != "embeddings"
@@ -175,19 +186,11 @@ class RequestLifecycle:
                 # the store's settlement runs in the release's script: one round trip
                 settle = gw.shaper.finish_step(tenant.name, delta, Limits.of(tenant),
                                                **usage_counts)
-            released = asyncio.ensure_future(
-                gw.scheduler.complete(self.admitted, c_tok if known else None, settle))
+            released = asyncio.ensure_future(gw.scheduler.complete(
+                self.admitted, c_tok if known else None, settle, outcome))
             tm.in_flight.dec()
-        if self.stage in ("queued", "upstream") and out.status != 499 \
-                and req.endpoint != "embeddings":
-            # queued or served (not refused by its own rate limits, not abandoned by the
-            # client): an SLO outcome for the drift controller's feedback
-            end = gw.clock.monotonic()
-            gw.scheduler.record_outcome(
-                tenant, ok=out.status == 200 and bool(usage),
-                ttft_s=out.first_byte_at - self.t0
-                if req.stream and out.first_byte_at is not None else None,
-                e2e_s=end - self.t0, output_tokens=c_tok)
+        elif outcome is not None:
+            gw.scheduler.record_outcome(tenant, outcome)
         try:
             if settle is None:
                 await gw.shaper.finish(tenant.name, delta, Limits.of(tenant), **usage_counts)

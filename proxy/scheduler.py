@@ -63,7 +63,7 @@ from proxy.admission.base import (
     QueueItem,
     QueueStats,
 )
-from proxy.completions import CompletionBus, LocalCompletions
+from proxy.completions import Completion, CompletionBus, LocalCompletions
 from proxy.config import Settings
 from proxy.requests import ParsedRequest
 from proxy.store.base import StoreStep, Tenant
@@ -92,6 +92,16 @@ class Admitted:
     #: task charging them: growth never makes the stream wait for the store
     pending_grow: int = 0
     growing: asyncio.Task[None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A finished request against its class's SLOs (:meth:`Scheduler.outcome`)."""
+
+    #: met every SLO of its class (None: the class has none)
+    met: bool | None
+    #: its stream's mean time per output token, when long enough to judge (else None)
+    stream_tpot_s: float | None
 
 
 class SloWindow:
@@ -185,7 +195,7 @@ class Scheduler:
             asyncio.create_task(self._renew_loop(), name="hold-renewal"),
             asyncio.create_task(self._learn_loop(), name="estimator-learning"),
         ]
-        await self.completions.start(self.learn)
+        await self.completions.start(self.apply)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -218,27 +228,20 @@ class Scheduler:
         tpot = tenant.tpot_slo_ms if tenant.tpot_slo_ms is not None else cls.tpot_slo_ms
         return ttft, tpot
 
-    def record_outcome(
+    def outcome(
         self, tenant: Tenant, *, ok: bool, ttft_s: float | None, e2e_s: float, output_tokens: int,
-    ) -> None:
-        """A request that reached the queue finished: count it against its class's SLOs
-        (a failure is a miss; a class without SLOs is not counted). ``ttft_s`` None (not
-        streamed): the end-to-end time is held against TTFT + TPOT x (tokens - 1). TPOT is
-        judged from ``_MIN_TPOT_TOKENS`` output tokens on (feedback, not the report)."""
-        now = self.clock.time()
+    ) -> Outcome:
+        """A finished request's outcome against its class's SLOs (a failure is a miss; a
+        class without SLOs is not counted). ``ttft_s`` None (not streamed): the end-to-end
+        time is held against TTFT + TPOT x (tokens - 1). TPOT is judged from
+        ``_MIN_TPOT_TOKENS`` output tokens on (feedback, not the report)."""
         n = max(output_tokens - 1, 0)
         # the TPOT of a short answer is a step or two of jitter and SSE coalescing
         stream_tpot = (e2e_s - ttft_s) / n if ok and ttft_s is not None and n >= _MIN_TPOT_TOKENS \
             else None
-        if stream_tpot is not None:
-            act = self.governor.observe_stream(stream_tpot, now)
-            if act != "none":
-                log.info("tpot governor acted", extra={
-                    "action": act, "headroom": round(self.governor.headroom, 3),
-                    "target_ms": round((self.governor.target_s or 0) * 1000, 1)})
         ttft, tpot = self.slo_ms(tenant)
         if ttft is None and tpot is None:
-            return
+            return Outcome(None, stream_tpot)
         met = ok
         if met:
             if ttft_s is None:
@@ -247,8 +250,50 @@ class Scheduler:
                 met = ttft is None or ttft_s * 1000.0 <= ttft
                 if met and tpot is not None and stream_tpot is not None:
                     met = stream_tpot * 1000.0 <= tpot
+        return Outcome(met, stream_tpot)
+
+    def record_outcome(self, tenant: Tenant, outcome: Outcome) -> None:
+        """A request that reached the queue and was never granted finished (a granted one's
+        outcome goes with :meth:`complete`): feed it to every replica's controllers."""
         level = self.settings.classes[tenant.qos_class].level
-        self.slo.record(level, met, now)
+        c = Completion(tenant.name, level, tenant.max_concurrency, outcome.met,
+                       outcome.stream_tpot_s)
+        self.apply(c)
+        self.completions.publish(c)
+
+    def apply(self, c: Completion) -> None:
+        """Feed one finished request, this replica's or (from the completion bus) another's,
+        to the estimator and the controllers: the SLO window of its level, the governor's
+        outer loop, the drift controller. Every replica applies every replica's events, so
+        their controllers see the same traffic and decide alike."""
+        if c.features and c.actual is not None:
+            self.learn(dict(c.features), c.actual)
+        if c.level is None:
+            return  # the estimator's only
+        now = self.clock.time()
+        if c.stream_tpot_s is not None:
+            act = self.governor.observe_stream(c.stream_tpot_s, now)
+            if act != "none":
+                log.info("tpot governor acted", extra={
+                    "action": act, "headroom": round(self.governor.headroom, 3),
+                    "target_ms": round((self.governor.target_s or 0) * 1000, 1)})
+        if c.met is not None:
+            self.slo.record(c.level, c.met, now)
+        if self.drift is None or c.predicted is None or c.actual is None:
+            return
+        try:
+            action = self.drift.observe(c.tenant, c.predicted, c.actual)
+        except KeyError:
+            # a tenant only other replicas have served: track it as they do, and publish
+            # its limit as they do
+            self.drift.configure(c.tenant, c.level, c.base_limit)
+            self._base_limits.setdefault(c.tenant, c.base_limit)
+            action = self.drift.observe(c.tenant, c.predicted, c.actual)
+        if action != "none":
+            st_d = self.drift.status(c.tenant)
+            log.info("drift controller acted", extra={
+                "tenant": c.tenant, "action": action, "ratio": round(st_d.ratio, 3),
+                "limit": st_d.limit})
 
     def tenant_state(self, tenant: Tenant, charge: float = 0.0) -> TenantState:
         """What the policy's key reads of ``tenant`` now: its level, live limit, drift
@@ -483,15 +528,17 @@ class Scheduler:
             adm.growing = None
 
     async def complete(
-        self, adm: Admitted, actual_output: int | None, settle: StoreStep | None = None
+        self, adm: Admitted, actual_output: int | None, settle: StoreStep | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
-        """Release the hold, correcting its fair-share charge by the real output length;
-        learn from it (None: unknown, charged as predicted, no learning). ``settle``: the
-        store's token settlement, run in the release's script (a queue that runs store
-        steps); lost, with a warning, when the release fails."""
+        """Release the hold, correcting its fair-share charge by the real output length, and
+        feed the finished request to every replica's estimator and controllers
+        (:meth:`apply`; ``actual_output`` None: unknown, charged as predicted, nothing
+        learned; ``outcome`` None: no SLO outcome to count). ``settle``: the store's token
+        settlement, run in the release's script (a queue that runs store steps); lost, with
+        a warning, when the release fails."""
         rid = adm.grant.id
         self._held.pop(rid, None)
-        x = adm.features
         fs = self.policy.fair_share
         correction = 0.0
         if fs is not None and actual_output is not None and adm.charge:
@@ -506,22 +553,21 @@ class Scheduler:
             # retried by the capacity loop until the store answers (the lease is the backstop)
             log.warning("releasing a grant failed; retrying: %s", e)
             self._release_later(rid, correction)
-        if actual_output is None:
-            return
-        if self.drift is not None:
-            with contextlib.suppress(KeyError):
-                action = self.drift.observe(adm.qreq.tenant, adm.estimate.p50, actual_output)
-                if action != "none":
-                    st_d = self.drift.status(adm.qreq.tenant)
-                    log.info("drift controller acted", extra={
-                        "tenant": adm.qreq.tenant, "action": action, "ratio": round(st_d.ratio, 3),
-                        "limit": st_d.limit})
-        if x:
-            self.learn(x, float(actual_output))
-            self.completions.publish(x, float(actual_output))
+        q = adm.qreq
+        known = actual_output is not None
+        c = Completion(
+            q.tenant, q.level, self._base_limits.get(q.tenant),
+            outcome.met if outcome is not None else None,
+            outcome.stream_tpot_s if outcome is not None else None,
+            adm.estimate.p50 if known else None,
+            float(actual_output) if actual_output is not None else None,
+            adm.features if known else {},
+        )
+        self.apply(c)
+        self.completions.publish(c)
 
     def learn(self, x: dict[str, Any], y: float) -> None:
-        """Queue one completion (this replica's, or another's from the bus) for learning."""
+        """Queue one completion for the estimator to learn from, off the request path."""
         self._learn.append((x, y))
         self._learn_wake.set()
 

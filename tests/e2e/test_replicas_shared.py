@@ -26,7 +26,12 @@ import httpx
 import pytest
 import yaml
 
-from proxy.completions import LocalCompletions, RedisCompletions, build_completion_bus
+from proxy.completions import (
+    Completion,
+    LocalCompletions,
+    RedisCompletions,
+    build_completion_bus,
+)
 from proxy.config import StoreConfig
 from tests.conftest import free_port
 from tests.harness import ADMIN_KEY, wait_http
@@ -52,54 +57,87 @@ async def _until(cond: Any, within_s: float = 15.0) -> None:
 async def test_bus_delivers_other_replicas_events_once(
     redis_server: str, redis_prefix: str
 ) -> None:
-    got: dict[str, list[tuple[dict[str, Any], float]]] = {"a": [], "b": []}
+    got: dict[str, list[Completion]] = {"a": [], "b": []}
     a = RedisCompletions("a", redis_server, prefix=redis_prefix, block_ms=100)
     b = RedisCompletions("b", redis_server, prefix=redis_prefix, block_ms=100)
-    await a.start(lambda x, y: got["a"].append((x, y)))
-    await b.start(lambda x, y: got["b"].append((x, y)))
+    await a.start(got["a"].append)
+    await b.start(got["b"].append)
     try:
         x = {"tenant": "acme", "model": "m", "log_prompt_tokens": 0.5, "w12": 0.25}
-        for i in range(5):
-            a.publish(x, float(i))
-        b.publish({"tenant": "zeta", "model": "m"}, 7.0)
+        sent = [
+            Completion("acme", 1, 6, i % 2 == 0, 0.0125 * i, 40.5, float(i), x)
+            for i in range(5)
+        ]
+        for c in sent:
+            a.publish(c)
+        # a request that timed out in the queue: an SLO miss, nothing to learn
+        b.publish(Completion("zeta", 2, None, False))
         await _until(lambda: len(got["b"]) == 5 and len(got["a"]) == 1 and a.sent == 5)
-        assert got["b"] == [(x, float(i)) for i in range(5)]  # in order, values exact
-        assert got["a"] == [({"tenant": "zeta", "model": "m"}, 7.0)]  # never its own
+        assert got["b"] == sent  # in order, every field exact
+        assert got["a"] == [Completion("zeta", 2, None, False)]  # never its own
         assert (a.sent, a.dropped, b.learned) == (5, 0, 5)
     finally:
         await a.aclose()
         await b.aclose()
-    # a replica started later replays the backlog (learns from the past); with replay off
-    # it starts at the tail and sees only what comes after it started
-    late: list[float] = []
-    tail: list[float] = []
-    c = RedisCompletions("c", redis_server, prefix=redis_prefix, block_ms=100)
+    # a replica started later replays the backlog: the estimator learns from the past, the
+    # controllers do not take old outcomes for the present; with replay off it starts at the
+    # tail and sees only what comes after it started
+    late: list[Completion] = []
+    tail: list[Completion] = []
+    c = RedisCompletions("c", redis_server, prefix=redis_prefix, block_ms=100,
+                         feedback_max_age_s=0.0)
     d = RedisCompletions("d", redis_server, prefix=redis_prefix, block_ms=100, replay=False)
-    await c.start(lambda x, y: late.append(y))
-    await d.start(lambda x, y: tail.append(y))
+    await c.start(late.append)
+    await d.start(tail.append)
     try:
         await _until(lambda: len(late) == 6)
-        assert sorted(late) == [0.0, 1.0, 2.0, 3.0, 4.0, 7.0]
+        assert sorted(-1 if e.actual is None else e.actual for e in late) == [-1, 0, 1, 2, 3, 4]
+        assert all(e.level is None and e.met is None and e.predicted is None for e in late)
+        assert [e.features for e in late if e.actual is not None] == [x] * 5
         deadline = time.monotonic() + 15
         while not tail:  # until d's reader has found the tail and reads after it
             assert time.monotonic() < deadline
-            c.publish({"tenant": "acme"}, 99.0)
+            c.publish(Completion("acme", 0, None, True, actual=99.0))
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.2)
-        assert set(tail) == {99.0}, tail
+        assert {(e.tenant, e.level, e.met, e.actual) for e in tail} == {("acme", 0, True, 99.0)}
     finally:
         await c.aclose()
         await d.aclose()
 
 
+async def test_bus_reads_events_of_an_older_release(redis_server: str, redis_prefix: str) -> None:
+    """Events without the controllers' part (written before it existed) are learned from,
+    a malformed one is skipped, not fatal; the one after it is applied in full."""
+    from redis.asyncio import Redis
+
+    got: list[Completion] = []
+    bus = RedisCompletions("new", redis_server, prefix=redis_prefix, block_ms=100)
+    r = Redis.from_url(redis_server, decode_responses=True)
+    try:
+        await r.xadd(bus.key, {"r": "old", "y": "12.0", "x": '{"tenant":"acme"}'})
+        await r.xadd(bus.key, {"r": "old", "y": "x", "x": "{"})
+        fresh = {"r": "new-1", "t": repr(time.time()), "y": "3.0", "f": '["acme",1,null,1,null,2.0]'}
+        await r.xadd(bus.key, fresh)  # type: ignore[arg-type]
+        await bus.start(got.append)
+        await _until(lambda: bus.received == 3)
+        assert got == [
+            Completion("acme", None, actual=12.0, features={"tenant": "acme"}),
+            Completion("acme", 1, None, True, None, 2.0, 3.0),
+        ]
+    finally:
+        await bus.aclose()
+        await r.aclose()
+
+
 async def test_bus_survives_redis_down_and_memory_is_local() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     bus = RedisCompletions("a", url, block_ms=100, socket_timeout_s=0.5)
-    await bus.start(lambda x, y: None)
+    await bus.start(lambda c: None)
     for i in range(3):
-        bus.publish({"tenant": "t"}, float(i))  # never raises, never blocks
+        bus.publish(Completion("t", 1, actual=float(i)))  # never raises, never blocks
     await _until(lambda: bus.dropped == 3)
-    bus.publish({"tenant": "t"}, 4.0)  # still buffered at shutdown: the last flush fails quietly
+    bus.publish(Completion("t", 1, actual=4.0))  # buffered at shutdown: the last flush fails quietly
     await bus.aclose()
     assert bus.dropped == 4 and bus.sent == 0
     assert isinstance(build_completion_bus(StoreConfig(), "r"), LocalCompletions)
@@ -358,4 +396,25 @@ def test_estimator_learning_is_shared(replicas: list[str]) -> None:
             f"estimators did not all learn the 8 completions: {[learned(u) for u in replicas]}"
             " (is the completion bus wired into Scheduler? see proxy/completions.py)"
         )
+        time.sleep(0.1)
+
+
+def test_controllers_see_every_replicas_traffic(replicas: list[str]) -> None:
+    """The class SLO windows (what gates the drift controller) count every replica's
+    requests: premium requests sent to replica A only show in B's and C's attainment too."""
+    a = replicas[0]
+    rr = RoundRobin(replicas)
+    for _ in range(25):
+        assert rr.chat("gold", url=a).status_code == 200
+
+    def counted(url: str) -> int:
+        att = admin(url, "/admin/scheduler")["slo_attainment"]
+        return int(att.get("0", {}).get("requests", 0))
+
+    deadline = time.monotonic() + 8
+    while True:
+        seen = [counted(u) for u in replicas]
+        if seen[0] >= 25 and len(set(seen)) == 1:
+            break
+        assert time.monotonic() < deadline, f"premium outcomes per replica: {seen}"
         time.sleep(0.1)

@@ -5,6 +5,8 @@ action on idle engines, counter resets or repeated scrapes; and the gateway's wi
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from adapters.scrape import parse_metrics
@@ -98,8 +100,9 @@ def test_scrape_reads_the_generation_counter() -> None:
 
 
 def test_slo_outcomes_roll_into_per_level_attainment() -> None:
-    """``Scheduler.record_outcome``: TTFT and TPOT against the class's SLOs, a failure is a
-    miss, a class without SLOs is not counted; the window forgets old outcomes."""
+    """``Scheduler.outcome`` and ``record_outcome``: TTFT and TPOT against the class's
+    SLOs, a failure is a miss, a class without SLOs is not counted; the window forgets old
+    outcomes."""
     from adapters.clock import FakeClock
     from policies.registry import build_policy
     from proxy.config import Settings
@@ -112,19 +115,23 @@ def test_slo_outcomes_roll_into_per_level_attainment() -> None:
     sch = Scheduler(settings=settings, clock=clock, queue=None, pool=None,  # type: ignore[arg-type]
                     policy=policy, estimator=None, drift=None, replica_id="r")  # type: ignore[arg-type]
     prem, batch = Tenant(name="p", qos_class="premium"), Tenant(name="b", qos_class="batch")
+
+    def rec(tenant: Tenant, **kw: Any) -> None:
+        sch.record_outcome(tenant, sch.outcome(tenant, **kw))
+
     # premium: TTFT 1 s, TPOT 100 ms
-    sch.record_outcome(prem, ok=True, ttft_s=0.5, e2e_s=0.5 + 0.09 * 100, output_tokens=101)
-    sch.record_outcome(prem, ok=True, ttft_s=1.5, e2e_s=2.0, output_tokens=5)  # TTFT miss
-    sch.record_outcome(prem, ok=True, ttft_s=0.2, e2e_s=0.2 + 0.15 * 20, output_tokens=21)  # TPOT
-    sch.record_outcome(prem, ok=False, ttft_s=None, e2e_s=30.0, output_tokens=0)  # timed out
-    sch.record_outcome(prem, ok=True, ttft_s=None, e2e_s=5.0, output_tokens=50)  # not streamed: met
+    rec(prem, ok=True, ttft_s=0.5, e2e_s=0.5 + 0.09 * 100, output_tokens=101)
+    rec(prem, ok=True, ttft_s=1.5, e2e_s=2.0, output_tokens=5)  # TTFT miss
+    rec(prem, ok=True, ttft_s=0.2, e2e_s=0.2 + 0.15 * 20, output_tokens=21)  # TPOT
+    rec(prem, ok=False, ttft_s=None, e2e_s=30.0, output_tokens=0)  # timed out
+    rec(prem, ok=True, ttft_s=None, e2e_s=5.0, output_tokens=50)  # not streamed: met
     # a 3-token answer's TPOT is a step of jitter: not held against the SLO
-    sch.record_outcome(prem, ok=True, ttft_s=0.2, e2e_s=0.8, output_tokens=3)
+    rec(prem, ok=True, ttft_s=0.2, e2e_s=0.8, output_tokens=3)
     for _ in range(10):
-        sch.record_outcome(batch, ok=False, ttft_s=None, e2e_s=1.0, output_tokens=0)
+        rec(batch, ok=False, ttft_s=None, e2e_s=1.0, output_tokens=0)
     assert sch.slo.attainment(clock.time()) == {0: (0.5, 6)}
     clock.advance(11)
-    sch.record_outcome(prem, ok=True, ttft_s=0.1, e2e_s=0.2, output_tokens=2)
+    rec(prem, ok=True, ttft_s=0.1, e2e_s=0.2, output_tokens=2)
     assert sch.slo.attainment(clock.time()) == {}  # 1 request < slo_min_samples
     assert sch.governor.target_s == pytest.approx(0.08)  # tightest TPOT SLO (100 ms) x 0.8
     assert sch.governor.params.enabled  # on by default with driftsched, off with the others
