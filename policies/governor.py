@@ -32,9 +32,10 @@ the engine, where no gateway policy can reorder them). Engines whose ``max_num_s
 generation counter are unknown are not governed (cap None). The cap is *soft*: requests of a
 class level <= ``exempt_level`` (premium) may fill the engine up to ``max_num_seqs``, so the
 top class never waits in the gateway for a slot the governor holds back; its streams count
-in the measured TPOT, so the others' cap shrinks to make room. Each replica governs from its
-own scrapes; they see the same engines and converge to similar caps. Not thread-safe;
-time comes from the caller.
+in the measured TPOT, so the others' cap shrinks to make room. With several gateway
+replicas, one governs each engine (the leader for shared engines, :mod:`proxy.scheduler`);
+the others :meth:`~TpotGovernor.adopt` its caps. Not thread-safe; time comes from the
+caller.
 """
 
 from __future__ import annotations
@@ -159,6 +160,16 @@ class TpotGovernor:
             st = EngineGovernorState(cap=min(max_seqs, first), max_seqs=max_seqs)
             self.engines[engine] = st
         return st.cap
+
+    def adopt(self, engine: str, cap: int | None, max_seqs: int | None) -> None:
+        """Take ``cap`` (None: ``max_seqs``, ungoverned) as ``engine``'s cap: another replica
+        governs it (the leader); this one follows, ready to go on from there."""
+        if not self.params.enabled or self.target_s is None or max_seqs is None:
+            return
+        self.cap(engine, max_seqs)  # creates the engine's state if new
+        st = self.engines[engine]
+        st.cap = max(1, min(max_seqs, cap if cap is not None else max_seqs))
+        st._last = None  # its own scrapes resume from scratch when it governs again
 
     def observe(
         self, engine: str, scraped_at: float, generation_tokens: float | None, running: float,

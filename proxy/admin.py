@@ -417,8 +417,9 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
     @router.get("/scheduler")
     async def scheduler_view(gw: GW) -> dict[str, Any]:
         """Active policy, queue depth per tenant, admission holds per engine, the TPOT
-        governor's caps, each class level's rolling SLO attainment, and the drift
-        controller's view of every tenant (ratio, limit, detector state, last action)."""
+        governor's caps, each class level's rolling SLO attainment, the drift controller's
+        view of every tenant (ratio, limit, detector state, last action), and which replica
+        publishes the shared decisions (``leader``)."""
         sch = gw.scheduler
         now = gw.clock.time()
         drift = {}
@@ -427,6 +428,7 @@ def build_admin_router(app: DriftSchedApp) -> APIRouter:
         return {
             "policy": sch.policy.type,
             "replica": sch.replica_id,
+            "leader": sch.leader,
             "queue_depth": await sch.queue.depth(),
             "engines": [asdict(x) for x in await sch.queue.loads(now)],
             "governor": {

@@ -28,6 +28,21 @@ its class's SLOs; a failure is a miss) goes into a rolling per-level window
 controller (:meth:`~policies.drift.DriftController.on_attainment`), which throttles
 drifting tenants only while a more important level misses its target. The capacity loop
 also feeds each engine's scrape to the :class:`~policies.governor.TpotGovernor`.
+
+Replicas decide as one. Every finished request is one
+:class:`~proxy.completions.Completion` that every replica applies (:meth:`Scheduler.apply`:
+its own at once, the others' from the completion bus), so every replica's estimator, SLO
+windows, governor headroom and drift controller see all the traffic. What they decide is
+published by one of them, the **leader** (:meth:`~proxy.admission.base.AdmissionQueue.leader`:
+the oldest live replica by heartbeat; it hands over when its heartbeat lapses):
+
+* the TPOT governor's caps on shared engines (``external`` endpoints, which every replica
+  reaches): the leader computes them from its scrapes; the others publish the cap the queue
+  holds (the leader's, read just before) and adopt it, so that a new leader starts from it.
+  Engines a replica launched itself (``sim``, ``vllm``) only it reaches: it governs them.
+* the drift controller's limit changes: the leader writes them; the others write a tenant's
+  limit only the first time they see the tenant (from their own controller, which has seen
+  the same completions) and when an operator changes the tenant.
 """
 
 from __future__ import annotations
@@ -41,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from adapters.base import BackendPool
+from adapters.base import Backend, BackendPool
 from adapters.clock import Clock
 from adapters.errors import (
     ContextLengthExceeded,
@@ -74,6 +89,8 @@ log = logging.getLogger("driftsched.scheduler")
 _MIN_TPOT_TOKENS = 16
 #: failed releases kept for retry at most (beyond, the oldest is left to its lease)
 _MAX_UNRELEASED = 10_000
+#: engine kinds a replica launches itself (its pool's): only it reaches them
+_LAUNCHED = frozenset({"sim", "vllm"})
 
 
 @dataclass(slots=True)
@@ -183,10 +200,15 @@ class Scheduler:
         self._published: dict[str, int | None] = {}
         #: measured drain rates (grants per second): per backlogged tenant, and in total
         self._drain = DrainRates()
+        #: the replica that publishes the shared decisions, as last read (None: unknown)
+        self.leader: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.queue.heartbeat(self.clock.time(), self._replica_ttl)
+        now = self.clock.time()
+        await self.queue.heartbeat(now, self._replica_ttl)
+        await self.follow_leader(now)
+        self.loads_snapshot = await self.queue.loads(now)
         await self.publish_capacity()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -321,13 +343,29 @@ class Scheduler:
                 return self.drift.limit(name)
         return self._base_limits.get(name)
 
+    @property
+    def leading(self) -> bool:
+        """Whether this replica publishes the shared decisions (module doc)."""
+        return self.leader == self.replica_id
+
+    async def follow_leader(self, now: float) -> None:
+        """Read who leads; on taking the lead, publish every limit once (the queue holds
+        the previous leader's)."""
+        was = self.leading
+        self.leader = await self.queue.leader(now)
+        if self.leading and not was:
+            log.info("this replica now publishes the shared scheduling decisions",
+                     extra={"replica": self.replica_id})
+            self._published.clear()
+
     async def publish_limits(self, names: list[str] | None = None) -> None:
         """Write the limits that changed (of ``names``, default every tenant seen) to the
-        shared queue, where every replica's next dispatch reads them."""
+        shared queue, where every replica's next dispatch reads them. Only the leader writes
+        a change; another replica writes a tenant's limit the first time it sees it."""
         changed: dict[str, int | None] = {}
         for name in self._base_limits if names is None else names:
             limit = self.limit_of(name)
-            if name not in self._published or self._published[name] != limit:
+            if name not in self._published or (self.leading and self._published[name] != limit):
                 changed[name] = limit
         if changed:
             await self.queue.set_limits(changed)
@@ -572,12 +610,23 @@ class Scheduler:
         self._learn_wake.set()
 
     # -- background --------------------------------------------------------------------------
+    def governs(self, b: Backend) -> bool:
+        """Whether this replica's governor sets ``b``'s cap: an engine it launched (nobody
+        else reaches it), or a shared one while it leads (module doc)."""
+        return self.leading or b.kind in _LAUNCHED
+
     def capacities(self) -> list[EngineCapacity]:
         out = []
+        views = {ld.name: ld for ld in self.loads_snapshot}
         for b in self.pool.backends():
             budget = None
             if b.kv_capacity_tokens is not None:
                 budget = max(1, math.floor(b.kv_capacity_tokens * self._budget_fraction))
+            view = views.get(b.name)
+            if not self.governs(b) and view is not None and view.max_seqs == b.max_num_seqs:
+                # the leader's cap, as the queue holds it: published unchanged, and adopted
+                # so that this replica starts from it if it takes the lead
+                self.governor.adopt(b.name, view.soft_seqs, b.max_num_seqs)
             soft = self.governor.cap(b.name, b.max_num_seqs)
             out.append(EngineCapacity(b.name, tuple(b.models), budget, b.max_num_seqs,
                                       b.routable, soft if soft != b.max_num_seqs else None))
@@ -588,6 +637,8 @@ class Scheduler:
         controller each level's SLO attainment (the capacity loop calls this)."""
         held = {ld.name: ld.seqs for ld in self.loads_snapshot}
         for b in self.pool.backends():
+            if not self.governs(b):
+                continue
             m = b.metrics
             act = self.governor.observe(b.name, m.scraped_at, m.generation_tokens_total,
                                         m.num_requests_running, held.get(b.name, 0), now)
@@ -632,6 +683,10 @@ class Scheduler:
             await asyncio.sleep(0.5)
             try:
                 now = self.clock.time()
+                await self.follow_leader(now)
+                # the queue's view first: the governor's feedback reads the holds, and a
+                # replica that does not govern an engine publishes the cap it holds
+                self.loads_snapshot = await self.queue.loads(now)
                 self.feedback(now)
                 await self.publish_capacity()
                 await self.retry_releases()
@@ -641,7 +696,6 @@ class Scheduler:
                 self.ledger.observe(stats)
                 self._drain.observe(stats, now)
                 self.depth_snapshot = stats.queued
-                self.loads_snapshot = await self.queue.loads(now)
             except StoreDown as e:
                 log.warning("capacity publication failed: %s", e)
             except Exception:

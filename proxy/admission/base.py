@@ -112,6 +112,8 @@ class EngineLoad:
     max_seqs: int | None
     #: routable as last reported *and* reported within its ``ttl_s``
     routable: bool
+    #: the TPOT governor's cap as last reported (None: ungoverned or unknown)
+    soft_seqs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +322,13 @@ class AdmissionQueue(Protocol):
         reaped (its holds lapse with their leases). Returns False when this replica was not
         known alive: its first beat, or it had been reaped (its waiters will see
         ``"expired"`` and its holds are gone)."""
+
+    async def leader(self, now: float) -> str | None:
+        """The replica that publishes the shared controllers' decisions (the TPOT governor's
+        caps on shared engines, the drift controller's limit changes): of the replicas alive
+        at ``now``, the one whose unbroken run of heartbeats started first (ties: the
+        smallest id), so a replica that joins never takes over from a live leader, and one
+        whose heartbeat lapses hands over to the next oldest. None while none is alive."""
 
     async def wait_capacity(self, timeout_s: float) -> None:
         """Return on the next enqueue / cancel / release / grow-down / engine-view change

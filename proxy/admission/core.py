@@ -345,6 +345,18 @@ class AdmissionCore:
         since, ttl = self._since[caller]
         return now - since >= ttl
 
+    def leader(self, now: float) -> str | None:
+        """Of the replicas alive at ``now``, the one whose unbroken run of beats started
+        first (ties: the smallest id); None when none is (AdmissionQueue.leader)."""
+        best: tuple[float, str] | None = None
+        for replica, until in self._alive.items():
+            if until < now:
+                continue
+            key = (self._since[replica][0], replica)
+            if best is None or key < best:
+                best = key
+        return None if best is None else best[1]
+
     def alive(self) -> dict[str, float]:
         """Replicas known alive, with the time they are alive until."""
         return dict(self._alive)
@@ -672,7 +684,8 @@ class AdmissionCore:
                 continue
             cap, fresh = eng
             routable = cap.routable and now < fresh
-            out.append(EngineLoad(name, held, seqs, cap.budget_tokens, cap.max_seqs, routable))
+            out.append(EngineLoad(name, held, seqs, cap.budget_tokens, cap.max_seqs, routable,
+                                  cap.soft_seqs))
         return out
 
     def depth(self) -> dict[str, int]:

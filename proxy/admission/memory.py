@@ -150,6 +150,9 @@ class MemoryQueue:
     async def heartbeat(self, now: float, ttl_s: float) -> bool:
         return self.core.heartbeat(self.replica_id, now, ttl_s)
 
+    async def leader(self, now: float) -> str | None:
+        return self.core.leader(now)
+
     async def renew(self, item_ids: list[str], now: float, lease_ttl_s: float) -> int:
         return self.core.renew(item_ids, now, lease_ttl_s)
 

@@ -106,6 +106,7 @@ _SCRIPTS = (
     "loads",
     "in_flight",
     "heartbeat",
+    "leader",
 )
 _KEYS = (
     "seq",
@@ -503,6 +504,11 @@ class RedisQueue:
         self._beaten = True
         return known
 
+    @unavailable_on_io_error
+    async def leader(self, now: float) -> str | None:
+        found = await self._run("leader", num(now))
+        return text(found) if found else None
+
     # -- views ---------------------------------------------------------------------------
     @unavailable_on_io_error
     async def loads(self, now: float) -> list[EngineLoad]:
@@ -517,7 +523,8 @@ class RedisQueue:
             routable = bool(cap["routable"]) and now < float(fresh_raw or "0")
             out.append(
                 EngineLoad(
-                    text(name), n_held, n_seqs, cap["budget_tokens"], cap["max_seqs"], routable
+                    text(name), n_held, n_seqs, cap["budget_tokens"], cap["max_seqs"], routable,
+                    cap.get("soft_seqs"),
                 )
             )
         return sorted(out, key=lambda load: load.name)

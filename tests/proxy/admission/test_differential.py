@@ -156,6 +156,7 @@ async def step(run: Run, op: tuple, n: int) -> None:  # type: ignore[type-arg]
     assert await mem.depth() == await red.depth()
     assert await mem.stats() == await red.stats()
     assert await mem.loads(run.now) == await red.loads(run.now)
+    assert await mem.leader(run.now) == await red.leader(run.now)
 
 
 async def play(

@@ -128,6 +128,35 @@ async def test_a_silent_replica_is_reaped_by_the_next_dispatch(new_queue: QueueF
     assert (load.held_tokens, load.seqs) == (100, 1)
 
 
+async def test_the_oldest_live_replica_leads_and_hands_over_when_it_lapses(
+    new_queue: QueueFactory,
+) -> None:
+    """The leader (who publishes the shared controllers' decisions) is the live replica
+    whose unbroken run of beats started first: a replica that joins never takes over, one
+    that lapses hands over to the next oldest, and coming back it starts a new run (it does
+    not take the lead back)."""
+    a, b, c = await new_queue("ra"), await new_queue("rb"), await new_queue("rc")
+    assert await a.leader(T0) is None  # nobody has beaten
+    await b.heartbeat(T0 + 0.1, 1.0)
+    await a.heartbeat(T0 + 0.2, 1.0)
+    assert await c.leader(T0 + 0.2) == "rb"  # the first to beat, not the smallest id
+    for n in range(1, 4):
+        await a.heartbeat(T0 + 0.2 + n * 0.5, 1.0)
+        await c.heartbeat(T0 + 0.2 + n * 0.5, 1.0)
+        if n < 2:
+            await b.heartbeat(T0 + 0.1 + n * 0.5, 1.0)
+    # b beat last at T0 + 0.6, alive until T0 + 1.6 inclusive
+    assert await c.leader(T0 + 1.6) == "rb"
+    assert await c.leader(T0 + 1.61) == "ra"
+    await b.heartbeat(T0 + 1.8, 1.0)  # back, with a new run of beats
+    assert await b.leader(T0 + 1.8) == "ra"
+    # ties go to the smallest id
+    d, e = await new_queue("rd"), await new_queue("re")
+    await e.heartbeat(T0 + 10, 1.0)
+    await d.heartbeat(T0 + 10, 1.0)
+    assert await d.leader(T0 + 10.5) == "rd"
+
+
 async def test_after_a_store_outage_no_replica_reaps_another_before_it_could_beat(
     new_queue: QueueFactory,
 ) -> None:
