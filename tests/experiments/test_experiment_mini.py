@@ -105,3 +105,37 @@ def _check_one_seed(run: Path, seed: int) -> None:
     assert experiment["pool"]["seed"] == seed and experiment["workload"]["seed"] == seed
     summary = json.loads((run / "summary.json").read_text())
     assert summary["seeds"] == [seed] and read_table(summary)["fcfs"]["all"]["n"] == n_workload
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.timeout(300)
+def test_mini_experiment_on_two_replicas(tmp_path: Path, shared_data: Path) -> None:
+    """``--replicas 2``: a fresh Redis, the engines launched by the experiment and shared,
+    two gateways with the load spread round-robin, one of them leading; nothing left running."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [str(ROOT / "run_experiment.sh"), "mini", "--policies", "driftsched", "--replicas", "2",
+         "--time-scale", "6", "--tokens-per-event", "16", "--drain-timeout", "40",
+         "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (top,) = (out / "mini").iterdir()
+    run = top / "driftsched"
+    info = json.loads((run / "run.json").read_text())
+    assert (info["replicas"], info["store"], info["killed_orphans"]) == (2, "redis", 0)
+    assert {"gateway", "gateway-1", "engines", "redis"} <= set(info["resources"])
+    sched = info["final_scheduler"]
+    assert sched["leader"] is not None  # one of the two publishes the shared decisions
+    cfg = (run / "gateway.yaml").read_text()
+    assert "engine: external" in cfg and "type: redis" in cfg
+    with (run / "requests.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    ok = sum(1 for r in rows if r["status"] == "200")
+    assert ok >= 0.9 * len(rows), (ok, len(rows))
+    # both replicas served (round-robin): each access log holds about half the requests
+    served = [sum(1 for line in (run / log).open() if '"driftsched.access"' in line)
+              for log in ("gateway.log", "gateway-1.log")]  # fmt: skip
+    assert min(served) >= 0.4 * len(rows), served
