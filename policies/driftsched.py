@@ -44,7 +44,8 @@ Parameters (defaults): ``aging_s`` 60.0, ``max_boost`` 1, ``prefill_s_per_token`
 ``decode_s_per_token`` 0.03, ``max_slack_s`` 10.0, ``debt_s_per_ktoken`` 0.5,
 ``max_debt_s`` 5.0, ``input_weight`` 1.0, ``output_weight`` 2.0, ``feasibility``
 ``"shed"``, ``drift``: a mapping of :class:`policies.drift.DriftParams`, plus ``enabled``
-(default true; false runs without the drift controller, an ablation).
+(default true; false runs without the drift controller, an ablation), or just ``false``
+(the same as ``enabled: false``).
 
 Feasibility. A request still queued past ``arrival + ttft_slo - prefill`` can no longer meet
 its TTFT SLO (:class:`TtftFeasibility`). Under overload, least-slack-first would otherwise
@@ -168,9 +169,14 @@ class TtftFeasibility:
 def build(parameters: Mapping[str, Any]) -> Policy:
     own = {k: v for k, v in parameters.items() if k != "drift"}
     p = parse_parameters(TYPE, own, DriftschedParams)
-    raw_drift = parameters.get("drift") or {}
+    raw_drift = parameters.get("drift")
+    if isinstance(raw_drift, bool):  # ``drift: false`` (off) or ``true`` (the defaults)
+        raw_drift = {"enabled": raw_drift}
+    if raw_drift is None:
+        raw_drift = {}
     if not isinstance(raw_drift, Mapping):
-        raise PolicyConfigError("scheduler.policy.parameters.drift: must be a mapping")
+        raise PolicyConfigError(
+            "scheduler.policy.parameters.drift: must be a mapping, or true / false")
     raw_drift = dict(raw_drift)
     enabled = raw_drift.pop("enabled", True)
     if not isinstance(enabled, bool):

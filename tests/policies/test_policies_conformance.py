@@ -144,6 +144,7 @@ def test_a_tenant_at_its_limit_does_not_block_others(policy: Policy) -> None:
         ({"type": "driftsched", "parameters": {"drift": {"beta": 2}}}, "drift.beta: must be"),
         ({"type": "driftsched", "parameters": {"drift": {"betta": 1}}}, "drift.betta: unknown"),
         ({"type": "driftsched", "parameters": {"max_boost": 1.5}}, "max_boost: expected an int"),
+        ({"type": "driftsched", "parameters": {"drift": 3}}, "parameters.drift: must be a mapping"),
     ],
 )
 def test_config_errors_name_the_key(config: dict[str, Any], message: str) -> None:
@@ -155,5 +156,9 @@ def test_policy_config_defaults_build() -> None:
     assert build_policy({}).type == "fcfs"
     p = build_policy({"type": "driftsched", "parameters": {"drift": {"overflow": True}}})
     assert p.drift is not None and p.drift.overflow
+    # the drift controller off: ``drift: false`` or ``drift: {enabled: false}``; true: defaults
+    for off in (False, {"enabled": False}):
+        assert build_policy({"type": "driftsched", "parameters": {"drift": off}}).drift is None
+    assert build_policy({"type": "driftsched", "parameters": {"drift": True}}).drift is not None
     with pytest.raises(ValueError, match="already registered"):
         register_builtins(register_builtins())
