@@ -89,8 +89,8 @@ def test_one_seed_keeps_the_flat_layout(spec: Path, tmp_path: Path) -> None:
         2.0 / (2 * metrics["fcfs"]["makespan_s"]), rel=1e-3
     )
     verdicts = {t["target"]: t["verdict"] for t in doc["targets"]}
-    assert verdicts["premium attainment, fcfs"] == "PASS"
-    assert verdicts["fair-share Jain within standard, driftsched"] in ("PASS", "MISS")
+    assert verdicts["(context) premium attainment, fcfs"] == "PASS"
+    assert verdicts["(context) fair-share Jain within standard, driftsched"] in ("PASS", "MISS")
     report = (run / "report.md").read_text()
     for needle in ("| output tokens |", "engine busy share", "attainment Jain"):
         assert needle in report, needle
@@ -130,7 +130,7 @@ def test_several_seeds_mean_and_worst(spec: Path, tmp_path: Path) -> None:
     assert "seed" not in doc["pool"]
 
     targets = {t["target"]: t for t in doc["targets"]}
-    t = targets["premium attainment, fcfs"]
+    t = targets["(context) premium attainment, fcfs"]
     assert t["verdict"] == "PASS" and t["seeds_passed"] == "2/2"
     t = targets["premium attainment, driftsched"]
     assert t["value"] == pytest.approx(mean["driftsched"]["premium"]["attainment"], rel=1e-3)

@@ -27,23 +27,31 @@ from tests.experiments.builders import failed, make_req, make_run
 CLASSES = ["premium", "standard", "batch"]
 
 
-def _summary(ds_premium: float | None = 0.99, fc_premium: float | None = 0.5,
-             ds_tok: float = 1000.0, fc_tok: float = 1000.0, **ds_all: Any) -> dict[str, Any]:  # fmt: skip
-    def policy(att: float | None, tok: float) -> dict[str, Any]:
+def _summary(ds_premium: float | None = 0.995, fc_premium: float | None = 0.5,
+             ds_tok: float = 1000.0, fc_tok: float = 1000.0, ds_goodput: float = 10.0,
+             fc_failed: int = 0, **ds_all: Any) -> dict[str, Any]:  # fmt: skip
+    def policy(att: float | None, tok: float, goodput: float, failed: int) -> dict[str, Any]:
         return {
             "premium": {"attainment": att, "tenants": 1, "service_jain": 1.0},
-            "standard": {"attainment": 0.9, "tenants": 2, "service_jain": 0.97},
+            "standard": {"attainment": 0.9, "attainment_min": 0.5, "tenants": 2,
+                         "service_jain": 0.97},
             "batch": {"attainment": 0.5, "tenants": 1, "service_jain": None},
             "all": {
+                "n": 100,
+                "failed": failed,
+                "goodput_req_s": goodput,
                 "throughput_tok_s": tok / 100,
                 "throughput_window_tok_s": tok / 90,
                 "output_tokens": tok,
             },
         }
 
-    ds, fc = policy(ds_premium, ds_tok), policy(fc_premium, fc_tok)
+    ds = policy(ds_premium, ds_tok, ds_goodput, 0)
+    fc = policy(fc_premium, fc_tok, 8.0, fc_failed)
+    pr = policy(0.9, fc_tok, 9.0, 0)  # the best baseline by goodput
+    ablation = policy(0.9, fc_tok, 99.0, 0)  # an ablation of ours: not a baseline
     ds["all"].update(ds_all)
-    return {"fcfs": fc, "driftsched": ds}
+    return {"fcfs": fc, "priority": pr, "driftsched": ds, "driftsched-no-governor": ablation}
 
 
 def _by_name(ts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -57,30 +65,48 @@ def test_top_class() -> None:
 
 
 def test_targets_pass_and_miss_with_margins() -> None:
-    ts = _by_name(targets(_summary(ds_premium=0.94, fc_premium=0.70, ds_tok=960.0), CLASSES,
+    ts = _by_name(targets(_summary(ds_premium=0.985, fc_premium=0.70, ds_tok=960.0), CLASSES,
                           drift=False))  # fmt: skip
     t = ts["premium attainment, driftsched"]
-    assert t["verdict"] == "MISS" and t["margin"] == pytest.approx(-0.01)
-    t = ts["premium attainment, fcfs"]  # exactly on the threshold passes
+    assert t["verdict"] == "MISS" and t["margin"] == pytest.approx(-0.005)
+    t = ts["goodput driftsched / best baseline"]  # priority's 9, not the ablation's 99
+    assert t["value"] == pytest.approx(10 / 9) and t["margin"] == pytest.approx(10 / 9 - 1)
+    assert "best: priority" in t["threshold"] and "overloaded" not in t["threshold"]
+    t = ts["output tokens served driftsched / fcfs"]
+    assert t["value"] == pytest.approx(0.96) and t["margin"] == pytest.approx(-0.01)
+    t = ts["lowest tenant's attainment / class mean within standard, driftsched"]
+    assert t["value"] == pytest.approx(0.5 / 0.9) and t["verdict"] == "PASS"
+    t = ts["(context) premium attainment, fcfs"]  # exactly on the threshold passes
     assert t["verdict"] == "PASS" and t["margin"] == pytest.approx(0.0, abs=1e-12)
-    t = ts["throughput driftsched / fcfs"]
-    assert t["value"] == pytest.approx(0.96) and t["margin"] == pytest.approx(0.01)
-    assert ts["(cross-check) output tokens served driftsched / fcfs"]["verdict"] == "PASS"
-    assert ts["fair-share Jain within standard, driftsched"]["margin"] == pytest.approx(0.02)
-    # Jain within a class of one tenant is not a target
+    assert ts["(context) fair-share Jain within standard, driftsched"]["margin"] == \
+        pytest.approx(0.02)
+    # a class of one tenant has no within-class targets
     assert not any("within premium" in k or "within batch" in k for k in ts)
     assert not any("drift onset" in k for k in ts)
 
 
+def test_an_overloaded_run_wants_more_goodput() -> None:
+    # fcfs failing 6 % of the requests: overloaded, goodput must be 1.15x the best baseline
+    t = _by_name(targets(_summary(fc_failed=6), CLASSES, drift=False))[
+        "goodput driftsched / best baseline"]
+    assert t["verdict"] == "MISS" and t["margin"] == pytest.approx(10 / 9 - 1.15)
+    assert "overloaded" in t["threshold"] and "fcfs fails 6%" in t["threshold"]
+    t = _by_name(targets(_summary(fc_failed=6, ds_goodput=10.5), CLASSES, drift=False))[
+        "goodput driftsched / best baseline"]
+    assert t["verdict"] == "PASS"
+
+
 def test_targets_without_a_baseline_are_not_applicable() -> None:
     s = _summary()
-    del s["fcfs"]
+    for name in ("fcfs", "priority"):
+        del s[name]
     ts = _by_name(targets(s, CLASSES, drift=False))
-    assert ts["premium attainment, fcfs"]["verdict"] == "n/a"
-    assert ts["throughput driftsched / fcfs"]["verdict"] == "n/a"
+    assert ts["(context) premium attainment, fcfs"]["verdict"] == "n/a"
+    assert ts["output tokens served driftsched / fcfs"]["verdict"] == "n/a"
+    assert ts["goodput driftsched / best baseline"]["verdict"] == "n/a"
     assert ts["premium attainment, driftsched"]["verdict"] == "PASS"
     zero = _by_name(targets(_summary(fc_tok=0.0), CLASSES, drift=False))
-    assert zero["throughput driftsched / fcfs"]["verdict"] == "n/a"
+    assert zero["output tokens served driftsched / fcfs"]["verdict"] == "n/a"
     assert targets({}, [], drift=False)[0]["verdict"] == "n/a"
 
 
@@ -107,15 +133,15 @@ def test_drift_recovery_target(
 
 
 def test_over_seeds() -> None:
-    seeds = {0: _summary(ds_premium=0.99), 1: _summary(ds_premium=0.93),
+    seeds = {0: _summary(ds_premium=1.0), 1: _summary(ds_premium=0.99),
              2: _summary(ds_premium=None)}  # fmt: skip
     mean = pick(combine(list(seeds.values())), "mean")
-    assert mean["driftsched"]["premium"]["attainment"] == pytest.approx(0.96)
+    assert mean["driftsched"]["premium"]["attainment"] == pytest.approx(0.995)
     ts = over_seeds(targets(mean, CLASSES, False),
                     {k: targets(v, CLASSES, False) for k, v in seeds.items()})  # fmt: skip
     t = _by_name(ts)["premium attainment, driftsched"]
-    assert t["verdict"] == "PASS" and t["margin"] == pytest.approx(0.01)
-    assert t["worst_margin"] == pytest.approx(-0.02) and t["seeds_passed"] == "1/3"
+    assert t["verdict"] == "PASS" and t["margin"] == pytest.approx(0.005)
+    assert t["worst_margin"] == pytest.approx(0.0) and t["seeds_passed"] == "2/3"
     assert t["seed_margins"][2] is None
 
 
