@@ -1,8 +1,9 @@
-"""One replica publishes the shared scheduling decisions (:mod:`proxy.scheduler`, "Replicas
-decide as one"): a follower publishes the TPOT governor's cap the queue holds for a shared
-engine (the leader's) and governs only the engines it launched; it writes a tenant's limit
-the first time it sees the tenant, not the changes after; when the leader's heartbeat lapses
-it takes over, starting from the caps it adopted, and publishes every limit once.
+"""Replicas decide as one (:mod:`proxy.scheduler`): every replica applies every replica's
+completions to its controllers, and one of them, the leader, publishes the decisions. A
+follower publishes the TPOT governor's cap the queue holds for a shared engine (the
+leader's) and governs only the engines it launched; it writes a tenant's limit the first
+time it sees the tenant, not the changes after; when the leader's heartbeat lapses it takes
+over, starting from the caps it adopted, and publishes every limit once.
 
 Several replicas on one queue are modelled by one memory queue whose core also holds the
 other replica's heartbeats (the differential test shows the Redis queue decides alike)."""
@@ -95,3 +96,31 @@ async def test_one_replica_leads_itself() -> None:
         assert sch.leading
     finally:
         await sch.stop()
+
+
+def test_other_replicas_completions_feed_this_replicas_controllers() -> None:
+    """:meth:`Scheduler.apply` on events from the bus: a tenant only another replica served
+    is tracked with the base limit the event carries; the SLO window counts its outcomes and
+    the governor's outer loop its streams' TPOT, as if they were this replica's."""
+    from policies.drift import DriftController, DriftParams
+    from proxy.completions import Completion
+
+    clock = FakeClock()
+    settings = Settings.model_validate({"scheduler": {"slo_min_samples": 5}})
+    drift = DriftController(DriftParams(warmup=0, warmup_s=0.0), clock=clock)
+    sch = Scheduler(settings=settings, clock=clock, queue=MemoryQueue("b"), pool=Pool(),  # type: ignore[arg-type]
+                    policy=build_policy({"type": "driftsched"}), estimator=None,  # type: ignore[arg-type]
+                    drift=drift, replica_id="b")
+    headroom = sch.governor.headroom
+    for i in range(25):
+        clock.advance(0.1)
+        # premium, 0.2 s per token against a 100 ms TPOT SLO: a miss
+        sch.apply(Completion("zeta", 0, 6, i % 5 != 0, 0.2, 50.0, 60.0))
+    st = drift.status("zeta")
+    assert st.base_limit == 6 and sch.limit_of("zeta") == 6
+    assert st.samples == DriftParams().window  # its log ratios fill the window
+    assert sch.slo.attainment(clock.time()) == {0: (0.8, 25)}
+    assert sch.governor.headroom < headroom  # the p95 TPOT is over the SLO: tightened
+    # an event that feeds the estimator only (replayed from before this replica started)
+    sch.apply(Completion("eta", None, actual=60.0))
+    assert "eta" not in drift.statuses() and sch.slo.attainment(clock.time())[0][1] == 25
