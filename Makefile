@@ -52,6 +52,9 @@ serve: $(CORE_STAMP)  ## run the gateway with $$DRIFTSCHED_CONFIG (or config/dri
 test: $(STAMP)  ## run the test-suite (needs redis-server on PATH; starts its own)
 	$(BIN)/python -m pytest -q -m "not vllm_cpu and not chaos_slow"
 
+test-fast: $(STAMP)  ## the unit and contract tests only (no real processes, nothing slow): a quick check while editing
+	$(BIN)/python -m pytest -q -m "not e2e and not slow and not vllm_cpu and not chaos and not chaos_slow"
+
 chaos: $(STAMP)  ## the whole chaos suite (tests/chaos, slow part included); figures in results/chaos.json
 	DRIFTSCHED_CHAOS_REPORT=results/chaos.json $(BIN)/python -m pytest -q -m chaos tests/chaos
 
