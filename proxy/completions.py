@@ -171,7 +171,7 @@ class RedisCompletions:
         self._linger_s = linger_s
         self._max_age_s = feedback_max_age_s
         self._socket_timeout_s = max(socket_timeout_s, block_ms / 1000 + 1.0)
-        self._buf: deque[dict[str, str]] = deque(maxlen=buffer)
+        self._buf: deque[Completion] = deque(maxlen=buffer)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._on: OnCompletion | None = None
@@ -214,7 +214,7 @@ class RedisCompletions:
     def publish(self, c: Completion) -> None:
         if len(self._buf) == self._buf.maxlen:
             self.dropped += 1  # the deque drops its oldest entry
-        self._buf.append(self._fields(c))
+        self._buf.append(c)  # encoded by the sender, off the request path
         self.published += 1
         self._wake.set()
 
@@ -237,10 +237,10 @@ class RedisCompletions:
             n = min(len(self._buf), self._batch)
             batch = [self._buf.popleft() for _ in range(n)]
             pipe = r.pipeline(transaction=False)
-            for fields in batch:
+            for c in batch:
                 pipe.xadd(
                     self.key,
-                    fields,  # type: ignore[arg-type]
+                    self._fields(c),  # type: ignore[arg-type]
                     maxlen=self._max_len,
                     approximate=True,
                 )
