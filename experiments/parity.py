@@ -9,8 +9,9 @@ seeds); a gap is PASS when within ``--tolerance``.
 
     python -m experiments.parity results/overload/<one> results/overload/<three> [--out F]
 
-Each argument is an experiment directory: one with ``seed-<n>/`` subdirectories (``--seeds``)
-or a single seed's. Only seeds present in both are compared.
+Each argument is an experiment directory (one with ``seed-<n>/`` subdirectories, or a single
+seed's) or a ``summary.json`` (such as the copies under docs/runs/). Only seeds present in
+both are compared.
 """
 
 from __future__ import annotations
@@ -26,37 +27,40 @@ from typing import Any
 METRICS = ("attainment", "service_jain")
 
 
-def seed_summaries(path: Path) -> dict[int, dict[str, Any]]:
-    """seed -> that seed's summary.json (``seed-<n>/`` subdirectories, or ``path`` itself)."""
-    out = {}
-    for d in sorted(path.glob("seed-*")):
-        if (d / "summary.json").exists():
-            out[int(d.name.split("-", 1)[1])] = json.loads((d / "summary.json").read_text())
-    if not out and (path / "summary.json").exists():
-        doc = json.loads((path / "summary.json").read_text())
-        for seed in doc.get("seeds") or [0]:
-            out[int(seed)] = doc
-    if not out:
+def seed_groups(path: Path) -> dict[int, dict[tuple[str, str], dict[str, Any]]]:
+    """seed -> (policy, group) -> {metric: value}, from an experiment directory (its
+    ``seed-<n>/summary.json``, or its own ``summary.json``) or a ``summary.json`` file (a
+    multi-seed one holds every seed's rows, e.g. a copy under docs/runs/)."""
+    docs: list[dict[str, Any]] = []
+    if path.is_file():
+        docs = [json.loads(path.read_text())]
+    else:
+        docs = [json.loads((d / "summary.json").read_text())
+                for d in sorted(path.glob("seed-*")) if (d / "summary.json").exists()]
+        if not docs and (path / "summary.json").exists():
+            docs = [json.loads((path / "summary.json").read_text())]
+    if not docs:
         raise ValueError(f"{path}: no summary.json (is it an experiment directory?)")
+    out: dict[int, dict[tuple[str, str], dict[str, Any]]] = {}
+    for doc in docs:
+        for seed, tables in doc["per_seed"].items():
+            # one seed's summary: its full tables; a multi-seed one: each seed's headline row
+            if isinstance(tables, dict):
+                cols, rows = doc["columns"]["groups"], tables["groups"]
+            else:
+                cols, rows = doc["columns"]["per_seed"], tables
+            out[int(seed)] = {(row[0], row[1]): dict(zip(cols, row, strict=True))
+                              for row in rows}  # fmt: skip
     return out
-
-
-def groups(doc: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(policy, group) -> {metric: value} of one seed's summary."""
-    cols = doc["columns"]["groups"]
-    (per_seed,) = doc["per_seed"].values()
-    return {(row[0], row[1]): dict(zip(cols, row, strict=True)) for row in per_seed["groups"]}
 
 
 def compare(a: Path, b: Path, tolerance: float = 0.02) -> tuple[list[dict[str, Any]], list[int]]:
     """One row per (policy, group, metric): the means over the common seeds, their gap, the
     largest per-seed gap and the verdict; and the seeds compared."""
-    sa, sb = seed_summaries(a), seed_summaries(b)
-    seeds = sorted(sa.keys() & sb.keys())
+    ga, gb = seed_groups(a), seed_groups(b)
+    seeds = sorted(ga.keys() & gb.keys())
     if not seeds:
-        raise ValueError(f"no seed in common: {sorted(sa)} vs {sorted(sb)}")
-    ga = {s: groups(sa[s]) for s in seeds}
-    gb = {s: groups(sb[s]) for s in seeds}
+        raise ValueError(f"no seed in common: {sorted(ga)} vs {sorted(gb)}")
     keys = sorted(set.intersection(*(set(ga[s]) & set(gb[s]) for s in seeds)),
                   key=lambda k: (k[0], _group_order(k[1])))
     rows = []

@@ -39,3 +39,17 @@ def test_means_gaps_and_verdicts(tmp_path: Path) -> None:
 
 def test_a_directory_without_summaries_is_an_error(tmp_path: Path) -> None:
     assert main([str(tmp_path), str(tmp_path)]) == 2
+
+
+def test_a_multi_seed_summary_file_reads_like_its_seed_directories(tmp_path: Path) -> None:
+    a = tmp_path / "one"
+    for seed, p in enumerate([0.99, 0.97]):
+        _write(a, seed, p, 0.95)
+    cols = ["policy", "group", "attainment", "service_jain"]
+    top = {"columns": {"groups": COLS, "per_seed": cols},
+           "per_seed": {str(seed): [["driftsched", "premium", p, 1.0],
+                                    ["driftsched", "all", 0.5, 0.95]]
+                        for seed, p in enumerate([0.99, 0.97])}}  # fmt: skip
+    (tmp_path / "top.json").write_text(json.dumps(top))
+    rows, seeds = compare(a, tmp_path / "top.json")
+    assert seeds == [0, 1] and all(r["gap"] == 0 for r in rows) and len(rows) == 4
