@@ -39,7 +39,6 @@ task (:meth:`proxy.scheduler.Scheduler.learn`), never on the request path.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import logging
 import math
@@ -54,7 +53,7 @@ from typing import Any, cast
 
 from river import base, drift, linear_model, optim
 
-__all__ = ["DriftState", "Estimate", "EstimatorTrainer", "OutputTokenEstimator"]
+__all__ = ["DriftState", "Estimate", "OutputTokenEstimator", "write_atomic"]
 
 TYPE = "river"
 _FORMAT = 1
@@ -334,87 +333,3 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-class EstimatorTrainer:
-    """Feeds completions to an estimator off the request path, on the same event loop.
-
-    ``submit`` never blocks: when ``maxsize`` completions are already waiting it drops the
-    new one and counts it in ``dropped`` (a lost completion costs a little accuracy; a
-    blocked request path costs latency). ``run`` drains the queue forever (cancel it to
-    stop), yielding to the loop every ``batch`` completions so that requests keep flowing
-    (one ``learn_one`` is ~40-50 µs). A completion that fails to learn is logged and counted
-    in ``errors``. With ``checkpoint_path``, the estimator is dumped every
-    ``checkpoint_every`` completions; pickling holds the GIL (~0.1 s per 100k weights on
-    one core), so keep checkpoints rare and call ``checkpoint()`` at shutdown.
-
-    >>> async def demo() -> tuple[int, int]:
-    ...     est = OutputTokenEstimator()
-    ...     trainer = EstimatorTrainer(est, maxsize=2)
-    ...     accepted = [trainer.submit({"tenant": "a"}, y) for y in (10, 20, 30)]
-    ...     task = asyncio.create_task(trainer.run())
-    ...     await trainer.join()
-    ...     task.cancel()
-    ...     return trainer.learned, trainer.dropped
-    >>> asyncio.run(demo())
-    (2, 1)
-    """
-
-    def __init__(
-        self,
-        estimator: OutputTokenEstimator,
-        maxsize: int = 10_000,
-        batch: int = 16,
-        checkpoint_path: str | os.PathLike[str] | None = None,
-        checkpoint_every: int = 10_000,
-    ) -> None:
-        if maxsize < 1 or batch < 1 or checkpoint_every < 1:
-            raise ValueError("maxsize, batch and checkpoint_every must be >= 1")
-        self.estimator = estimator
-        self.batch = batch
-        self.checkpoint_path = checkpoint_path
-        self.checkpoint_every = checkpoint_every
-        self.learned = 0
-        self.dropped = 0
-        self.errors = 0
-        self._queue: asyncio.Queue[tuple[dict[str, Any], float]] = asyncio.Queue(maxsize)
-
-    def submit(self, x: dict[str, Any], y: float) -> bool:
-        """Queue one completion for learning; ``False`` if the queue was full (dropped)."""
-        try:
-            self._queue.put_nowait((x, y))
-        except asyncio.QueueFull:
-            self.dropped += 1
-            return False
-        return True
-
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    async def run(self) -> None:
-        """Learn queued completions until cancelled."""
-        while True:
-            x, y = await self._queue.get()
-            try:
-                self.estimator.learn_one(x, y)
-                self.learned += 1
-            except Exception:
-                self.errors += 1
-                log.exception("estimator could not learn a completion (tenant %r)", x.get("tenant"))
-            finally:
-                self._queue.task_done()
-            if self.checkpoint_path is not None and self.learned % self.checkpoint_every == 0:
-                await self.checkpoint()
-            elif self.learned % self.batch == 0:
-                await asyncio.sleep(0)
-
-    async def join(self) -> None:
-        """Wait until every submitted completion has been learned (needs ``run`` running)."""
-        await self._queue.join()
-
-    async def checkpoint(self) -> None:
-        """Dump the estimator to ``checkpoint_path``: pickle on the loop, write in a thread."""
-        if self.checkpoint_path is None:
-            raise ValueError("no checkpoint_path configured")
-        data = self.estimator.dumps()
-        await asyncio.to_thread(write_atomic, Path(self.checkpoint_path), data)

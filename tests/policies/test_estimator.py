@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import doctest
 import json
 import math
@@ -19,7 +18,7 @@ import pytest
 import policies.estimator as estimator_module
 import policies.features as features_module
 from policies import estimator_eval
-from policies.estimator import Estimate, EstimatorTrainer, OutputTokenEstimator
+from policies.estimator import Estimate, OutputTokenEstimator
 from policies.ewma import TenantEWMA
 from policies.features import RequestFeatures, prompt_text
 
@@ -227,26 +226,6 @@ def test_prediction_cost_budget() -> None:
         feat_ns.append(t1 - t0)
     assert statistics.median(pred_ns) / 1e3 < 200
     assert statistics.median(feat_ns) / 1e3 < 200
-
-
-async def test_trainer_learns_off_path_drops_when_full_and_checkpoints(tmp_path: Path) -> None:
-    stream = make_requests(50, seed=7)
-    est = OutputTokenEstimator()
-    path = tmp_path / "ckpt.pkl"
-    trainer = EstimatorTrainer(est, maxsize=40, batch=4, checkpoint_path=path, checkpoint_every=20)
-    accepted = [trainer.submit(x, y) for x, y in stream]
-    assert accepted.count(False) == trainer.dropped == 10
-    assert trainer.submit(stream[0][0], -5) is False  # queue still full
-    task = asyncio.create_task(trainer.run())
-    await trainer.join()
-    assert trainer.learned == 40 and trainer.pending() == 0
-    assert trainer.submit(stream[0][0], -5)  # invalid target: logged, counted, not fatal
-    await trainer.join()
-    assert trainer.errors == 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert OutputTokenEstimator.load(path).tenants()  # checkpoint written at 20 and 40
 
 
 def test_eval_command_prints_tables(capsys: pytest.CaptureFixture[str]) -> None:
