@@ -622,10 +622,6 @@ class Scheduler:
             budget = None
             if b.kv_capacity_tokens is not None:
                 budget = max(1, math.floor(b.kv_capacity_tokens * self._budget_fraction))
-            elif b.kind in _LAUNCHED and not b.metrics.scraped_at:
-                # launched, its KV capacity not scraped yet: one request at a time (an engine
-                # holding nothing takes any one item), not a whole burst as if unlimited
-                budget = 1
             view = views.get(b.name)
             if not self.governs(b) and view is not None and view.max_seqs == b.max_num_seqs:
                 # the leader's cap, as the queue holds it: published unchanged, and adopted
