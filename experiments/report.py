@@ -22,10 +22,13 @@ from typing import Any
 import yaml
 
 from experiments import plots
+from experiments.bound import bound_rows, class_loads
+from experiments.gwconfig import QUEUE_TIMEOUT_S
 from experiments.metrics import DEFINITIONS, compute
 from experiments.rundata import RunData, load_run
 from experiments.summary import document, estimator_rows, meta, summarize
 from experiments.targets import targets
+from experiments.workload_file import load_workload
 from policies.baselines import MAX_TOKENS
 
 
@@ -228,6 +231,29 @@ def _health_table(
     return _table(head, rows)
 
 
+def _bound_section(out: Path, exp: Mapping[str, Any], header: Mapping[str, Any],
+                   classes: Sequence[str], metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:  # fmt: skip
+    """What the pool's capacity allows (:mod:`experiments.bound`); nothing when the workload
+    file or the pool's profile is missing."""
+    path, pool = out / "workload.jsonl", exp.get("pool") or {}
+    if not path.exists() or not pool.get("profile") or not header.get("duration_s"):
+        return []
+    reqs = load_workload(path).requests
+    loads = class_loads(reqs, classes, float(header["duration_s"]),
+                        engines=int(pool.get("instances") or 2), profile=str(pool["profile"]),
+                        max_num_seqs=pool.get("max_num_seqs"))  # fmt: skip
+    duration = float(header["duration_s"])
+    time = (duration + QUEUE_TIMEOUT_S) / duration
+    head, rows = bound_rows(loads, metrics, time)
+    return ["## What the capacity allows", "",
+            "An upper bound on each class's attainment: the pool's saturation throughput on "
+            "the class's mix (the simulator's step model) over the arrivals plus one queue "
+            f"timeout ({QUEUE_TIMEOUT_S:g} s), shared out strictly in level order, every "
+            "served request within its SLOs (`experiments/bound.py`; it ignores TTFT and "
+            "TPOT, so it is generous). In brackets: the policy's attainment as a share of the "
+            "bound.", "", *_table(head, rows)]
+
+
 def _config_section(out: Path, exp: Mapping[str, Any], policies: Sequence[str]) -> list[str]:
     lines = ["## Configuration", ""]
     opts = exp.get("options", {})
@@ -298,8 +324,9 @@ def write_report(out: Path) -> list[str]:
         "All times are simulated seconds.", "",
         f"Wall time: {walls}; the whole experiment {_fmt(exp.get('wall_s'), '.0f')} s "
         "before the report.", "",
-        "## Targets (issue 5)", "", *_target_lines(ts),
+        "## Targets (issue 11)", "", *_target_lines(ts),
         "![attainment](plots/attainment.png)", "",
+        *_bound_section(out, exp, header, classes, metrics),
         "## Per class", "", *_main_table(metrics, classes),
         "![TTFT CDF](plots/ttft_cdf.png)", "", "![TPOT CDF](plots/tpot_cdf.png)", "",
         "## Per tenant", "", *_tenant_table(metrics),

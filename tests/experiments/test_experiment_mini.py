@@ -74,6 +74,7 @@ def _check_one_seed(run: Path, seed: int) -> None:
 
     report = (run / "report.md").read_text()
     for needle in ("## Targets", "| fcfs | premium |", "| driftsched | premium |",
+                   "## What the capacity allows", "| premium |", "(share of bound)",
                    "## Definitions", "## Versions", "git commit", "plots/timeline.png"):  # fmt: skip
         assert needle in report, needle
     assert "api_keys:\n  - <redacted>" in (run / "fcfs" / "gateway.yaml").read_text()
