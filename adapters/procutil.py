@@ -14,6 +14,9 @@ Two guards, because either alone has a hole:
    then (after the grace period) SIGKILL, to every group still registered — this also
    reaches an engine's own children (vLLM's engine-core and worker processes). On a clean
    shutdown the gateway unregisters every group and closes the pipe; the watchdog exits.
+
+:func:`stop_process` is the plain SIGTERM-then-SIGKILL stop of one child process, for the
+tests', benchmarks' and experiments' helper processes (Redis, stub and simulator engines).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -52,6 +56,18 @@ def pdeathsig_preexec(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM ``proc`` (if it still runs), SIGKILL it after ``grace_s``, and reap it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def pid_alive(pid: int) -> bool:

@@ -94,8 +94,8 @@ def run_policy(
     x = pool.time_scale
     n_requests = sum(1 for r in w.requests if a.duration is None or r.arrival_s < a.duration)
     t_start = time.monotonic()
-    replicas = max(1, int(getattr(a, "replicas", 1)))
-    shared = replicas > 1 or getattr(a, "store", "memory") == "redis"
+    replicas = a.replicas
+    shared = replicas > 1 or a.store == "redis"
     redis: RedisProcess | None = None
     fleet: EngineFleet | None = None
     gws: list[GatewayProcess] = []

@@ -40,7 +40,7 @@ import httpx
 
 from adapters.config import PoolConfig
 from adapters.engines import engine_spec
-from adapters.procutil import pid_alive
+from adapters.procutil import pid_alive, stop_process
 from adapters.scrape import parse_samples
 
 DRIFT_FIELDS = ("limit", "ratio", "state", "decreases", "boost")
@@ -276,14 +276,13 @@ class Sampler:
 
 
 class RedisProcess:
-    """A throwaway ``redis-server`` on a free loopback port (no persistence), the replicas'
-    store for one run."""
+    """A throwaway ``redis-server`` on a free loopback port (no persistence, ``workdir`` for
+    its log): the replicas' store for one run, and the test session's (tests/conftest.py)."""
 
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("--replicas needs redis-server on PATH (apt-get install "
-                               "redis-server)")  # fmt: skip
+            raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -308,13 +307,7 @@ class RedisProcess:
         return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 class EngineFleet:
@@ -370,13 +363,9 @@ class EngineFleet:
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
-                p.terminate()
+                p.terminate()  # all at once; each is then waited for (and killed if need be)
         for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            stop_process(p, grace_s=15.0)
         for fh in self._logs:
             fh.close()
 

@@ -91,8 +91,8 @@ class Completion:
     #: predicted (p50, at admission) and real output tokens (None: unknown)
     predicted: float | None = None
     actual: float | None = None
-    #: the estimator's features (empty: nothing to learn from)
-    features: Mapping[str, Any] = field(default_factory=dict)
+    #: the estimator's features (empty: nothing to learn from; never mutated)
+    features: dict[str, Any] = field(default_factory=dict)
 
 
 #: ``on_completion(event)``: called on the event loop for other replicas' events

@@ -289,7 +289,7 @@ class Scheduler:
         outer loop, the drift controller. Every replica applies every replica's events, so
         their controllers see the same traffic and decide alike."""
         if c.features and c.actual is not None:
-            self.learn(dict(c.features), c.actual)
+            self.learn(c.features, c.actual)
         if c.level is None:
             return  # the estimator's only
         now = self.clock.time()

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from adapters.procutil import stop_process
 from proxy.app import DriftSchedApp, create_app
 from proxy.config import Settings, settings_from_dict
 from proxy.server import build_server
@@ -56,13 +57,7 @@ class Proc:
             raise RuntimeError(f"{args!r} failed to start; log:\n{log.read_text()[-3000:]}") from None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self._fh.close()
 
 

@@ -145,7 +145,8 @@ def test_a_killed_leader_hands_over_within_the_heartbeat_ttl(
     procs, (url_a, url_b) = pair
     a, b = _scheduler(url_a), _scheduler(url_b)
     assert a["leader"] == b["leader"] == a["replica"]  # the first started leads
-    # B follows A's TPOT-governor cap on the shared engine (the one the queue holds)
+    # both report one cap for the shared engine (that a follower adopts the leader's, even
+    # when it differs from its own, is tests/proxy/test_replica_decisions.py's)
     _until(lambda: _cap(url_b) is not None and _cap(url_b) == _cap(url_a))
     procs[0].proc.kill()
     killed = time.monotonic()
